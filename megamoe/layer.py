@@ -1,0 +1,186 @@
+"""MoELayer: route, dispatch, run experts, combine.
+
+Shape legend: T tokens (all leading dims flattened), D hidden size, E experts, K slots
+per token, R routed rows on this rank.
+
+``MoELayer.forward(x)`` maps [..., D] to [..., D] and is a drop-in replacement for a dense
+MLP block: the auxiliary loss is attached to the output's autograd graph, so the host
+model needs no change to its forward or loss. ``MoELayer.compute(x)`` returns the full
+:class:`MoEOutput` (output, aux loss, statistics) for callers that want them.
+Parallelism is whatever dispatcher the layer holds (local by default; see
+``megamoe.parallel`` for expert parallelism).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from megamoe.config import MoEConfig
+from megamoe.dispatch.base import Dispatcher
+from megamoe.dispatch.local import LocalDispatcher
+from megamoe.experts import ExpertBank, activation_fn
+from megamoe.routing.base import RoutingContext, RoutingDecision, build_router
+from megamoe.routing.losses import attach_aux_loss
+
+
+@dataclass
+class MoEStats:
+    """Detached per-call statistics (tensors; no host sync until read).
+
+    tokens_per_expert_E: kept slots per expert (after capacity drops), local to this rank.
+    selected_per_expert_E: slots selected before drops.
+    dropped_fraction: dropped slots / selected slots.
+    max_vio: (max_e load_e - mean load) / mean load, on selected slots.
+    aux_loss: the scaled auxiliary loss (0 if none).
+    extra: router-specific statistics.
+    """
+
+    tokens_per_expert_E: Tensor
+    selected_per_expert_E: Tensor
+    dropped_fraction: Tensor
+    max_vio: Tensor
+    aux_loss: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"dropped_fraction": float(self.dropped_fraction), "max_vio": float(self.max_vio),
+               "aux_loss": float(self.aux_loss)}
+        out.update({k: float(v) for k, v in self.extra.items() if v.numel() == 1})
+        return out
+
+
+def max_violation(load_E: Tensor) -> Tensor:
+    """MaxVio = (max load - mean load) / mean load (0 when there is no load)."""
+    load = load_E.float()
+    mean = load.mean()
+    return torch.where(mean > 0, (load.max() - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+
+
+@dataclass
+class MoEOutput:
+    out: Tensor
+    aux_loss: Tensor | None
+    stats: MoEStats
+    decision: RoutingDecision
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP every token goes through (HF names: gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool, gate: bool) -> None:
+        super().__init__()
+        self.gated = activation in ("swiglu", "geglu")
+        if self.gated:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation_fn(activation)
+        self.gate = nn.Linear(hidden_size, 1, bias=False) if gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h = self.act(self.gate_proj(x_TD)) * self.up_proj(x_TD) if self.gated else self.act(self.up_proj(x_TD))
+        y = self.down_proj(h)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x_TD)) * y
+        return y
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts MLP block.
+
+    Args:
+        config: the layer's MoEConfig.
+        dispatcher: how slots reach experts; defaults to all experts in this process.
+        layer_index: position in the host model (routers may use it for schedules).
+        causal: the host model is autoregressive (routers that see future tokens refuse).
+
+    Attributes set by trainers: ``step`` (optimizer step, for routers with schedules) and
+    ``aux_loss_grad_scale`` (weight of the aux loss in the total loss, e.g.
+    1/gradient_accumulation_steps). ``last_stats`` holds the most recent call's MoEStats.
+    """
+
+    def __init__(self, config: MoEConfig, *, dispatcher: Dispatcher | None = None, layer_index: int = -1,
+                 causal: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.causal = causal
+        self.router = build_router(config.router, hidden_size=config.hidden_size, num_experts=config.num_experts)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(config.num_experts)
+        if self.dispatcher.num_experts != config.num_experts:
+            raise ValueError(f"dispatcher serves {self.dispatcher.num_experts} experts, "
+                             f"config has num_experts={config.num_experts}")
+        self.experts = ExpertBank(config.experts, hidden_size=config.hidden_size,
+                                  num_experts=self.dispatcher.num_local_experts)
+        self.shared_expert = None
+        if config.num_shared_experts > 0:
+            self.shared_expert = SharedExpert(config.hidden_size, config.shared_size, config.experts.activation,
+                                              config.experts.bias, config.shared_expert_gate)
+        self.step = 0
+        self.aux_loss_grad_scale = 1.0
+        self.last_stats: MoEStats | None = None
+
+    # Experts as seen by routers that need every expert's output (competition routing).
+    def _compute_all_experts(self, x_TD: Tensor) -> Tensor:
+        if self.dispatcher.num_local_experts != self.config.num_experts:
+            return self._compute_all_experts_dispatched(x_TD)
+        return self.experts.forward_all(x_TD)
+
+    def _compute_all_experts_dispatched(self, x_TD: Tensor) -> Tensor:
+        num_tokens, num_experts = x_TD.shape[0], self.config.num_experts
+        ids_TE = torch.arange(num_experts, device=x_TD.device).expand(num_tokens, num_experts).contiguous()
+        decision = RoutingDecision(
+            expert_ids_TK=ids_TE, weights_TK=torch.ones(num_tokens, num_experts, device=x_TD.device),
+            tokens_per_expert_E=torch.full((num_experts,), num_tokens, dtype=torch.int64, device=x_TD.device))
+        x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
+        y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E)
+        return self.dispatcher.unpermute(y_RD, handle).transpose(0, 1)
+
+    def routing_context(self, sequence_length: int | None = None) -> RoutingContext:
+        return RoutingContext(layer_index=self.layer_index, step=self.step,
+                              compute_all_experts=self._compute_all_experts, causal=self.causal,
+                              sequence_length=sequence_length)
+
+    def compute(self, hidden_states: Tensor) -> MoEOutput:
+        """Run the layer and return output, aux loss and statistics (aux not attached)."""
+        if hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"MoELayer expects inputs with last dimension hidden_size="
+                             f"{self.config.hidden_size}, got shape {tuple(hidden_states.shape)}")
+        lead = hidden_states.shape[:-1]
+        x_TD = hidden_states.reshape(-1, self.config.hidden_size)
+        seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 3 else None
+        decision = self.router(x_TD, self.routing_context(seq_len))
+        x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
+        y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E, handle.row_weights_R)
+        out_TD = self.dispatcher.combine(y_RD, handle)
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        stats = self._stats(decision)
+        return MoEOutput(out=out_TD.reshape(*lead, self.config.hidden_size).to(hidden_states.dtype), aux_loss=decision.aux_loss,
+                         stats=stats, decision=decision)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        result = self.compute(hidden_states)
+        self.last_stats = result.stats
+        return attach_aux_loss(result.out, result.aux_loss, grad_scale=self.aux_loss_grad_scale)
+
+    @torch.no_grad()
+    def _stats(self, decision: RoutingDecision) -> MoEStats:
+        kept, selected = decision.tokens_per_expert_E, decision.selected_counts_E
+        num_selected = selected.sum()
+        dropped = torch.where(num_selected > 0, 1.0 - kept.sum().float() / num_selected.clamp_min(1).float(),
+                              torch.zeros((), device=kept.device))
+        aux = decision.aux_loss.detach().float() if decision.aux_loss is not None else torch.zeros(())
+        return MoEStats(tokens_per_expert_E=kept.detach(), selected_per_expert_E=selected.detach(),
+                        dropped_fraction=dropped, max_vio=max_violation(selected), aux_loss=aux,
+                        extra={k: v.detach() for k, v in decision.stats.items()})
+
+
+def dense_mlp_reference(layer: MoELayer, x: Tensor, expert: int = 0) -> Tensor:
+    """The dense MLP that expert ``expert`` of ``layer`` computes (for equivalence tests)."""
+    return layer.experts.expert_forward(x.reshape(-1, x.shape[-1]), expert).reshape(x.shape)
+
+
+__all__ = ["MoELayer", "MoEOutput", "MoEStats", "SharedExpert", "max_violation", "dense_mlp_reference"]

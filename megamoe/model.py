@@ -1,0 +1,304 @@
+"""A decoder-only MoE language model built from megamoe layers.
+
+Shape legend: B batch, S sequence, D hidden size, V vocabulary, N query heads, G key/value
+heads, Hd head dim.
+
+Architecture (the Mixtral/Llama family): token embedding, L pre-norm blocks of grouped-query
+causal self-attention with rotary position embeddings and an MLP (a megamoe MoELayer, or a
+dense SwiGLU MLP on layers that are not MoE), RMSNorm, untied LM head. Parameter names
+mirror Hugging Face's Mixtral (``model.layers.{i}.self_attn.q_proj.weight`` ...) with the MoE
+block at ``model.layers.{i}.mlp`` (``router.weight``, ``experts.gate_up_proj``,
+``experts.down_proj``), so conversion to HF formats is a rename. RMSNorm and RoPE follow the
+same conventions as HF (fp32 normalisation; rotate-half RoPE), so logits match.
+
+RMSNorm uses apex's fused kernel when apex is importable and the tensor is on CUDA, and
+torch's ``rms_norm`` otherwise (see :func:`rms_norm_backend`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig
+from megamoe.layer import MoELayer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder LM.
+
+    moe_layers: which blocks use an MoE MLP: ``"all"``, ``"every_other"`` (1, 3, 5, ...,
+        Switch style) or a list of block indices. Other blocks use a dense SwiGLU MLP of
+        width ``dense_intermediate_size``.
+    num_experts, top_k-carrying ``router``, ``experts``, ``num_shared_experts``,
+    ``shared_expert_gate``: the MoE layer (see megamoe.config.MoEConfig).
+    gradient_checkpointing: recompute each block in backward (saves activation memory).
+    """
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_embeddings: bool = False
+    num_experts: int = 8
+    experts: ExpertConfig = field(default_factory=lambda: ExpertConfig(intermediate_size=256))
+    router: RouterConfig = field(default_factory=RouterConfig)
+    num_shared_experts: int = 0
+    shared_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    moe_layers: str | Sequence[int] = "all"
+    dense_intermediate_size: int | None = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer")
+        kv = self.kv_heads
+        if self.num_heads % kv != 0:
+            raise ConfigError(f"{n}.num_kv_heads={kv} is invalid: must divide num_heads={self.num_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
+            raise ConfigError(f"{n}.num_heads={self.num_heads} is invalid: must divide hidden_size="
+                              f"{self.hidden_size} (or set head_dim)")
+        if self.head_size % 2 != 0:
+            raise ConfigError(f"{n}.head_dim={self.head_size} is invalid: rotary embeddings need an even head dim")
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers not in ("all", "every_other", "none"):
+                raise ConfigError(f"{n}.moe_layers={self.moe_layers!r} is invalid: use 'all', 'every_other', "
+                                  "'none' or a list of block indices")
+        else:
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+            if bad:
+                raise ConfigError(f"{n}.moe_layers={list(self.moe_layers)!r} is invalid: indices must be in "
+                                  f"[0, {self.num_layers})")
+        if self.moe_layers != "all" and self.dense_intermediate_size is None:
+            object.__setattr__(self, "dense_intermediate_size", self.experts.intermediate_size * self.router.top_k)
+        self.moe_config()  # validates top_k <= num_experts etc.
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        if self.moe_layers == "all":
+            return True
+        if self.moe_layers == "none":
+            return False
+        if self.moe_layers == "every_other":
+            return index % 2 == 1
+        return index in self.moe_layers
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(hidden_size=self.hidden_size, num_experts=self.num_experts, experts=self.experts,
+                         router=self.router, num_shared_experts=self.num_shared_experts,
+                         shared_intermediate_size=self.shared_intermediate_size,
+                         shared_expert_gate=self.shared_expert_gate)
+
+
+def _apex_rms_norm():
+    try:
+        from apex.normalization import fused_layer_norm  # type: ignore[import-not-found]
+    except Exception:  # apex absent or built without its CUDA extensions
+        return None
+    return getattr(fused_layer_norm, "fused_rms_norm_affine", None)
+
+
+_APEX_RMS = _apex_rms_norm()
+
+
+def rms_norm_backend(x: Tensor, apex_fn=None) -> str:
+    """Which RMSNorm implementation runs for ``x``: ``apex`` (fused CUDA kernel, when apex
+    is importable and x is on CUDA) or ``torch``."""
+    fn = _APEX_RMS if apex_fn is None else apex_fn
+    return "apex" if fn is not None and x.is_cuda else "torch"
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 (as HF Llama/Mixtral do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if rms_norm_backend(x) == "apex":
+            return _APEX_RMS(x, self.weight, self.weight.shape, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, *, device, dtype=torch.float32,
+                   offset: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin [S, Hd] for rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x_BNSH: Tensor, cos_SH: Tensor, sin_SH: Tensor) -> Tensor:
+    half = x_BNSH.shape[-1] // 2
+    rotated = torch.cat((-x_BNSH[..., half:], x_BNSH[..., :half]), dim=-1)
+    return x_BNSH * cos_SH + rotated * sin_SH
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE (scaled_dot_product_attention)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos_SH: Tensor, sin_SH: Tensor) -> Tensor:
+        b, s, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos_SH.to(q.dtype), sin_SH.to(q.dtype)), apply_rotary(k, cos_SH.to(k.dtype), sin_SH.to(k.dtype))
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with HF names gate_proj, up_proj, down_proj."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(index):
+            self.mlp: nn.Module = MoELayer(cfg.moe_config(), layer_index=index, causal=True)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x_BSD: Tensor, cos_SH: Tensor, sin_SH: Tensor) -> Tensor:
+        h = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_SH, sin_SH)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Body(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+class MoETransformerLM(nn.Module):
+    """Decoder-only MoE LM (see module docstring). ``forward(input_ids, labels=None)``.
+
+    With labels, the loss is next-token cross entropy: position t predicts labels[t+1];
+    label -100 is ignored. MoE aux losses reach autograd through the activations.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = _Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+            else:
+                nn.init.zeros_(p)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_step(self, step: int) -> None:
+        """Tell every MoE layer the optimizer step (routers with schedules read it)."""
+        for m in self.moe_layers():
+            m.step = step
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> LMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        seq = input_ids.shape[1]
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(seq, self.config.head_size, self.config.rope_theta, device=x.device)
+        for layer in self.model.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        logits = self.lm_head(self.model.norm(x))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return LMOutput(logits=logits, loss=loss)
+
+
+def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    """Mean next-token cross entropy in fp32; labels of -100 are ignored."""
+    shift_logits = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float()
+    shift_labels = labels_BS[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and active-per-token parameter counts (experts counted at top_k / num_experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = 0.0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            cfg = getattr(model, "config", None)
+            frac = (cfg.router.top_k / cfg.num_experts) if isinstance(cfg, ModelConfig) else 1.0
+            active += p.numel() * frac
+        else:
+            active += p.numel()
+    return {"total": total, "active": int(math.ceil(active))}

@@ -1,0 +1,110 @@
+"""Token-choice top-k routing: Switch (K=1), GShard (K=2), and any K.
+
+Shape legend: T tokens, D hidden size, E experts, K experts per token.
+
+Scores are computed in fp32 (autocast is disabled inside the router) as softmax or
+sigmoid of ``x W^T``. Each token picks its top-K experts; the combine weights are the
+selected scores, optionally renormalised to sum to 1. With a capacity factor an expert
+keeps at most C slots and the rest are dropped (their tokens pass through the residual).
+
+An optional selection bias ``expert_bias`` [E] (a buffer, no gradient) shifts which
+experts are *selected* without changing the combine weights; load balancers such as
+ALF-LB own and update it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megamoe.config import RouterConfig
+from megamoe.routing.base import (Router, RoutingContext, RoutingDecision, counts_per_expert,
+                                  register_router)
+from megamoe.routing.capacity import apply_capacity, expert_capacity
+from megamoe.routing.losses import load_balancing_loss, z_loss
+
+
+class LinearRouterMixin(nn.Module):
+    """A bias-free linear scoring head ``weight`` [E, D] evaluated in fp32."""
+
+    weight: nn.Parameter
+
+    def _init_weight(self, num_experts: int, hidden_size: int) -> None:
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def logits(self, x_TD: Tensor, *, jitter_eps: float = 0.0) -> Tensor:
+        """Router logits [T, E] in fp32 (fp64 for fp64 inputs); autocast cannot lower them."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x = x_TD.to(dtype)
+            if self.training and jitter_eps > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
+            return F.linear(x, self.weight.to(dtype))
+
+
+def score(logits_TE: Tensor, score_func: str) -> Tensor:
+    if score_func == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"unknown score_func {score_func!r}")
+
+
+@register_router("topk")
+class TopKRouter(LinearRouterMixin, Router):
+    """Token-choice top-k router (see module docstring)."""
+
+    expert_bias: Tensor | None
+
+    def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int, options=None) -> None:
+        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
+        self._init_weight(num_experts, hidden_size)
+        self.register_buffer("expert_bias", None, persistent=True)
+
+    def enable_selection_bias(self) -> Tensor:
+        """Create (once) and return the fp32 selection bias buffer [E], zero-initialised."""
+        if self.expert_bias is None:
+            self.expert_bias = torch.zeros(self.num_experts, dtype=torch.float32, device=self.weight.device)
+        return self.expert_bias
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
+        cfg = self.config
+        logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
+        scores_TE = score(logits_TE, cfg.score_func)
+        select_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
+        _, ids_TK = torch.topk(select_TE.detach(), cfg.top_k, dim=-1)
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if cfg.normalize_weights:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        selected_E = counts_per_expert(ids_TK, self.num_experts)
+
+        aux = self._aux_loss(logits_TE, scores_TE, selected_E)
+
+        stats: dict[str, Tensor] = {}
+        if cfg.capacity_factor is not None:
+            cap = expert_capacity(x_TD.shape[0], num_experts=self.num_experts, top_k=cfg.top_k,
+                                  capacity_factor=cfg.capacity_factor)
+            keep_TK = apply_capacity(ids_TK, weights_TK, num_experts=self.num_experts, capacity=cap,
+                                     policy=cfg.drop_policy)
+            ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, -1))
+            weights_TK = weights_TK * keep_TK
+            kept_E = counts_per_expert(ids_TK, self.num_experts)
+        else:
+            kept_E = selected_E
+        return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=kept_E,
+                               aux_loss=aux, selected_per_expert_E=selected_E, stats=stats)
+
+    def _aux_loss(self, logits_TE: Tensor, scores_TE: Tensor, selected_E: Tensor) -> Tensor | None:
+        cfg = self.config
+        total = None
+        if cfg.aux_loss_coef > 0:
+            probs = scores_TE if cfg.score_func == "softmax" else \
+                scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            total = cfg.aux_loss_coef * load_balancing_loss(probs, selected_E, top_k=cfg.top_k)
+        if cfg.z_loss_coef > 0:
+            zl = cfg.z_loss_coef * z_loss(logits_TE)
+            total = zl if total is None else total + zl
+        return total

@@ -1,0 +1,161 @@
+"""Token-choice top-k routing: selection, weights, capacity drops and losses by hand."""
+import math
+
+import pytest
+import torch
+
+from megamoe import RouterConfig
+from megamoe.routing import build_router
+from megamoe.routing.capacity import apply_capacity, expert_capacity
+from megamoe.routing.losses import attach_aux_loss, load_balancing_loss, z_loss
+
+
+def make_router(num_experts=4, hidden=4, **kw):
+    kw.setdefault("aux_loss_coef", 0.0)
+    r = build_router(RouterConfig(**kw), hidden_size=hidden, num_experts=num_experts)
+    return r
+
+
+def set_logits(router, logits_TE):
+    """Make x W^T == logits by using x = logits and W = I (hidden == num_experts)."""
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(router.num_experts))
+    return logits_TE.clone()
+
+
+def test_softmax_topk_selection_and_renormalised_weights():
+    r = make_router(top_k=2)
+    x = set_logits(r, torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, 0.1, 0.0, 5.0]]))
+    d = r(x)
+    probs = torch.softmax(x, -1)
+    assert d.expert_ids_TK.tolist() == [[1, 2], [3, 0]]
+    top = probs.gather(1, d.expert_ids_TK)
+    torch.testing.assert_close(d.weights_TK, top / top.sum(-1, keepdim=True))
+    assert d.tokens_per_expert_E.tolist() == [1, 1, 1, 1]
+
+
+def test_unnormalised_weights_are_the_scores():
+    r = make_router(top_k=2, normalize_weights=False)
+    x = set_logits(r, torch.randn(5, 4))
+    d = r(x)
+    torch.testing.assert_close(d.weights_TK, torch.softmax(x, -1).gather(1, d.expert_ids_TK))
+
+
+def test_sigmoid_scores():
+    r = make_router(top_k=1, score_func="sigmoid", normalize_weights=False)
+    x = set_logits(r, torch.tensor([[0.5, -1.0, 2.0, 0.0]]))
+    d = r(x)
+    assert d.expert_ids_TK.tolist() == [[2]]
+    torch.testing.assert_close(d.weights_TK, torch.sigmoid(torch.tensor([[2.0]])))
+
+
+def test_router_is_fp32_under_autocast():
+    r = make_router(num_experts=4, hidden=8, top_k=2)
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = r(x)
+    assert d.weights_TK.dtype == torch.float32
+    ref = torch.softmax(x.float() @ r.weight.float().t(), -1)
+    top = ref.gather(1, d.expert_ids_TK)
+    torch.testing.assert_close(d.weights_TK, top / top.sum(-1, keepdim=True))
+
+
+def test_capacity_formula():
+    assert expert_capacity(10, num_experts=4, top_k=2, capacity_factor=1.0) == 5
+    assert expert_capacity(10, num_experts=4, top_k=1, capacity_factor=1.25) == math.ceil(10 / 4 * 1.25)
+
+
+def test_drop_policy_probs_keeps_highest_scores():
+    ids = torch.tensor([[0], [0], [0], [1]])
+    scores = torch.tensor([[0.2], [0.9], [0.5], [0.7]])
+    keep = apply_capacity(ids, scores, num_experts=2, capacity=2, policy="probs")
+    assert keep.flatten().tolist() == [False, True, True, True]
+
+
+def test_drop_policy_position_keeps_earliest():
+    ids = torch.tensor([[0], [0], [0], [1]])
+    scores = torch.tensor([[0.2], [0.9], [0.5], [0.7]])
+    keep = apply_capacity(ids, scores, num_experts=2, capacity=2, policy="position")
+    assert keep.flatten().tolist() == [True, True, False, True]
+
+
+def test_drop_with_top2_by_hand():
+    # 4 tokens, 3 experts, K=2, capacity 2: expert 0 is chosen by all four tokens.
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 2]])
+    scores = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.5, 0.5]])
+    keep = apply_capacity(ids, scores, num_experts=3, capacity=2, policy="probs")
+    assert keep.tolist() == [[False, True], [True, True], [True, True], [False, True]]
+    keep = apply_capacity(ids, scores, num_experts=3, capacity=2, policy="position")
+    assert keep.tolist() == [[True, True], [True, True], [False, True], [False, True]]
+
+
+def test_router_capacity_marks_dropped_slots():
+    r = make_router(top_k=1, capacity_factor=1.0)  # T=4, E=4 -> C=1
+    x = set_logits(r, torch.tensor([[5.0, 0, 0, 0], [4.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1.0]]))
+    d = r(x)
+    assert d.expert_ids_TK.flatten().tolist() == [0, -1, 1, 3]
+    assert d.weights_TK[1].item() == 0.0
+    assert d.tokens_per_expert_E.tolist() == [1, 1, 0, 1]
+    assert d.selected_per_expert_E.tolist() == [2, 1, 0, 1]
+
+
+def test_load_balancing_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    counts = torch.tensor([1, 1, 0])  # top-1 picks 0 and 1
+    # f = [0.5, 0.5, 0], P = [0.4, 0.4, 0.2] -> 3 * (0.2 + 0.2) = 1.2
+    assert load_balancing_loss(probs, counts, top_k=1).item() == pytest.approx(1.2)
+    counts2 = torch.tensor([2, 2, 0])  # top-2 picks {0,1} twice: f = 2/4 each
+    assert load_balancing_loss(probs, counts2, top_k=2).item() == pytest.approx(1.2)
+
+
+def test_uniform_router_balance_loss_is_one():
+    probs = torch.full((8, 4), 0.25)
+    assert load_balancing_loss(probs, torch.tensor([4, 4, 4, 4]), top_k=2).item() == pytest.approx(1.0)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    lse = [math.log(2.0), math.log(math.e + math.e ** 2)]
+    assert z_loss(logits).item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
+
+
+def test_router_aux_is_coefficient_times_losses():
+    r = make_router(top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    x = set_logits(r, torch.randn(16, 4))
+    d = r(x)
+    probs = torch.softmax(x, -1)
+    expected = 0.01 * load_balancing_loss(probs, d.selected_per_expert_E, top_k=2) + 0.001 * z_loss(x)
+    torch.testing.assert_close(d.aux_loss, expected)
+
+
+def test_aux_loss_gradient_reaches_router_through_attached_output():
+    r = make_router(top_k=2, aux_loss_coef=1.0)
+    x = torch.randn(10, 4)
+    d = r(x)
+    out = torch.zeros(10, 3, requires_grad=True)
+    attach_aux_loss(out, d.aux_loss, grad_scale=0.5).sum().backward()
+    g_attached = r.weight.grad.clone()
+    r.weight.grad = None
+    (0.5 * r(x).aux_loss).backward()
+    torch.testing.assert_close(g_attached, r.weight.grad)
+    torch.testing.assert_close(out.grad, torch.ones(10, 3))
+
+
+def test_jitter_only_in_training():
+    r = make_router(top_k=2, jitter_eps=0.5, normalize_weights=False)
+    x = torch.randn(64, 4)
+    r.eval()
+    a, b = r(x).weights_TK, r(x).weights_TK
+    torch.testing.assert_close(a, b)
+    r.train()
+    assert not torch.equal(r(x).weights_TK, r(x).weights_TK)
+
+
+def test_selection_bias_changes_choice_not_weights():
+    r = make_router(top_k=1, normalize_weights=False)
+    x = set_logits(r, torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
+    r.enable_selection_bias().copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    d = r(x)
+    assert d.expert_ids_TK.item() == 1
+    torch.testing.assert_close(d.weights_TK, torch.softmax(x, -1)[:, 1:2])
+    assert "expert_bias" in r.state_dict()
