@@ -1,0 +1,1 @@
+"""Integrations with other frameworks (DeepSpeed, Hugging Face); each imports its framework lazily."""

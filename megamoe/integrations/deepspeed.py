@@ -1,0 +1,400 @@
+"""DeepSpeed glue for models holding megamoe layers: optimizer groups, engine, checkpoints.
+
+Shape legend: E experts of a layer, E_local = E / ep_size experts held by one rank.
+
+Use::
+
+    groups = build_expert_parallel_groups(ep_size)          # every rank
+    apply_expert_parallel(model, groups)                     # keep this rank's experts
+    engine = megamoe.integrations.deepspeed.initialize(model, ds_config, groups)
+    loss = engine(batch); engine.backward(loss); engine.step()
+    save_checkpoint(engine, "ckpt")                          # every rank
+    client_state = load_checkpoint(engine, "ckpt")           # any EP size
+
+What the glue does, and why:
+
+- Expert parameters carry ``allreduce=False`` and ``group_name="ep_size_<n>"`` (set by
+  ``apply_expert_parallel``) and sit in optimizer groups with ``moe=True``
+  (:func:`moe_param_groups`); megamoe's EP/EDP groups are registered in DeepSpeed's group
+  registry under that name. DeepSpeed then reduces (and for ZeRO-1/2 partitions) expert
+  gradients over the expert-data-parallel group, dense gradients over all ranks, and
+  divides both by the full data-parallel size, so the update equals the single-process
+  update on the global batch.
+- DeepSpeed only switches its MoE code paths on when it finds its own ``MoE`` module, so
+  :func:`initialize` lets it recognise ``MoELayer`` during engine construction.
+- ZeRO-0 in fp32: DeepSpeed averages per-rank gradient norms, which is not the global
+  norm when ranks hold different experts; :func:`initialize` replaces the engine's clip
+  with one that counts every dense parameter once and every expert exactly once.
+  ZeRO-1/2 and bf16 already compute the global norm that way.
+- Each MoELayer's aux-loss gradient is scaled by 1/gradient_accumulation_steps, like the
+  main loss.
+- ZeRO-3 is refused with a ValueError (supported stages: 0, 1, 2). fp16 (loss scaling)
+  is refused too; use fp32 or bf16.
+
+Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) hold DeepSpeed's own files
+(optimizer, ZeRO shards, LR scheduler, client state) plus a ``megamoe/`` folder with the
+dense weights (rank 0) and each EP rank's expert slices, and ``meta.json`` describing the
+layout. Loading at the same world size, EP size and ZeRO stage restores everything. At a
+different EP size or world size the experts are resharded and the weights, step counter,
+LR scheduler and client state are restored, but **optimizer state (e.g. Adam moments)
+starts from zero**: DeepSpeed's ZeRO shards are laid out by rank and are not resharded.
+:func:`load_full_state_dict` consolidates a checkpoint into a single-process state dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import types
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.atomic import atomic_torch_save, atomic_write
+from megamoe.parallel import ExpertParallelGroups, is_expert_param, moe_layers
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+CHECKPOINT_FORMAT = 1
+MEGAMOE_DIR = "megamoe"
+DEFAULT_NO_DECAY = ("bias", "norm")
+
+
+# --------------------------------------------------------------------------- param groups
+def moe_param_groups(model: nn.Module, *, weight_decay: float = 0.0,
+                     no_decay_names: tuple[str, ...] = DEFAULT_NO_DECAY) -> list[dict]:
+    """Optimizer parameter groups DeepSpeed needs for expert parallelism.
+
+    Dense and expert parameters go to separate groups; expert groups carry ``moe=True``
+    and ``name`` = their ``group_name`` (DeepSpeed keys the EDP group by it). Parameters
+    whose name contains one of ``no_decay_names`` and 1-D parameters get weight decay 0.
+    Empty groups are left out.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay} is invalid: must be >= 0")
+    buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = weight_decay > 0 and p.ndim >= 2 and not any(s in name.lower() for s in no_decay_names)
+        expert = getattr(p, "group_name", None) if is_expert_param(p) else None
+        if is_expert_param(p) and expert is None:
+            raise ValueError(f"parameter {name!r} has allreduce=False but no group_name; mark expert "
+                             "parameters with megamoe.parallel.apply_expert_parallel")
+        buckets.setdefault((expert, decay), []).append(p)
+    groups = []
+    for (expert, decay), params in buckets.items():
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if expert is None:
+            group["name"] = "dense_decay" if decay else "dense_no_decay"
+        else:
+            group.update(name=expert, moe=True)
+        groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------- engine
+def _zero_stage(ds_config: dict) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def validate_ds_config(ds_config: dict) -> None:
+    """Refuse DeepSpeed settings megamoe's expert parallelism does not support."""
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"ds_config must be a dict (a parsed DeepSpeed JSON config), got {type(ds_config).__name__}")
+    stage = _zero_stage(ds_config)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage} is not supported with megamoe expert parallelism; "
+                         f"supported stages are {', '.join(map(str, SUPPORTED_ZERO_STAGES))} (ZeRO-3 would "
+                         "partition the expert weights the all-to-all dispatcher needs whole on their rank)")
+    if (ds_config.get("fp16") or {}).get("enabled", False):
+        raise ValueError("fp16.enabled=true is not supported by megamoe.integrations.deepspeed (the aux-loss "
+                         "gradient is not loss-scaled); use bf16.enabled=true or fp32")
+
+
+def register_groups_with_deepspeed(groups: ExpertParallelGroups) -> None:
+    """Make DeepSpeed's group registry return megamoe's EP/EDP groups under ``group_name``.
+
+    DeepSpeed would otherwise build its own groups; ours have the same layout, and sharing
+    them keeps one set of communicators.
+    """
+    from deepspeed.utils import groups as ds_groups
+
+    name = groups.group_name
+    if groups.ep_group is None:
+        raise ValueError("DeepSpeed needs torch.distributed initialised before build_expert_parallel_groups")
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = groups.ep_ranks()
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = groups.edp_ranks()
+
+
+@contextlib.contextmanager
+def _deepspeed_recognises_megamoe() -> Iterator[None]:
+    # DeepSpeed decides has_moe_layers by isinstance(module, deepspeed.moe.layer.MoE) inside
+    # engine construction; widen that check to MoELayer for the duration of initialize only.
+    import deepspeed.runtime.engine as ds_engine
+
+    from megamoe.layer import MoELayer
+
+    original = ds_engine.MoE
+    ds_engine.MoE = (original, MoELayer)
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original
+
+
+def _check_model(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model holds no megamoe MoELayer; use deepspeed.initialize directly")
+    for name, layer in layers:
+        expected = layer.config.num_experts // groups.ep_size
+        marked = all(is_expert_param(p) and getattr(p, "group_name", None) == groups.group_name
+                     for p in layer.experts.parameters())
+        if layer.experts.num_experts != expected or not marked:
+            raise ValueError(f"MoE layer {name!r} is not sharded for ep_size={groups.ep_size}; call "
+                             "megamoe.parallel.apply_expert_parallel(model, groups) before initialize")
+
+
+def _global_grad_norm(engine, groups: ExpertParallelGroups) -> torch.Tensor:
+    """sqrt(sum dense g^2 + sum over all experts g^2), identical on every rank.
+
+    After DeepSpeed's reduction dense grads are equal on all ranks and expert grads are
+    equal across each EDP group, so the expert part is summed over one EP group only.
+    """
+    dense = torch.zeros((), dtype=torch.float32)
+    expert = torch.zeros((), dtype=torch.float32)
+    for p in engine.module.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum().cpu()
+        if is_expert_param(p):
+            expert += sq
+        else:
+            dense += sq
+    device = next(engine.module.parameters()).device
+    expert = expert.to(device)
+    if groups.ep_size > 1:
+        dist.all_reduce(expert, group=groups.ep_group)
+    return (dense.to(device) + expert).sqrt()
+
+
+def _install_global_clip(engine, groups: ExpertParallelGroups) -> None:
+    def clip_fp32_gradients(self) -> None:
+        max_norm = float(self.gradient_clipping())
+        total = _global_grad_norm(self, groups)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        self._global_grad_norm = float(total)
+
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+def initialize(model: nn.Module, ds_config: dict, groups: ExpertParallelGroups, **kw: Any):
+    """``deepspeed.initialize`` for a model whose MoE layers are sharded by ``groups``.
+
+    Keyword arguments go to ``deepspeed.initialize``. Without ``model_parameters`` or
+    ``optimizer`` the parameter groups come from :func:`moe_param_groups` (weight decay
+    from ``ds_config["optimizer"]["params"]["weight_decay"]``). Returns the engine
+    (the optimizer, data loader and scheduler are attributes of it).
+    """
+    import deepspeed
+
+    validate_ds_config(ds_config)
+    if not dist.is_initialized():
+        raise ValueError("initialise torch.distributed (or deepspeed.init_distributed) and build the groups "
+                         "with megamoe.parallel.build_expert_parallel_groups before initialize")
+    if groups.world_size != dist.get_world_size():
+        raise ValueError(f"groups were built for world size {groups.world_size}, but the world size is "
+                         f"{dist.get_world_size()}")
+    _check_model(model, groups)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    register_groups_with_deepspeed(groups)
+    if "model_parameters" not in kw and not isinstance(kw.get("optimizer"), torch.optim.Optimizer):
+        # An optimizer *callable* is handed these groups by DeepSpeed, so it gets the MoE
+        # groups too; only a ready-made optimizer brings its own (checked by DeepSpeed).
+        wd = float(((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay", 0.0))
+        kw["model_parameters"] = moe_param_groups(model, weight_decay=wd)
+    for _, layer in moe_layers(model):
+        # Read by DeepSpeed's MoE bookkeeping (engine.num_experts).
+        layer.num_experts = layer.config.num_experts
+    with _deepspeed_recognises_megamoe():
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kw)
+    gas = engine.gradient_accumulation_steps()
+    for _, layer in moe_layers(model):
+        layer.aux_loss_grad_scale = 1.0 / gas
+    if _zero_stage(ds_config) == 0 and not engine.bfloat16_enabled():
+        _install_global_clip(engine, groups)
+    engine.megamoe_groups = groups
+    return engine
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _expert_keys(model: nn.Module) -> dict[str, int]:
+    """State-dict key of every expert tensor -> the layer's total number of experts."""
+    keys = {}
+    for name, layer in moe_layers(model):
+        prefix = f"{name}.experts." if name else "experts."
+        for pname, _ in layer.experts.named_parameters():
+            keys[prefix + pname] = layer.config.num_experts
+    return keys
+
+
+def _read_latest(load_dir: str) -> str:
+    path = os.path.join(load_dir, "latest")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tag given and {path} does not exist; pass tag= or point at a checkpoint "
+                                "directory written by megamoe.integrations.deepspeed.save_checkpoint")
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> str:
+    """Save through the engine plus megamoe's reshardable weights. Every rank must call it.
+
+    The checkpoint is staged in ``save_dir/.<tag>.staging`` and renamed to
+    ``save_dir/<tag>`` only when every rank has written its part; ``save_dir/latest`` is
+    replaced atomically afterwards. Returns the checkpoint directory.
+    """
+    groups: ExpertParallelGroups = engine.megamoe_groups
+    tag = tag or f"global_step{engine.global_steps}"
+    if os.sep in tag or tag.startswith("."):
+        raise ValueError(f"tag={tag!r} is invalid: it must be a plain directory name")
+    rank = dist.get_rank()
+    final = os.path.join(save_dir, tag)
+    staging_root = os.path.join(save_dir, f".{tag}.staging")
+    if rank == 0:
+        shutil.rmtree(staging_root, ignore_errors=True)
+        os.makedirs(staging_root)
+    dist.barrier()
+    client_state = dict(client_state or {})
+    engine.save_checkpoint(staging_root, tag=tag, client_state=client_state, save_latest=False)
+    out = os.path.join(staging_root, tag, MEGAMOE_DIR)
+    os.makedirs(out, exist_ok=True)
+    model = engine.module
+    expert_keys = _expert_keys(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if rank == 0:
+        atomic_torch_save({k: v for k, v in state.items() if k not in expert_keys}, os.path.join(out, "dense.pt"))
+        sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+        atomic_torch_save({"client_state": client_state, "lr_scheduler": sched, "global_steps": engine.global_steps,
+                     "global_samples": engine.global_samples}, os.path.join(out, "trainer.pt"))
+        meta = {"format": CHECKPOINT_FORMAT, "world_size": groups.world_size, "ep_size": groups.ep_size,
+                "zero_stage": engine.zero_optimization_stage(), "expert_keys": expert_keys,
+                "bf16": bool(engine.bfloat16_enabled())}
+        atomic_write(os.path.join(out, "meta.json"),
+                      lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(meta, indent=1)))
+    if groups.edp_rank == 0:
+        atomic_torch_save({k: state[k] for k in expert_keys}, os.path.join(out, f"experts_ep{groups.ep_rank:04d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            old = os.path.join(save_dir, f".{tag}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(os.path.join(staging_root, tag), final)
+            shutil.rmtree(old)
+        else:
+            os.replace(os.path.join(staging_root, tag), final)
+        shutil.rmtree(staging_root)
+        atomic_write(os.path.join(save_dir, "latest"),
+                      lambda tmp: open(tmp, "w", encoding="utf-8").write(tag))
+    dist.barrier()
+    return final
+
+
+def _read_meta(ckpt: str) -> dict:
+    path = os.path.join(ckpt, MEGAMOE_DIR, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {ckpt} is not a megamoe DeepSpeed checkpoint")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not supported "
+                         f"(this megamoe reads format {CHECKPOINT_FORMAT})")
+    return meta
+
+
+def _resolve(ckpt_dir: str, tag: str | None) -> str:
+    return os.path.join(ckpt_dir, tag or _read_latest(ckpt_dir))
+
+
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the single-process model (all experts local) from a checkpoint.
+
+    Works for any EP size and ZeRO stage 0-2 the checkpoint was written with: dense
+    tensors come from rank 0, each expert tensor is the concatenation of the EP ranks'
+    slices along the expert dimension. Tensors keep the dtype the module held (fp32, or
+    bf16 under bf16 training).
+    """
+    ckpt = _resolve(ckpt_dir, tag)
+    meta = _read_meta(ckpt)
+    folder = os.path.join(ckpt, MEGAMOE_DIR)
+    state = torch.load(os.path.join(folder, "dense.pt"), map_location="cpu", weights_only=True)
+    shards = [torch.load(os.path.join(folder, f"experts_ep{r:04d}.pt"), map_location="cpu", weights_only=True)
+              for r in range(meta["ep_size"])]
+    for key, num_experts in meta["expert_keys"].items():
+        full = torch.cat([s[key] for s in shards])
+        if full.shape[0] != num_experts:
+            raise ValueError(f"{ckpt}: expert tensor {key!r} has {full.shape[0]} experts after merging "
+                             f"{meta['ep_size']} shards, expected {num_experts}")
+        state[key] = full
+    return state
+
+
+def _local_state(full: dict[str, torch.Tensor], model: nn.Module, groups: ExpertParallelGroups) -> dict:
+    local = dict(full)
+    for key, num_experts in _expert_keys(model).items():
+        if key not in full:
+            raise KeyError(f"checkpoint has no expert tensor {key!r}")
+        per_rank = num_experts // groups.ep_size
+        local[key] = full[key][groups.ep_rank * per_rank:(groups.ep_rank + 1) * per_rank]
+    return local
+
+
+def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`, at any EP size; returns client_state.
+
+    Same world size, EP size and ZeRO stage: weights, optimizer state, LR scheduler and
+    counters are restored exactly. Otherwise the experts are resharded to this run's EP
+    size and weights, LR scheduler, counters and client_state are restored, while the
+    optimizer state is re-initialised (see the module docstring).
+    """
+    groups: ExpertParallelGroups = engine.megamoe_groups
+    tag = tag or _read_latest(load_dir)
+    ckpt = os.path.join(load_dir, tag)
+    meta = _read_meta(ckpt)
+    same_layout = (meta["world_size"] == groups.world_size and meta["ep_size"] == groups.ep_size
+                   and meta["zero_stage"] == engine.zero_optimization_stage())
+    trainer = torch.load(os.path.join(ckpt, MEGAMOE_DIR, "trainer.pt"), map_location="cpu", weights_only=False)
+    if same_layout:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {ckpt}")
+    full = load_full_state_dict(load_dir, tag)
+    local = _local_state(full, engine.module, groups)
+    with torch.no_grad():
+        missing, unexpected = engine.module.load_state_dict(local, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    if not same_layout:
+        optimizer = engine.optimizer
+        if hasattr(optimizer, "refresh_fp32_params"):
+            # Master weights were copied from the module at initialize; re-copy them.
+            optimizer.refresh_fp32_params()
+        if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
+            engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+        engine.global_steps = trainer["global_steps"]
+        engine.global_samples = trainer["global_samples"]
+    dist.barrier()
+    return trainer["client_state"]
+
+
+__all__ = ["moe_param_groups", "initialize", "save_checkpoint", "load_checkpoint", "load_full_state_dict",
+           "validate_ds_config", "register_groups_with_deepspeed", "SUPPORTED_ZERO_STAGES"]

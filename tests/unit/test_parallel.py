@@ -1,0 +1,66 @@
+"""Single-process checks of the EP layout helpers, boundary errors and DeepSpeed param groups."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
+from megamoe.dispatch.all_to_all import AllToAllDispatcher
+from megamoe.layer import MoELayer
+from megamoe.parallel import (ExpertParallelGroups, apply_expert_parallel, build_expert_parallel_groups,
+                              edp_group_ranks, ep_group_ranks, is_expert_param)
+
+
+def layer(experts: int = 4) -> MoELayer:
+    return MoELayer(MoEConfig(hidden_size=8, num_experts=experts, experts=ExpertConfig(intermediate_size=4),
+                              router=RouterConfig(top_k=2)))
+
+
+def test_layout_matches_deepspeed_convention():
+    assert ep_group_ranks(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert edp_group_ranks(8, 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert ep_group_ranks(4, 4) == [[0, 1, 2, 3]] and edp_group_ranks(4, 4) == [[0], [1], [2], [3]]
+
+
+def test_impossible_layouts_are_refused():
+    with pytest.raises(ValueError, match="world size must be divisible by ep_size"):
+        build_expert_parallel_groups(2)  # one process, no process group: world size 1
+    with pytest.raises(ValueError, match="positive integer"):
+        build_expert_parallel_groups(0)
+    model = nn.Sequential(layer(4))
+    groups = ExpertParallelGroups(world_size=3, ep_size=3, ep_rank=0, edp_size=1, ep_group=None, edp_group=None)
+    with pytest.raises(ValueError, match=r"'0' has num_experts=4, which is not divisible by ep_size=3"):
+        apply_expert_parallel(model, groups)
+
+
+def test_single_process_ep1_keeps_the_function():
+    full = layer(4)
+    sharded = apply_expert_parallel(nn.Sequential(layer(4)), build_expert_parallel_groups(1))[0]
+    sharded.load_state_dict(full.state_dict())
+    assert isinstance(sharded.dispatcher, AllToAllDispatcher)
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(sharded(x), full(x))
+    assert all(is_expert_param(p) and p.group_name == "ep_size_1" for p in sharded.experts.parameters())
+    assert not any(is_expert_param(p) for p in sharded.router.parameters())
+
+
+def test_moe_param_groups_split_dense_expert_and_no_decay():
+    from megamoe.integrations.deepspeed import moe_param_groups
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), layer(4))
+    apply_expert_parallel(model, build_expert_parallel_groups(1))
+    groups = {g["name"] + ("/wd" if g["weight_decay"] else ""): g for g in moe_param_groups(model, weight_decay=0.1)}
+    assert set(groups) == {"dense_decay/wd", "dense_no_decay", "ep_size_1/wd"}
+    assert groups["ep_size_1/wd"]["moe"] is True
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups["dense_no_decay"]["params"]) == ["0.bias", "1.bias", "1.weight"]
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_unsupported_deepspeed_configs_are_refused():
+    from megamoe.integrations.deepspeed import validate_ds_config
+
+    with pytest.raises(ValueError, match="fp16"):
+        validate_ds_config({"fp16": {"enabled": True}})
+    validate_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
