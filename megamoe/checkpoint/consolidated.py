@@ -1,0 +1,139 @@
+"""Consolidated megamoe model directories: ``megamoe_config.json`` + ``model.safetensors``.
+
+``megamoe_config.json`` is ``{"model": to_dict(ModelConfig), ...}`` (training checkpoints
+add their own keys; readers ignore keys they do not know). ``model.safetensors`` is the
+state dict of a single-process :class:`~megamoe.model.MoETransformerLM` (all experts, no
+expert-parallel sharding). Both files are written into a temporary sibling directory that
+is renamed into place, so a reader never sees a half-written directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from megamoe.config import ConfigError, from_dict, to_dict
+
+CONFIG_NAME = "megamoe_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_dir(out_dir: str | os.PathLike, fill, *, overwrite: bool = False) -> Path:
+    """Create ``out_dir`` atomically: ``fill(tmp_path)`` writes into a sibling temp dir,
+    which is then renamed to ``out_dir`` (an existing ``out_dir`` is replaced only with
+    ``overwrite=True``)."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            # Move the old directory aside first, so the rename below is still a single step.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _model_config_cls():
+    from megamoe.model import ModelConfig
+    return ModelConfig
+
+
+def read_model_config(path: str | os.PathLike) -> Any:
+    """The ModelConfig stored in ``<path>/megamoe_config.json`` (or the file itself)."""
+    p = Path(path)
+    cfg_file = p / CONFIG_NAME if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: a megamoe checkpoint directory must contain {CONFIG_NAME}")
+    with open(cfg_file) as f:
+        data = json.load(f)
+    if not isinstance(data, Mapping) or "model" not in data:
+        raise ConfigError(f"{cfg_file}: expected a JSON object with a 'model' key holding the ModelConfig")
+    return from_dict(_model_config_cls(), data["model"], where="model")
+
+
+def is_consolidated_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+
+
+def _contiguous_cpu(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses shared storage (tied embeddings) and non-contiguous views.
+    out, seen = {}, {}
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:
+            t = t.clone()
+        seen[key] = k
+        out[k] = t
+    return out
+
+
+def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write ``model`` (a single-process MoETransformerLM) as a consolidated directory."""
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, _model_config_cls()):
+        raise TypeError("save_consolidated expects a megamoe.model.MoETransformerLM (its .config is a ModelConfig)")
+    for m in model.modules():
+        disp = getattr(m, "dispatcher", None)
+        if disp is not None and disp.num_local_experts != disp.num_experts:
+            raise ValueError("save_consolidated needs every expert in this process; this model is expert-parallel "
+                             "(use megamoe.integrations.deepspeed.load_full_state_dict on its checkpoint)")
+    state = _contiguous_cpu(model.state_dict())
+    meta = dict(extra or {})
+    meta["model"] = to_dict(cfg)
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+    return atomic_dir(out_dir, fill, overwrite=overwrite)
+
+
+def load_consolidated(path: str | os.PathLike, *, map_location: str = "cpu"):
+    """Build the MoETransformerLM stored in a consolidated directory (strict key check)."""
+    from safetensors.torch import load_file
+
+    from megamoe.model import MoETransformerLM
+
+    p = Path(path)
+    if not is_consolidated_dir(p):
+        raise FileNotFoundError(f"{p} is not a consolidated megamoe directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = read_model_config(p)
+    model = MoETransformerLM(cfg)
+    state = load_file(str(p / WEIGHTS_NAME), device=map_location)
+    load_state_dict_with_buffers(model, state)
+    return model
+
+
+def load_state_dict_with_buffers(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """``load_state_dict(strict=True)``, first creating the optional router selection-bias
+    buffers (``router.expert_bias``, None until a balancer enables it) the state holds."""
+    for name, mod in model.named_modules():
+        key = f"{name}.expert_bias" if name else "expert_bias"
+        if key in state and hasattr(mod, "enable_selection_bias") and getattr(mod, "expert_bias", None) is None:
+            mod.enable_selection_bias()
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing keys {sorted(missing)[:8]}, "
+                         f"unexpected keys {sorted(unexpected)[:8]}")

@@ -1,0 +1,547 @@
+"""Conversion between megamoe models and Hugging Face transformers checkpoints.
+
+Shape legend: E experts, I expert intermediate size, S shared-expert intermediate size,
+D hidden size, B batch, L sequence, V vocabulary.
+
+megamoe -> HF (:func:`convert_to_hf`). The source is a live MoETransformerLM, a
+consolidated megamoe directory, or a DeepSpeed training checkpoint (consolidated by
+``megamoe.integrations.deepspeed.load_full_state_dict``). Target formats, in the order
+``auto`` tries them (the first that computes the same function wins, so no remote code
+is needed whenever a stock class fits):
+
+- ``mixtral``: top-k softmax router with renormalised weights, every block MoE, no
+  shared expert.
+- ``qwen2_moe``: top-k softmax (renormalised or not), any set of dense blocks, an
+  optional shared expert (an ungated megamoe shared expert is written with a zero gate,
+  sigmoid(0) = 1/2, and its down projection doubled: exact in floating point).
+- ``glm4_moe``: top-k *sigmoid* router with an optional ALF-LB selection bias written as
+  ``e_score_correction_bias``, GQA attention with full rotary; dense blocks only as a
+  prefix; an ungated shared expert (zero-padded to a multiple of I).
+- ``deepseek_v3``: never exact for megamoe models (MLA normalises the compressed KV latent
+  and shares one rotary key across heads, which GQA attention cannot be mapped onto);
+  requesting it raises :class:`ConversionError` that names ``glm4_moe``, which uses the
+  same router and bias format.
+- ``megamoe``: :class:`~megamoe.integrations.hf_model.MegaMoEForCausalLM`, registered with
+  the Auto classes (any router).
+
+Before anything is written, the converted model's logits are compared with megamoe's on a
+probe batch (fp32 max abs diff reported); the directory is written atomically.
+
+HF -> megamoe (:func:`convert_from_hf`): Mixtral, Qwen2-MoE, GLM-4-MoE and megamoe-format
+checkpoints become a consolidated megamoe directory, with the same logits check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
+                                             load_state_dict_with_buffers, read_model_config, save_consolidated)
+from megamoe.config import ExpertConfig, RouterConfig
+
+FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
+STOCK_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe")
+_ACT_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
+_HF_TO_ACT = {v: k for k, v in _ACT_TO_HF.items()}
+DEFAULT_ATOL = 1e-4
+
+
+class ConversionError(ValueError):
+    """The model cannot be expressed in the requested format (the message says why)."""
+
+
+@dataclass
+class ConversionReport:
+    out_dir: Path
+    format: str
+    max_abs_diff: float
+    probe_shape: tuple[int, int]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.format} checkpoint to {self.out_dir}",
+                 f"verified logits on a {self.probe_shape[0]}x{self.probe_shape[1]} probe batch: "
+                 f"fp32 max abs diff = {self.max_abs_diff:.3e}"]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+# ---------------------------------------------------------------------------------- sources
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("global_step*")))
+
+
+def _deepspeed_config_dir(path: Path, tag: str | None) -> Path:
+    """Where a DeepSpeed checkpoint keeps megamoe_config.json: its root, else the tag dir."""
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if tag is None and (path / "latest").is_file():
+        tag = (path / "latest").read_text().strip()
+    if tag and (path / tag / CONFIG_NAME).is_file():
+        return path / tag
+    raise FileNotFoundError(f"{path} is a DeepSpeed checkpoint without {CONFIG_NAME} (looked in the directory and "
+                            f"in tag {tag!r}); megamoe training checkpoints always write it")
+
+
+def load_megamoe_source(source: Any, *, tag: str | None = None):
+    """Return a single-process MoETransformerLM (eval mode, fp32) for ``source``: a live
+    MoETransformerLM, a consolidated directory, or a DeepSpeed checkpoint directory."""
+    from megamoe.model import MoETransformerLM
+
+    if isinstance(source, MoETransformerLM):
+        for m in source.modules():
+            disp = getattr(m, "dispatcher", None)
+            if disp is not None and disp.num_local_experts != disp.num_experts:
+                raise ConversionError("the live model is expert-parallel (this rank holds only some experts); "
+                                      "convert its DeepSpeed checkpoint directory instead")
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a MoETransformerLM or a directory path, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if is_consolidated_dir(path):
+        from megamoe.checkpoint.consolidated import load_consolidated
+        return load_consolidated(path).eval()
+    if is_deepspeed_checkpoint(path):
+        cfg = read_model_config(_deepspeed_config_dir(path, tag))
+        try:
+            from megamoe.integrations.deepspeed import load_full_state_dict
+        except ImportError as exc:
+            raise ConversionError(
+                f"{path} is a DeepSpeed checkpoint, but megamoe.integrations.deepspeed.load_full_state_dict "
+                f"is not available in this installation ({exc})") from exc
+        state = load_full_state_dict(str(path), tag=tag)
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        model = MoETransformerLM(cfg)
+        load_state_dict_with_buffers(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return model.eval()
+    raise ConversionError(f"{path} is neither a consolidated megamoe directory ({CONFIG_NAME} + model.safetensors) "
+                          "nor a DeepSpeed checkpoint (a 'latest' file or global_step*/ directories)")
+
+
+# ---------------------------------------------------------------------------------- expressibility
+def _moe_indices(cfg) -> list[int]:
+    return [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+
+
+def _bias_state(model) -> dict[int, Tensor]:
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        b = getattr(getattr(layer.mlp, "router", None), "expert_bias", None)
+        if b is not None:
+            out[i] = b
+    return out
+
+
+def format_problems(model, fmt: str) -> list[str]:
+    """Why ``model`` cannot be written as ``fmt`` exactly (empty list: it can)."""
+    if fmt not in FORMATS or fmt == "auto":
+        raise ConversionError(f"format={fmt!r} is invalid: allowed values are "
+                              f"{', '.join(repr(f) for f in FORMATS if f != 'auto')}")
+    if fmt == "megamoe":
+        return []
+    if fmt == "deepseek_v3":
+        return ["DeepSeek-V3 uses multi-head latent attention: it RMS-normalises the compressed key/value "
+                "latent (kv_a_layernorm) and shares one rotary key across all heads, so megamoe's grouped-query "
+                "attention cannot be written into it exactly; use format 'glm4_moe' (the same sigmoid router with "
+                "e_score_correction_bias, and GQA attention) or 'megamoe'"]
+    cfg = model.config
+    r = cfg.router
+    probs: list[str] = []
+    if r.name != "topk":
+        probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
+    if r.capacity_factor is not None:
+        probs.append(f"router.capacity_factor={r.capacity_factor} drops tokens; {fmt} routing is dropless")
+    if cfg.experts.activation not in _ACT_TO_HF:
+        probs.append(f"experts.activation={cfg.experts.activation!r}: {fmt} experts are gated "
+                     f"(swiglu or geglu only)")
+    if cfg.experts.bias:
+        probs.append(f"experts.bias=True: {fmt} experts have no biases")
+    moe = _moe_indices(cfg)
+    if not moe:
+        probs.append("the model has no MoE blocks")
+    biases = _bias_state(model)
+    nonzero_bias = any(bool(b.abs().max() > 0) for b in biases.values())
+    if fmt in ("mixtral", "qwen2_moe"):
+        if r.score_func != "softmax":
+            probs.append(f"router.score_func={r.score_func!r}: {fmt} routers use softmax")
+        if nonzero_bias:
+            probs.append(f"the routers carry a non-zero selection bias (expert_bias); {fmt} has none")
+    if fmt == "mixtral":
+        if not r.normalize_weights:
+            probs.append("router.normalize_weights=False: Mixtral always renormalises the top-k weights "
+                         "(qwen2_moe supports both)")
+        if len(moe) != cfg.num_layers:
+            probs.append(f"moe_layers={cfg.moe_layers!r} has dense blocks: Mixtral has none (qwen2_moe does)")
+        if cfg.num_shared_experts:
+            probs.append("a shared expert is used: Mixtral has none (qwen2_moe does)")
+    if fmt == "glm4_moe":
+        if r.score_func != "sigmoid":
+            probs.append(f"router.score_func={r.score_func!r}: GLM-4-MoE routers use sigmoid")
+        if moe and moe != list(range(moe[0], cfg.num_layers)):
+            probs.append(f"moe_layers={cfg.moe_layers!r}: GLM-4-MoE only has dense blocks as a prefix "
+                         "(first_k_dense_replace)")
+        if cfg.num_shared_experts and cfg.shared_expert_gate:
+            probs.append("shared_expert_gate=True: GLM-4-MoE shared experts are ungated")
+        if cfg.num_experts < 2:
+            probs.append("GLM-4-MoE's group selection needs num_experts >= 2")
+    return probs
+
+
+def choose_format(model, requested: str = "auto") -> tuple[str, list[str]]:
+    """The format to write, and notes on any choices made. Raises ConversionError listing the
+    reasons when ``requested`` cannot express the model."""
+    if requested not in FORMATS:
+        raise ConversionError(f"format={requested!r} is invalid: allowed values are {', '.join(map(repr, FORMATS))}")
+    if requested != "auto":
+        probs = format_problems(model, requested)
+        if probs:
+            raise ConversionError(f"cannot convert to {requested!r} exactly:\n  - " + "\n  - ".join(probs)
+                                  + "\n(use --format auto to pick a format that can, or --format megamoe)")
+        return requested, []
+    for fmt in STOCK_FORMATS:
+        if not format_problems(model, fmt):
+            return fmt, []
+    why = format_problems(model, "qwen2_moe" if model.config.router.score_func == "softmax" else "glm4_moe")
+    return "megamoe", ["no stock transformers class computes the same function ("
+                       + "; ".join(why) + "); writing the megamoe model class (import megamoe.integrations.hf_model "
+                       "before AutoModelForCausalLM.from_pretrained)"]
+
+
+# ---------------------------------------------------------------------------------- megamoe -> HF
+def _rope(cfg) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+
+
+def hf_config(model, fmt: str):
+    """The transformers config of ``fmt`` describing ``model``."""
+    import transformers
+
+    cfg = model.config
+    if fmt == "megamoe":
+        from megamoe.integrations.hf_model import MegaMoEConfig
+        return MegaMoEConfig.from_model_config(cfg, selection_bias_layers=sorted(_bias_state(model)))
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                  hidden_act=_ACT_TO_HF[cfg.experts.activation], max_position_embeddings=cfg.max_seq_len,
+                  rms_norm_eps=cfg.rms_norm_eps, initializer_range=cfg.initializer_range,
+                  tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg),
+                  num_experts_per_tok=cfg.router.top_k)
+    inter = cfg.experts.intermediate_size
+    moe = _moe_indices(cfg)
+    dense_inter = cfg.dense_intermediate_size or inter
+    if fmt == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=inter, num_local_experts=cfg.num_experts,
+                                          router_aux_loss_coef=cfg.router.aux_loss_coef, router_jitter_noise=0.0,
+                                          sliding_window=None, **common)
+    if fmt == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=dense_inter, moe_intermediate_size=inter, num_experts=cfg.num_experts,
+            shared_expert_intermediate_size=cfg.moe_config().shared_size, norm_topk_prob=cfg.router.normalize_weights,
+            decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe],
+            router_aux_loss_coef=cfg.router.aux_loss_coef, qkv_bias=False, use_sliding_window=False, **common)
+    if fmt == "glm4_moe":
+        common["rope_parameters"] = dict(_rope(cfg), partial_rotary_factor=1.0)
+        shared = cfg.moe_config().shared_size
+        return transformers.Glm4MoeConfig(
+            intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=cfg.num_experts,
+            n_shared_experts=-(-shared // inter), routed_scaling_factor=1.0, n_group=1, topk_group=1,
+            first_k_dense_replace=moe[0], norm_topk_prob=cfg.router.normalize_weights, use_qk_norm=False,
+            attention_bias=False, **common)
+    raise ConversionError(f"no HF config for format {fmt!r}")
+
+
+def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
+    """megamoe parameter names/layouts -> ``fmt``'s (the inverse is :func:`from_hf_state_dict`)."""
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    if fmt == "megamoe":
+        return state
+    cfg = model.config
+    out: dict[str, Tensor] = {}
+    for key, v in state.items():
+        if ".mlp.shared_expert." in key or key.endswith(".mlp.router.expert_bias"):
+            continue  # handled per layer below
+        out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = v
+    for i in _moe_indices(cfg):
+        p = f"model.layers.{i}.mlp."
+        if fmt == "glm4_moe":
+            bias = state.get(p + "router.expert_bias")
+            out[p + "gate.e_score_correction_bias"] = bias if bias is not None else torch.zeros(cfg.num_experts)
+        if fmt == "qwen2_moe":
+            if cfg.num_shared_experts:
+                down = state[p + "shared_expert.down_proj.weight"]
+                gate = state.get(p + "shared_expert.gate.weight")
+                if gate is None:  # ungated: sigmoid(0) * (2 * down) == down, exactly
+                    gate, down = torch.zeros(1, cfg.hidden_size), down * 2.0
+                out[p + "shared_expert_gate.weight"] = gate
+                out[p + "shared_expert.down_proj.weight"] = down
+                for n in ("gate_proj", "up_proj"):
+                    out[p + f"shared_expert.{n}.weight"] = state[p + f"shared_expert.{n}.weight"]
+            else:
+                out[p + "shared_expert_gate.weight"] = torch.zeros(1, cfg.hidden_size)
+        if not cfg.num_shared_experts and fmt in ("qwen2_moe", "glm4_moe"):
+            # Both classes always build a shared MLP; a zero-width one adds exactly 0.
+            name = "shared_expert" if fmt == "qwen2_moe" else "shared_experts"
+            for n, shape in (("gate_proj", (0, cfg.hidden_size)), ("up_proj", (0, cfg.hidden_size)),
+                             ("down_proj", (cfg.hidden_size, 0))):
+                out[p + f"{name}.{n}.weight"] = torch.zeros(shape)
+        if fmt == "glm4_moe" and cfg.num_shared_experts:
+            inter = cfg.experts.intermediate_size
+            width = -(-cfg.moe_config().shared_size // inter) * inter
+            # Zero-padded hidden units contribute act(0) * 0 = 0: the padded MLP is the same function.
+            for n in ("gate_proj", "up_proj"):
+                w = state[p + f"shared_expert.{n}.weight"]
+                out[p + f"shared_experts.{n}.weight"] = torch.cat([w, w.new_zeros(width - w.shape[0], w.shape[1])])
+            w = state[p + "shared_expert.down_proj.weight"]
+            out[p + "shared_experts.down_proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], 1)
+    return out
+
+
+def build_hf_model(config, state: Mapping[str, Tensor]):
+    """Instantiate the HF model for ``config`` and load ``state`` strictly (fp32, eval)."""
+    import transformers
+
+    if getattr(config, "model_type", None) == "megamoe":
+        import megamoe.integrations.hf_model  # noqa: F401  (registers the Auto classes)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    missing = [m for m in missing if "rotary" not in m and not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConversionError(f"converted weights do not fit {type(model).__name__}: missing {sorted(missing)[:6]}, "
+                              f"unexpected {sorted(unexpected)[:6]}")
+    return model.eval()
+
+
+def probe_batch(vocab_size: int, max_seq_len: int, *, batch: int = 2, seq: int = 16, seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, min(seq, max_seq_len)), generator=gen)
+
+
+@torch.no_grad()
+def logits_max_abs_diff(megamoe_model, hf_model, ids_BL: Tensor) -> float:
+    """fp32 max |megamoe logits - HF logits| on ``ids_BL``."""
+    was = megamoe_model.training
+    megamoe_model.eval()
+    try:
+        a = megamoe_model(ids_BL).logits.float()
+    finally:
+        megamoe_model.train(was)
+    b = hf_model(input_ids=ids_BL).logits.float()
+    return float((a - b).abs().max())
+
+
+def megamoe_to_hf(source: Any, *, format: str = "auto", tag: str | None = None, atol: float = DEFAULT_ATOL):
+    """Convert in memory: returns ``(hf_model, ConversionReport without out_dir)``."""
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ConversionError(f"atol={atol!r} is invalid: must be a number >= 0")
+    model = load_megamoe_source(source, tag=tag)
+    fmt, notes = choose_format(model, format)
+    cfg_hf = hf_config(model, fmt)
+    hf = build_hf_model(cfg_hf, to_hf_state_dict(model, fmt))
+    ids = probe_batch(model.config.vocab_size, model.config.max_seq_len)
+    diff = logits_max_abs_diff(model, hf, ids)
+    if not diff <= atol:
+        raise ConversionError(f"verification failed: {fmt} logits differ from megamoe's by {diff:.3e} "
+                              f"(tolerance {atol:.1e}) on the probe batch; nothing was written")
+    return hf, ConversionReport(out_dir=Path(), format=fmt, max_abs_diff=diff, probe_shape=tuple(ids.shape),
+                                notes=notes)
+
+
+def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "auto", tag: str | None = None,
+                  atol: float = DEFAULT_ATOL, overwrite: bool = False,
+                  dtype: torch.dtype | None = None) -> ConversionReport:
+    """megamoe (live model, consolidated dir or DeepSpeed checkpoint) -> HF model directory.
+
+    Verifies logits before writing (see module docstring); ``dtype`` casts the written
+    weights (verification is always in fp32). Writes atomically.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
+    hf, report = megamoe_to_hf(source, format=format, tag=tag, atol=atol)
+    if dtype is not None:
+        hf = hf.to(dtype)
+    report.out_dir = atomic_dir(out, lambda tmp: hf.save_pretrained(str(tmp)), overwrite=overwrite)
+    return report
+
+
+# ---------------------------------------------------------------------------------- HF -> megamoe
+def _refuse(model_type: str, problems: list[str]) -> None:
+    if problems:
+        raise ConversionError(f"cannot convert this {model_type} checkpoint to megamoe exactly:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def _zero_or_absent(state: Mapping[str, Tensor], suffixes: tuple[str, ...]) -> bool:
+    return all(not bool(v.abs().max() > 0) for k, v in state.items() if k.endswith(suffixes) and v.numel())
+
+
+def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
+    """The ModelConfig equivalent to an HF Mixtral/Qwen2-MoE/GLM-4-MoE config; refuses
+    with ConversionError when some feature has no megamoe equivalent."""
+    from megamoe.model import ModelConfig
+
+    mt = getattr(config, "model_type", None)
+    if mt == "megamoe":
+        return config.model_config()
+    if mt not in ("mixtral", "qwen2_moe", "glm4_moe"):
+        raise ConversionError(f"model_type={mt!r} is not supported: megamoe reads 'mixtral', 'qwen2_moe', "
+                              "'glm4_moe' and 'megamoe' checkpoints")
+    problems: list[str] = []
+    act = _HF_TO_ACT.get(config.hidden_act)
+    if act is None:
+        problems.append(f"hidden_act={config.hidden_act!r}: megamoe gated experts support 'silu' and 'gelu'")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type={rope.get('rope_type')!r}: megamoe implements default RoPE only")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']}: megamoe rotates the full head dim")
+    sliding = getattr(config, "sliding_window", None) if mt == "mixtral" else (
+        config.sliding_window if getattr(config, "use_sliding_window", False) else None)
+    if sliding:
+        problems.append(f"sliding_window={sliding}: megamoe attention is full causal")
+    if not _zero_or_absent(state, (".self_attn.q_proj.bias", ".self_attn.k_proj.bias", ".self_attn.v_proj.bias",
+                                   ".self_attn.o_proj.bias")):
+        problems.append("the attention projections have non-zero biases (qkv_bias/attention_bias): megamoe "
+                        "attention is bias-free")
+    if getattr(config, "use_qk_norm", False):
+        problems.append("use_qk_norm=True: megamoe attention has no q/k norm")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kw: dict[str, Any] = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+        max_seq_len=config.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rms_norm_eps=config.rms_norm_eps, initializer_range=config.initializer_range,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+    top_k = config.num_experts_per_tok
+    if mt == "mixtral":
+        kw.update(num_experts=config.num_local_experts, experts=ExpertConfig(config.intermediate_size, act or "swiglu"),
+                  router=RouterConfig(top_k=top_k, aux_loss_coef=config.router_aux_loss_coef,
+                                      jitter_eps=float(config.router_jitter_noise or 0.0)))
+    elif mt == "qwen2_moe":
+        moe = [i for i in range(config.num_hidden_layers) if i not in config.mlp_only_layers
+               and (i + 1) % config.decoder_sparse_step == 0]
+        kw.update(num_experts=config.num_experts, experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
+                  router=RouterConfig(top_k=top_k, normalize_weights=bool(config.norm_topk_prob),
+                                      aux_loss_coef=config.router_aux_loss_coef),
+                  moe_layers="all" if len(moe) == config.num_hidden_layers else moe,
+                  dense_intermediate_size=config.intermediate_size)
+        if config.shared_expert_intermediate_size:
+            kw.update(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
+                      shared_expert_gate=not _zero_or_absent(state, (".mlp.shared_expert_gate.weight",)))
+    else:  # glm4_moe
+        if config.n_group > 1 and config.topk_group < config.n_group:
+            problems.append(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
+                            "has no group-limited selection")
+        if config.routed_scaling_factor != 1.0:
+            problems.append(f"routed_scaling_factor={config.routed_scaling_factor}: megamoe's top-k router "
+                            "does not scale its weights")
+        k = config.first_k_dense_replace
+        kw.update(num_experts=config.n_routed_experts, experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
+                  router=RouterConfig(top_k=top_k, score_func="sigmoid", normalize_weights=bool(config.norm_topk_prob),
+                                      aux_loss_coef=0.0),
+                  moe_layers="all" if k == 0 else list(range(k, config.num_hidden_layers)),
+                  dense_intermediate_size=config.intermediate_size)
+        if config.n_shared_experts:
+            kw.update(num_shared_experts=config.n_shared_experts,
+                      shared_intermediate_size=_used_shared_width(state))
+    _refuse(mt, problems)
+    return ModelConfig(**kw)
+
+
+def _used_shared_width(state: Mapping[str, Tensor]) -> int:
+    """Width of GLM-4-MoE shared MLPs without their trailing all-zero hidden units (the
+    padding :func:`to_hf_state_dict` adds); dropping them leaves the function unchanged."""
+    width = 1
+    for key, gate in state.items():
+        if not key.endswith(".mlp.shared_experts.gate_proj.weight"):
+            continue
+        up = state[key.replace("gate_proj", "up_proj")]
+        down = state[key.replace("gate_proj", "down_proj")]
+        used = (gate != 0).any(1) | (up != 0).any(1) | (down != 0).any(0)
+        nz = used.nonzero()
+        width = max(width, int(nz.max()) + 1 if nz.numel() else 1)
+    return width
+
+
+def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Tensor]:
+    """HF (Mixtral/Qwen2-MoE/GLM-4-MoE/megamoe) names -> megamoe names."""
+    mt = config.model_type
+    out: dict[str, Tensor] = {}
+    for key, v in state.items():
+        if "rotary_emb" in key or key.endswith((".q_proj.bias", ".k_proj.bias", ".v_proj.bias", ".o_proj.bias")):
+            continue  # checked zero above; megamoe computes RoPE on the fly
+        if mt != "megamoe":
+            if key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_layers:
+                continue  # GLM-4-MoE multi-token-prediction layers are not part of the decoder
+            key = (key.replace(".mlp.gate.weight", ".mlp.router.weight")
+                   .replace(".mlp.gate.e_score_correction_bias", ".mlp.router.expert_bias")
+                   .replace(".mlp.shared_expert_gate.weight", ".mlp.shared_expert.gate.weight")
+                   .replace(".mlp.shared_experts.", ".mlp.shared_expert."))
+        out[key] = v.float() if v.is_floating_point() else v
+    if mt == "qwen2_moe" and cfg.num_shared_experts and not cfg.shared_expert_gate:
+        # All gates are zero (how an ungated megamoe shared expert is written): sigmoid(0) = 1/2
+        # is folded back into the down projection, exactly.
+        for key in [k for k in out if k.endswith(".mlp.shared_expert.gate.weight")]:
+            del out[key]
+            down = key.replace(".gate.weight", ".down_proj.weight")
+            out[down] = out[down] * 0.5
+    if mt == "glm4_moe" and cfg.num_shared_experts:
+        width = cfg.moe_config().shared_size
+        for key in list(out):
+            if ".mlp.shared_expert." in key:
+                out[key] = out[key][:, :width] if "down_proj" in key else out[key][:width]
+    if not cfg.num_shared_experts:  # zero-width shared MLPs of Qwen2-MoE / GLM-4-MoE
+        out = {k: v for k, v in out.items() if ".shared_expert." not in k}
+    return out
+
+
+def hf_to_megamoe(hf_model):
+    """An HF MoE causal LM (loaded) -> an equivalent MoETransformerLM (fp32, eval)."""
+    from megamoe.model import MoETransformerLM
+
+    state = hf_model.state_dict()
+    cfg = megamoe_config_from_hf(hf_model.config, state)
+    model = MoETransformerLM(cfg)
+    load_state_dict_with_buffers(model, from_hf_state_dict(hf_model.config, state, cfg))
+    return model.eval()
+
+
+def convert_from_hf(hf_source: Any, out_dir: str | os.PathLike, *, atol: float = DEFAULT_ATOL,
+                    overwrite: bool = False) -> ConversionReport:
+    """HF checkpoint directory (or loaded model) -> consolidated megamoe directory, verified."""
+    import transformers
+
+    if isinstance(hf_source, (str, os.PathLike)):
+        cfg_json = Path(hf_source) / "config.json"
+        if not cfg_json.is_file():
+            raise FileNotFoundError(f"{cfg_json} not found: expected a Hugging Face model directory")
+        import json
+        if json.loads(cfg_json.read_text()).get("model_type") == "megamoe":
+            import megamoe.integrations.hf_model  # noqa: F401
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_source), dtype=torch.float32)
+    else:
+        hf = hf_source
+    hf = hf.float().eval()
+    model = hf_to_megamoe(hf)
+    ids = probe_batch(model.config.vocab_size, model.config.max_seq_len)
+    diff = logits_max_abs_diff(model, hf, ids)
+    if not diff <= atol:
+        raise ConversionError(f"verification failed: megamoe logits differ from the {hf.config.model_type} "
+                              f"model's by {diff:.3e} (tolerance {atol:.1e}); nothing was written")
+    path = save_consolidated(model, out_dir, overwrite=overwrite,
+                             extra={"converted_from": {"model_type": hf.config.model_type}})
+    return ConversionReport(out_dir=path, format="megamoe-consolidated", max_abs_diff=diff,
+                            probe_shape=tuple(ids.shape))
+
+
+__all__ = ["FORMATS", "ConversionError", "ConversionReport", "choose_format", "convert_from_hf", "convert_to_hf",
+           "format_problems", "hf_config", "hf_to_megamoe", "is_deepspeed_checkpoint", "load_megamoe_source",
+           "logits_max_abs_diff", "megamoe_to_hf", "to_hf_state_dict"]

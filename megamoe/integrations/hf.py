@@ -1,0 +1,428 @@
+"""Drop-in MoE for Hugging Face transformers models.
+
+Shape legend: H hidden size, I dense (and expert) intermediate size, E experts, S shared
+expert width.
+
+- :func:`moeify` turns a loaded HF causal LM into an MoE model in place, replacing its
+  dense MLP blocks with :class:`~megamoe.layer.MoELayer` s. Built-in adapters cover Llama,
+  Mistral, Qwen2 and GPT-2 (whose ``Conv1D`` weights are stored transposed); any other
+  model works through an :class:`MLPAdapter` (a module-name pattern and a weight reader).
+  With ``upcycle=True`` (default) every expert starts from the dense MLP's weights
+  (optionally plus Gaussian noise), so with renormalised top-k weights and dropless routing
+  the model's output equals the dense model's at step 0. A shared expert starts from the
+  dense gate/up projections with a zero down projection (same step-0 output).
+- :func:`swap_moe_blocks` replaces HF's own MoE blocks (Mixtral, Qwen2-MoE, GLM-4-MoE) with
+  MoELayers holding the same weights and computing the same outputs, so existing MoE models
+  train with megamoe's routers, dispatchers and balancers.
+- The aux loss rides on each MoELayer's output (``attach_aux_loss``), so ``generate``, the
+  HF ``Trainer`` and DeepSpeed need no change to the model's forward or loss;
+  :class:`MoETrainerCallback` tells the layers the optimizer step and the gradient
+  accumulation factor.
+- :func:`load_moeified` reloads a ``save_pretrained`` directory of a moeified model: the
+  moeify arguments are recorded in ``config.megamoe_moeify``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, from_dict, to_dict
+from megamoe.dispatch.base import Dispatcher
+from megamoe.layer import MoELayer
+
+LayerSpec = str | Sequence[int]
+DispatcherFactory = Callable[[MoEConfig, int], Dispatcher]
+
+
+@dataclass(frozen=True)
+class DenseMLPWeights:
+    """A dense MLP's weights in ``nn.Linear`` layout ([out, in]). ``gate_IH`` is None for
+    non-gated MLPs; biases are None when the MLP has none."""
+
+    up_IH: Tensor
+    down_HI: Tensor
+    gate_IH: Tensor | None = None
+    up_bias_I: Tensor | None = None
+    gate_bias_I: Tensor | None = None
+    down_bias_H: Tensor | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_IH is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.up_bias_I is not None
+
+
+@dataclass(frozen=True)
+class MLPAdapter:
+    """How to find and read one model family's dense MLP blocks.
+
+    mlp_pattern: regex matched (fullmatch) against ``model.named_modules()`` names; its
+        first group is the block index (e.g. ``r"model\\.layers\\.(\\d+)\\.mlp"``).
+    activation: maps the HF config to a megamoe activation (``swiglu`` ... see ExpertConfig).
+    read: returns a block's :class:`DenseMLPWeights`.
+    wrap: optional; builds the module put in the block's place from (old block, MoELayer),
+        e.g. to keep a dropout the dense block applied after its output projection.
+    """
+
+    mlp_pattern: str
+    activation: Callable[[Any], str]
+    read: Callable[[nn.Module], DenseMLPWeights]
+    wrap: Callable[[nn.Module, MoELayer], nn.Module] | None = None
+
+
+def _act_from(mapping: dict[str, str], attr: str) -> Callable[[Any], str]:
+    def pick(config: Any) -> str:
+        name = getattr(config, attr, None)
+        if name not in mapping:
+            raise ConfigError(f"{type(config).__name__}.{attr}={name!r} has no megamoe expert activation; "
+                              f"supported: {', '.join(map(repr, mapping))}")
+        return mapping[name]
+    return pick
+
+
+def _read_gated(mlp: nn.Module) -> DenseMLPWeights:
+    b = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
+    return DenseMLPWeights(up_IH=mlp.up_proj.weight.detach(), down_HI=mlp.down_proj.weight.detach(),
+                           gate_IH=mlp.gate_proj.weight.detach(), up_bias_I=b(mlp.up_proj),
+                           gate_bias_I=b(mlp.gate_proj), down_bias_H=b(mlp.down_proj))
+
+
+def _read_gpt2(mlp: nn.Module) -> DenseMLPWeights:
+    # transformers' Conv1D computes x @ W + b with W [in, out]: the transpose of nn.Linear's.
+    return DenseMLPWeights(up_IH=mlp.c_fc.weight.detach().t(), down_HI=mlp.c_proj.weight.detach().t(),
+                           up_bias_I=mlp.c_fc.bias.detach(), down_bias_H=mlp.c_proj.bias.detach())
+
+
+class DropoutAfter(nn.Module):
+    """An MoE block followed by the dropout the dense block it replaces applied to its output."""
+
+    def __init__(self, moe: MoELayer, dropout: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+        self.dropout = dropout
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.dropout(self.moe(hidden_states))
+
+
+_LLAMA_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+_LLAMA = MLPAdapter(r"model\.layers\.(\d+)\.mlp", _act_from(_LLAMA_ACTS, "hidden_act"), _read_gated)
+ADAPTERS: dict[str, MLPAdapter] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": MLPAdapter(r"transformer\.h\.(\d+)\.mlp",
+                       _act_from({"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                                  "relu": "relu"}, "activation_function"),
+                       _read_gpt2, wrap=lambda old, moe: DropoutAfter(moe, old.dropout)),
+}
+
+
+def adapter_for(model: nn.Module) -> MLPAdapter:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ADAPTERS:
+        raise ConfigError(f"no built-in MoE adapter for model_type={mt!r} (built-in: {', '.join(sorted(ADAPTERS))}); "
+                          "pass adapter=MLPAdapter(mlp_pattern=..., activation=..., read=...)")
+    return ADAPTERS[mt]
+
+
+def _select(indices: list[int], layers: LayerSpec) -> list[int]:
+    if isinstance(layers, str):
+        if layers == "all":
+            return indices
+        if layers == "every_other":
+            return [i for i in indices if i % 2 == 1]
+        raise ConfigError(f"layers={layers!r} is invalid: use 'all', 'every_other' or a list of block indices")
+    wanted = list(layers)
+    bad = [i for i in wanted if i not in indices]
+    if bad:
+        raise ConfigError(f"layers={wanted!r} is invalid: blocks {bad} have no MLP matching the adapter "
+                          f"(available: {indices})")
+    return sorted(set(wanted))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _noisy(w: Tensor, noise: float, gen: torch.Generator | None) -> Tensor:
+    if noise <= 0:
+        return w
+    n = torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.device)
+    return w + (noise * w.float().std() * n).to(w.dtype)
+
+
+@torch.no_grad()
+def _upcycle(layer: MoELayer, dense: DenseMLPWeights, *, noise: float, gen: torch.Generator | None) -> None:
+    ex = layer.experts
+    first = torch.cat([dense.gate_IH, dense.up_IH]) if dense.gated else dense.up_IH
+    first_b = None
+    if dense.has_bias:
+        first_b = torch.cat([dense.gate_bias_I, dense.up_bias_I]) if dense.gated else dense.up_bias_I
+    offset = layer.dispatcher.local_expert_offset
+    # Noise is drawn for every global expert in order, so each expert-parallel rank gets the
+    # same initial experts as a single process would.
+    for g in range(layer.config.num_experts):
+        w_first, w_down = _noisy(first, noise, gen), _noisy(dense.down_HI, noise, gen)
+        e = g - offset
+        if not 0 <= e < ex.num_experts:
+            continue
+        ex.first_weight[e].copy_(w_first)
+        ex.down_proj[e].copy_(w_down)
+        if first_b is not None:
+            ex.first_bias[e].copy_(first_b)
+            ex.down_proj_bias[e].copy_(dense.down_bias_H)
+    sh = layer.shared_expert
+    if sh is not None:
+        # Start from the dense features with a zero output projection: the step-0 output is
+        # unchanged and the shared expert still receives gradients from step 0.
+        reps = -(-sh.up_proj.weight.shape[0] // dense.up_IH.shape[0])
+        tile = lambda w: w.repeat(reps, 1)[: sh.up_proj.weight.shape[0]]  # noqa: E731
+        sh.up_proj.weight.copy_(tile(dense.up_IH))
+        if sh.gated:
+            sh.gate_proj.weight.copy_(tile(dense.gate_IH))
+        sh.down_proj.weight.zero_()
+        for lin in (getattr(sh, "gate_proj", None), sh.up_proj, sh.down_proj):
+            if lin is not None and lin.bias is not None:
+                lin.bias.zero_()
+        if sh.gate is not None:
+            sh.gate.weight.zero_()
+
+
+def _place(layer: MoELayer, like: Tensor) -> MoELayer:
+    layer.to(device=like.device)
+    layer.experts.to(dtype=like.dtype)
+    if layer.shared_expert is not None:
+        layer.shared_expert.to(dtype=like.dtype)
+    return layer
+
+
+def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = None, layers: LayerSpec = "all",
+           num_shared_experts: int = 0, shared_expert_gate: bool = False, upcycle: bool = True,
+           upcycle_noise: float = 0.0, adapter: MLPAdapter | None = None, expert_impl: str = "auto",
+           seed: int | None = None, dispatcher: DispatcherFactory | None = None) -> list[str]:
+    """Replace ``model``'s dense MLP blocks by MoELayers, in place; returns the replaced names.
+
+    num_experts: routed experts per MoE block. router: the RouterConfig (default: top-2
+        softmax, renormalised). layers: ``"all"``, ``"every_other"`` (blocks 1, 3, ...) or
+        a list of block indices. num_shared_experts / shared_expert_gate: as in MoEConfig
+        (shared width = num_shared_experts * I). upcycle: copy the dense weights into every
+        expert (else keep the fresh random init). upcycle_noise: add N(0, (noise *
+        std(W))^2) to each copied weight matrix. adapter: how to find the MLPs (default:
+        by ``model.config.model_type``). seed: seeds the router init and the noise.
+        dispatcher: ``factory(moe_config, block_index) -> Dispatcher`` for expert
+        parallelism (default: all experts local); each rank then holds its local experts.
+
+    With a built-in adapter the arguments are recorded in ``model.config.megamoe_moeify``
+    so :func:`load_moeified` can rebuild the model from a ``save_pretrained`` directory.
+    """
+    if isinstance(upcycle_noise, bool) or not isinstance(upcycle_noise, (int, float)) or upcycle_noise < 0:
+        raise ConfigError(f"upcycle_noise={upcycle_noise!r} is invalid: must be a number >= 0")
+    router = router or RouterConfig()
+    if not isinstance(router, RouterConfig):
+        raise ConfigError(f"router={router!r} is invalid: pass a megamoe.RouterConfig")
+    adapter = adapter or adapter_for(model)
+    pattern = re.compile(adapter.mlp_pattern)
+    found: dict[int, str] = {}
+    for name, _ in model.named_modules():
+        m = pattern.fullmatch(name)
+        if m:
+            found[int(m.group(1)) if m.groups() else len(found)] = name
+    if not found:
+        raise ConfigError(f"no module name matches the adapter's mlp_pattern {adapter.mlp_pattern!r}")
+    chosen = _select(sorted(found), layers)
+    activation = adapter.activation(model.config)
+    if upcycle and (not router.normalize_weights or router.capacity_factor is not None):
+        warnings.warn("upcycled experts reproduce the dense MLP at step 0 only with router.normalize_weights=True "
+                      "and dropless routing (capacity_factor=None)", stacklevel=2)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    replaced = []
+    for idx in chosen:
+        name = found[idx]
+        old = model.get_submodule(name)
+        dense = adapter.read(old)
+        cfg = MoEConfig(hidden_size=dense.up_IH.shape[1], num_experts=num_experts,
+                        experts=ExpertConfig(intermediate_size=dense.up_IH.shape[0], activation=activation,
+                                             bias=dense.has_bias, impl=expert_impl),
+                        router=router, num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate)
+        if cfg.experts.gated != dense.gated:
+            raise ConfigError(f"activation {activation!r} does not match block {name!r} "
+                              f"({'gated' if dense.gated else 'not gated'})")
+        if seed is not None:
+            torch.manual_seed(seed + idx)
+        layer = MoELayer(cfg, layer_index=idx, causal=True, dispatcher=dispatcher(cfg, idx) if dispatcher else None)
+        if upcycle:
+            _upcycle(layer, dense, noise=float(upcycle_noise), gen=gen)
+        _place(layer, dense.up_IH)
+        _set_module(model, name, adapter.wrap(old, layer) if adapter.wrap else layer)
+        replaced.append(name)
+    spec = dict(num_experts=num_experts, router=to_dict(router), layers=chosen,
+                num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate, expert_impl=expert_impl)
+    if adapter is ADAPTERS.get(getattr(model.config, "model_type", None)):
+        model.config.megamoe_moeify = spec
+    return replaced
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+# ---------------------------------------------------------------------------------- HF MoE blocks
+def _router_for(config: Any, kind: str) -> RouterConfig:
+    if kind == "glm4_moe":
+        if getattr(config, "n_group", 1) > 1 and config.topk_group < config.n_group:
+            raise ConfigError(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
+                              "has no group-limited selection")
+        if config.routed_scaling_factor != 1.0:
+            raise ConfigError(f"routed_scaling_factor={config.routed_scaling_factor}: megamoe's top-k router does "
+                              "not scale its weights")
+        return RouterConfig(top_k=config.num_experts_per_tok, score_func="sigmoid",
+                            normalize_weights=bool(config.norm_topk_prob), aux_loss_coef=0.0)
+    return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=float(config.router_aux_loss_coef),
+                        normalize_weights=True if kind == "mixtral" else bool(config.norm_topk_prob))
+
+
+_HF_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Glm4MoeMoE": "glm4_moe"}
+
+
+@torch.no_grad()
+def _layer_from_hf_block(block: nn.Module, kind: str, config: Any, index: int, router: RouterConfig | None,
+                         dispatcher: DispatcherFactory | None) -> MoELayer:
+    act = {"silu": "swiglu", "gelu": "geglu"}.get(config.hidden_act)
+    if act is None:
+        raise ConfigError(f"hidden_act={config.hidden_act!r}: megamoe gated experts support 'silu' and 'gelu'")
+    gate_up = block.experts.gate_up_proj
+    num_experts, two_i, hidden = gate_up.shape
+    shared_kw: dict[str, Any] = {}
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if shared is not None and shared.up_proj.weight.shape[0] > 0:
+        shared_kw = dict(num_shared_experts=1, shared_intermediate_size=shared.up_proj.weight.shape[0],
+                         shared_expert_gate=kind == "qwen2_moe")
+    cfg = MoEConfig(hidden_size=hidden, num_experts=num_experts,
+                    experts=ExpertConfig(intermediate_size=two_i // 2, activation=act),
+                    router=router or _router_for(config, kind), **shared_kw)
+    layer = MoELayer(cfg, layer_index=index, causal=True, dispatcher=dispatcher(cfg, index) if dispatcher else None)
+    local = slice(layer.dispatcher.local_expert_offset,
+                  layer.dispatcher.local_expert_offset + layer.dispatcher.num_local_experts)
+    layer.router.weight.copy_(block.gate.weight)
+    bias = getattr(block.gate, "e_score_correction_bias", None)
+    if bias is not None:
+        layer.router.enable_selection_bias().copy_(bias)
+    layer.experts.gate_up_proj.copy_(gate_up[local])
+    layer.experts.down_proj.copy_(block.experts.down_proj[local])
+    if shared_kw:
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.shared_expert, n).weight.copy_(getattr(shared, n).weight)
+        if kind == "qwen2_moe":
+            layer.shared_expert.gate.weight.copy_(block.shared_expert_gate.weight)
+    return _place(layer, gate_up)
+
+
+def swap_moe_blocks(model: nn.Module, *, router: RouterConfig | None = None,
+                    dispatcher: DispatcherFactory | None = None) -> list[str]:
+    """Replace HF Mixtral / Qwen2-MoE / GLM-4-MoE MoE blocks by MoELayers with their weights,
+    in place; returns the replaced module names. ``router`` overrides the equivalent
+    RouterConfig (e.g. to change aux_loss_coef); the default reproduces HF's outputs.
+    ``dispatcher``: as in :func:`moeify` (each rank keeps only its local experts' weights)."""
+    config = model.config
+    replaced = []
+    for name, block in list(model.named_modules()):
+        kind = _HF_BLOCKS.get(type(block).__name__)
+        if kind is None:
+            continue
+        m = re.search(r"layers\.(\d+)\.", name + ".")
+        layer = _layer_from_hf_block(block, kind, config, int(m.group(1)) if m else -1, router, dispatcher)
+        _set_module(model, name, layer)
+        replaced.append(name)
+    if not replaced:
+        raise ConfigError(f"no Mixtral/Qwen2-MoE/GLM-4-MoE MoE block found in {type(model).__name__}")
+    if getattr(config, "output_router_logits", False):
+        # HF's own balance loss reads the removed router's logits; megamoe attaches its own.
+        config.output_router_logits = False
+    return replaced
+
+
+# ---------------------------------------------------------------------------------- training, reload
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+    return TrainerCallback
+
+
+class MoETrainerCallback(_trainer_callback_base()):
+    """HF Trainer callback: tells every MoELayer the optimizer step (router schedules) and
+    scales the aux loss by 1/gradient_accumulation_steps (the Trainer averages the main loss
+    over micro-batches; the aux loss is added once per micro-batch)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for layer in moe_layers(model) if model is not None else []:
+            layer.aux_loss_grad_scale = 1.0 / max(1, args.gradient_accumulation_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        for layer in moe_layers(model) if model is not None else []:
+            layer.step = state.global_step
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors (or index); save with save_pretrained()")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def load_moeified(path: str, *, dispatcher: DispatcherFactory | None = None, **from_config_kwargs: Any) -> nn.Module:
+    """Reload a moeified model written by ``save_pretrained`` (its config holds
+    ``megamoe_moeify``): builds the dense skeleton, re-applies moeify, loads the weights."""
+    import transformers
+
+    p = Path(path)
+    config = transformers.AutoConfig.from_pretrained(str(p))
+    spec = getattr(config, "megamoe_moeify", None)
+    if not spec:
+        raise ConfigError(f"{p}/config.json has no 'megamoe_moeify' entry: it was not saved from a model "
+                          "converted with megamoe.integrations.hf.moeify")
+    model = transformers.AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    spec = dict(spec)
+    spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
+    moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
+    state = _read_weights(p)
+    for name, layer in model.named_modules():
+        if isinstance(layer, MoELayer) and layer.dispatcher.num_local_experts != layer.config.num_experts:
+            # An expert-parallel rank keeps its own slice of each stacked expert tensor.
+            lo = layer.dispatcher.local_expert_offset
+            for key in [k for k in state if k.startswith(f"{name}.experts.")]:
+                state[key] = state[key][lo: lo + layer.dispatcher.num_local_experts]
+    for name, mod in model.named_modules():
+        if f"{name}.expert_bias" in state and hasattr(mod, "enable_selection_bias"):
+            mod.enable_selection_bias()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # Tied weights (e.g. GPT-2's lm_head) are saved once; they are missing here by design.
+    untied = [m for m in missing if not any(params.get(m) is params.get(k) for k in state if k in params)]
+    if untied or unexpected:
+        raise ValueError(f"{p}: weights do not match the moeified model: missing {untied[:6]}, "
+                         f"unexpected {list(unexpected)[:6]}")
+    return model.eval()
+
+
+__all__ = ["ADAPTERS", "DenseMLPWeights", "DropoutAfter", "MLPAdapter", "MoETrainerCallback", "adapter_for",
+           "load_moeified", "moe_layers", "moeify", "swap_moe_blocks"]
