@@ -1,0 +1,255 @@
+"""The two training backends behind one small interface, and the optimizer choice.
+
+Shape legend: B micro batch, S sequence length.
+
+A backend owns the optimizer step: ``train_step(micro_batches_BS, on_forward)`` runs forward
+and backward on each micro batch (calling ``on_forward()`` after each forward so the trainer
+can read the MoE layers' statistics) and one optimizer step, and returns the mean loss over
+the micro batches on this rank and the gradient norm. ``forward`` runs the model for
+evaluation; ``save(dir)`` / ``load(dir)`` write and read the backend's share of a
+checkpoint (every rank calls them).
+
+- :class:`TorchBackend`: one process, or data parallel over torch.distributed with all
+  experts on every rank (gradients averaged by a flat all-reduce, so experts a rank did not
+  use this step still agree everywhere). Plain torch optimizer and LambdaLR schedule.
+- :class:`DeepSpeedBackend`: glue to ``megamoe.parallel`` (expert-parallel groups, expert
+  sharding) and ``megamoe.integrations.deepspeed`` (engine with MoE parameter groups, ZeRO,
+  checkpoints that load across EP sizes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megamoe.config import ConfigError
+from megamoe.train.config import LoopConfig, TrainConfig, deepspeed_mapping
+
+OPTIMIZER_IMPLS = ("apex_fused_adam", "torch_adamw_fused", "torch_adamw")
+
+
+def apex_fused_adam_class():
+    """apex.optimizers.FusedAdam, or None when apex is not importable."""
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or a broken apex build failing at import
+        return None
+    return FusedAdam
+
+
+def select_optimizer_impl(device_type: str, *, apex_available: bool) -> str:
+    """apex FusedAdam on CUDA when apex is importable, else torch AdamW (fused on CUDA)."""
+    if device_type == "cuda":
+        return "apex_fused_adam" if apex_available else "torch_adamw_fused"
+    return "torch_adamw"
+
+
+def param_groups(params: Iterable[Any], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not norms, biases); existing groups keep their keys."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [{"weight_decay": weight_decay, **g} for g in params]
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def build_optimizer(params: Iterable[Any], cfg: LoopConfig, *, device_type: str,
+                    apex_cls: Any = None) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer chosen by :func:`select_optimizer_impl` and its name.
+
+    apex_cls: the FusedAdam class to use (default: looked up with :func:`apex_fused_adam_class`).
+    """
+    apex_cls = apex_cls if apex_cls is not None else apex_fused_adam_class()
+    impl = select_optimizer_impl(device_type, apex_available=apex_cls is not None)
+    groups = param_groups(params, cfg.weight_decay)
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if impl == "apex_fused_adam":
+        return apex_cls(groups, adam_w_mode=True, **kw), impl
+    return torch.optim.AdamW(groups, fused=impl == "torch_adamw_fused", **kw), impl
+
+
+def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` after ``step`` optimizer steps: linear warmup, cosine decay."""
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class TorchBackend:
+    """Single process, or data parallel over the default process group (EP = 1)."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.cfg, self.device = cfg, device
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.world > 1:
+            # Identical start on every rank, whatever each rank's RNG did before.
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(t.data, src=0)
+        self.optimizer, self.optimizer_name = build_optimizer(self.model.parameters(), cfg.train,
+                                                              device_type=device.type)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
+
+    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> tuple[float, float]:
+        self.model.train()
+        losses = []
+        for x_BS in micro_batches:
+            with _autocast(self.device, self.cfg.train.precision):
+                loss = self.model(x_BS, labels=x_BS).loss
+            on_forward()
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.detach().float())
+        if self.world > 1:
+            self._average_gradients()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack(losses).mean()), float(grad_norm)
+
+    def _average_gradients(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+            p.grad = g
+
+    @torch.no_grad()
+    def forward(self, x_BS: Tensor) -> Tensor:
+        self.model.eval()
+        with _autocast(self.device, self.cfg.train.precision):
+            return self.model(x_BS, labels=x_BS).loss.float()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: str) -> None:
+        if self.rank == 0:
+            from safetensors.torch import save_model
+            save_model(self.model, os.path.join(directory, "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "optimizer_impl": self.optimizer_name}, os.path.join(directory, "optimizer.pt"))
+
+    def load(self, directory: str) -> None:
+        from safetensors.torch import load_model
+        path = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(path):
+            raise ConfigError(f"checkpoint {directory!r} has no model.safetensors: it was not written by the torch "
+                              "backend (resume it with parallel.backend=deepspeed)")
+        load_model(self.model, path, device=str(self.device))
+        state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for ``cfg``: batch, clipping, ZeRO stage and precision derived
+    from the megamoe sections, with the user's ``deepspeed`` section merged on top."""
+    t = cfg.train
+    base: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(base, deepspeed_mapping(cfg))
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedBackend:
+    """Expert parallelism + ZeRO through megamoe.parallel and megamoe.integrations.deepspeed."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device) -> None:
+        try:
+            from megamoe import parallel
+            from megamoe.integrations import deepspeed as mds
+        except ImportError as exc:
+            raise ConfigError(f"parallel.backend='deepspeed' needs megamoe.parallel and "
+                              f"megamoe.integrations.deepspeed ({exc}); use parallel.backend=torch") from exc
+        self._mds = mds
+        self.cfg, self.device = cfg, device
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.groups = parallel.build_expert_parallel_groups(cfg.parallel.ep_size)
+        parallel.apply_expert_parallel(model, self.groups)
+        self.model = model.to(device)
+        ds_cfg = deepspeed_config(cfg, self.world)
+        kw: dict[str, Any] = {}
+        if "optimizer" not in ds_cfg:
+            # DeepSpeed calls these with the engine's (MoE-aware) parameter groups.
+            def make_optimizer(params):
+                opt, self.optimizer_name = build_optimizer(params, cfg.train, device_type=device.type)
+                return opt
+            kw["optimizer"] = make_optimizer
+        if "scheduler" not in ds_cfg:
+            kw["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))
+        self.optimizer_name = "deepspeed-config"
+        kw["model_parameters"] = mds.moe_param_groups(self.model, weight_decay=cfg.train.weight_decay)
+        self.engine = mds.initialize(self.model, ds_cfg, self.groups, **kw)
+
+    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> tuple[float, float]:
+        self.engine.train()
+        losses = []
+        for x_BS in micro_batches:
+            loss = self.engine(x_BS, labels=x_BS).loss
+            on_forward()
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        norm = self.engine.get_global_grad_norm()
+        return float(torch.stack(losses).mean()), float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def forward(self, x_BS: Tensor) -> Tensor:
+        self.engine.eval()
+        return self.engine(x_BS, labels=x_BS).loss.float()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: str) -> None:
+        self._mds.save_checkpoint(self.engine, directory, tag="engine")
+
+    def load(self, directory: str) -> None:
+        self._mds.load_checkpoint(self.engine, directory, tag="engine")
+
+
+def build_backend(model: nn.Module, cfg: TrainConfig, *, device: torch.device):
+    cls = TorchBackend if cfg.parallel.backend == "torch" else DeepSpeedBackend
+    return cls(model, cfg, device=device)

@@ -1,0 +1,196 @@
+"""``megamoe train`` end to end on the CPU: the loss falls, outputs exist, SIGKILL + --resume
+repeats an uninterrupted run step for step, and 2-process data parallel matches one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megamoe.testing import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SINGLE_CFG = os.path.join(ROOT, "configs", "tiny_single.yaml")
+TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
+
+# A very small model and corpus so a step takes milliseconds on one core.
+TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
+        "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+        "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
+        "train.warmup_steps=2", "train.lr=0.01", "train.threads=1", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def _cmd(out_dir, cache_dir, *extra):
+    return [sys.executable, "-m", "megamoe.cli", "train", "--config", SINGLE_CFG, *TINY,
+            f"train.output_dir={out_dir}", f"data.cache_dir={cache_dir}", *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _run(out_dir, cache_dir, *extra):
+    proc = subprocess.run(_cmd(out_dir, cache_dir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _records(out_dir, kind):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+# One uninterrupted run serves as the output check and as the reference for the resume test.
+ARGS = ("train.steps=40", "train.save_interval=4", "train.eval_interval=20", "train.keep_last=2",
+        "model.router.jitter_eps=0.1")  # jitter makes the RNG state part of what must survive a resume
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = _run(out, cache_dir, *ARGS)
+    return out, proc.stdout
+
+
+def test_short_run_learns_and_writes_everything(reference):
+    out, stdout = reference
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 41))
+    first = sum(r["loss"] for r in train[:5]) / 5
+    last = sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 0.5, (first, last)  # uniform over 256 pieces is 5.5 nats
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["loss"] < evals[0]["loss"]
+    assert evals[1]["ppl"] == pytest.approx(2.718281828 ** evals[1]["loss"], rel=1e-6)
+    assert len(train[0]["load"]) == 2 and len(train[0]["load"][0]) == 4
+    assert sum(train[0]["load"][0]) == pytest.approx(1.0)
+    assert evals[1]["max_vio_global"] >= 0 and len(evals[1]["domain_load"]) >= 3
+    for name in ("loss.png", "expert_load.png", "max_vio.png", "expert_domains.png"):
+        assert os.path.getsize(out / "plots" / name) > 1000
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
+    ckpts = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step_"))
+    assert ckpts == ["step_00000036", "step_00000040"]  # keep_last=2 pruned the older ones
+    meta = json.load(open(out / "checkpoints" / "step_00000040" / "megamoe_config.json"))
+    assert meta["model"]["hidden_size"] == 32 and meta["step"] == 40
+    assert {"model.safetensors", "optimizer.pt", "rng_rank0.pt"} <= set(os.listdir(out / "checkpoints" / ckpts[-1]))
+    assert str(out / "plots" / "loss.png") in stdout and "checkpoint:" in stdout
+
+
+def test_an_earlier_run_is_not_silently_mixed_in(reference, cache_dir, capsys, tmp_path):
+    import shutil
+
+    from megamoe import cli
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    rc = cli.main(["train", "--config", SINGLE_CFG, *TINY, f"train.output_dir={out}",
+                   f"data.cache_dir={cache_dir}"])
+    assert rc == 2 and "already holds checkpoints of an earlier run; pass --resume" in capsys.readouterr().err
+    # `--resume key=value`: the override is not taken for a checkpoint path. The run is already
+    # at its last step, so it only re-evaluates and returns.
+    rc = cli.main(["train", "--config", SINGLE_CFG, "--resume", f"train.output_dir={out}",
+                   *TINY, f"data.cache_dir={cache_dir}", *ARGS, "train.plots=false", "train.tensorboard=false"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "checkpoint:  " + str(out / "checkpoints" / "step_00000040") in printed
+    assert f"held-out loss {_records(out, 'eval')[-1]['loss']:.4f}" in printed
+    assert _records(out, "eval") == _records(reference[0], "eval")  # nothing logged twice
+
+
+def test_checkpoint_reloads_to_the_logged_held_out_loss(reference, cache_dir):
+    import numpy as np
+    import torch
+
+    from megamoe.train.config import load_config
+    from megamoe.train.data import cache_key, eval_batches, load_prepared
+    from megamoe.train.trainer import load_trained_model
+
+    out, _ = reference
+    model = load_trained_model(str(out / "checkpoints" / "step_00000040"))
+    cfg = load_config(SINGLE_CFG, TINY + list(ARGS))
+    data = load_prepared(os.path.join(cache_dir, cache_key(cfg.data, cfg.model.vocab_size)), seq_len=32,
+                         vocab_size=256)
+    total = tokens = 0.0
+    with torch.no_grad():
+        for _, seqs in eval_batches(data.eval_NS, batch_size=4, world=1, max_batches=None):
+            x = torch.from_numpy(seqs.astype(np.int64))
+            n = x.shape[0] * (x.shape[1] - 1)
+            total += float(model(x, labels=x).loss) * n
+            tokens += n
+    assert total / tokens == pytest.approx(_records(out, "eval")[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path, cache_dir, reference):
+    ref, _ = reference
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, cache_dir, *ARGS), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while True:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            steps = [r["step"] for r in _records(killed, "train")] if (killed / "metrics.jsonl").exists() else []
+            if os.path.isdir(killed / "checkpoints" / "step_00000004") and steps and steps[-1] >= 6:
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    logged_before = max(r["step"] for r in _records(killed, "train"))
+    _run(killed, cache_dir, *ARGS, "--resume")
+    got, want = _records(killed, "train"), _records(ref, "train")
+    assert [r["step"] for r in got] == list(range(1, 41))
+    keys = ("loss", "aux_loss", "lr", "grad_norm", "max_vio_layers", "load")
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, f"step {g['step']} differs"
+    assert [(r["step"], r["loss"], r["max_vio_global"]) for r in _records(killed, "eval")] == \
+        [(r["step"], r["loss"], r["max_vio_global"]) for r in _records(ref, "eval")]
+    assert logged_before > 4  # killed after a checkpoint, with steps past it to redo
+
+
+def _train_in_process(out_dir, cache_dir, extra=(), resume=None):
+    from megamoe.train.config import load_config
+    from megamoe.train.trainer import run_training
+    cfg = load_config(SINGLE_CFG,
+                      TINY + [f"train.output_dir={out_dir}", f"data.cache_dir={cache_dir}", "train.steps=6",
+                              "train.micro_batch_size=2", "train.eval_interval=6", "train.save_interval=3",
+                              "train.plots=false", "train.tensorboard=false", *extra])
+    return run_training(cfg, resume=resume).final_eval
+
+
+def _ddp_resumed(rank, world, out_dir, cache_dir, ckpt):
+    return _train_in_process(out_dir, cache_dir, resume=ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_data_parallel_resumes_a_one_process_run(tmp_path, cache_dir):
+    # Same global batch: 1 rank x micro 2 x accumulation 2 vs 2 ranks x micro 2. The 2-process
+    # job resumes the 1-process job's step-3 checkpoint, so steps 4-6 check both the gradient
+    # all-reduce and resuming at another world size.
+    single = _train_in_process(str(tmp_path / "single"), cache_dir, ["train.grad_accum_steps=2"])
+    ckpt = str(tmp_path / "single" / "checkpoints" / "step_00000003")
+    evals = run_distributed(_ddp_resumed, 2, str(tmp_path / "ddp"), cache_dir, ckpt)
+    assert evals[0] == evals[1]
+    got, want = _records(tmp_path / "ddp", "train"), _records(tmp_path / "single", "train")[3:]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 5, 6]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-5)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-3)
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
+        assert sum(g["load"], []) == pytest.approx(sum(w["load"], []), abs=1e-6)
+    assert evals[0]["loss"] == pytest.approx(single["loss"], rel=1e-4)
