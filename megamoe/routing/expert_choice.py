@@ -1,0 +1,230 @@
+"""Expert Choice routing (Zhou et al. 2022): each expert picks its top tokens.
+
+Shape legend: T tokens (batch and sequence flattened), D hidden size, E experts,
+K slots per token (here the most experts any token got; unused slots hold -1),
+N sequences and S sequence length (causal-safe mode).
+
+Router ``expert_choice``. Scores ``S = softmax(x W^T)`` [T, E] in fp32. With capacity
+factor ``c`` (``RouterConfig.capacity_factor``; null means the paper's default 2) each expert
+takes exactly ``k = min(T, ceil(T * c / E))`` tokens: its top-k by ``S[:, e]``. The combine
+weight of a (token, expert) pair is ``S[t, e]``, not renormalised. There is no balance loss
+(``aux_loss_coef`` is ignored; balance is exact by construction); ``z_loss_coef`` applies.
+``top_k`` is unused: a token gets 0..E experts.
+
+Options (``RouterConfig.options``, see :class:`ExpertChoiceOptions`):
+
+- ``max_experts_per_token`` (b): cap experts per token as in the paper, by solving the
+  entropy-regularised LP ``max <S, A> + lam * H(A)`` with expert sums k, token sums <= b and
+  ``0 <= A <= 1`` through KL (Bregman) projections with Dykstra corrections on the two
+  inequality sets, in the log domain so that ``lam = 1e-3`` does not overflow; each expert
+  then takes its top-k tokens of ``A``. Because the LP is solved approximately (a fixed number
+  of iterations) and top-k is taken per expert, a few tokens may still exceed b; the
+  statistics report it (``over_cap_fraction``).
+- ``causal_mode``: Expert Choice lets a token's selection depend on later tokens of the batch,
+  which leaks the future in an autoregressive model. In a causal layer (``RoutingContext.causal``)
+  the router refuses unless ``causal_mode="prefix"``: expert e takes token t of a sequence iff
+  t ranks within the top ``(t + 1) * c / E`` of ``S[:t+1, e]`` (its own sequence prefix, ties to
+  the earlier token). Every token's routing is then a function of its prefix only; each expert
+  gets ``c / E`` of the tokens in expectation instead of exactly (first tokens of a sequence
+  go to many experts). Sequences are the last leading dimension of the layer input
+  (``RoutingContext.sequence_length``); 2-D input is one sequence.
+
+Statistics: ``experts_per_token_hist`` [E+1] (fraction of tokens with 0, 1, ... experts),
+``zero_expert_fraction`` and ``mean_experts_per_token``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megamoe.config import ConfigError, RouterConfig
+from megamoe.routing.base import Router, RoutingContext, RoutingDecision, counts_per_expert, register_router
+from megamoe.routing.losses import z_loss
+from megamoe.routing.topk import LinearRouterMixin, score
+
+CAUSAL_MODES = ("off", "prefix")
+DEFAULT_CAPACITY_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class ExpertChoiceOptions:
+    """Options of the ``expert_choice`` router.
+
+    max_experts_per_token: b, cap on experts per token via the entropy-regularised LP
+        (null: no cap). Must be >= the capacity factor, or the LP is infeasible.
+    lp_entropy: lam, the entropy weight of the LP (paper: 1e-3).
+    lp_iterations: projection sweeps (paper: at most 100).
+    causal_mode: ``off`` (plain EC, refused in causal models) or ``prefix`` (causal-safe).
+    """
+
+    max_experts_per_token: int | None = None
+    lp_entropy: float = 1e-3
+    lp_iterations: int = 100
+    causal_mode: str = "off"
+
+    def __post_init__(self) -> None:
+        b = self.max_experts_per_token
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b <= 0):
+            raise ConfigError(f"router.options.max_experts_per_token={b!r} is invalid: must be a positive "
+                              "integer or null")
+        if isinstance(self.lp_entropy, bool) or not isinstance(self.lp_entropy, (int, float)) \
+                or self.lp_entropy <= 0:
+            raise ConfigError(f"router.options.lp_entropy={self.lp_entropy!r} is invalid: must be > 0")
+        if isinstance(self.lp_iterations, bool) or not isinstance(self.lp_iterations, int) \
+                or self.lp_iterations <= 0:
+            raise ConfigError(f"router.options.lp_iterations={self.lp_iterations!r} is invalid: must be a "
+                              "positive integer")
+        if self.causal_mode not in CAUSAL_MODES:
+            raise ConfigError(f"router.options.causal_mode={self.causal_mode!r} is invalid: allowed values are "
+                              f"{', '.join(map(repr, CAUSAL_MODES))}")
+
+
+def expert_choice_capacity(num_tokens: int, *, num_experts: int, capacity_factor: float) -> int:
+    """k = min(T, ceil(T * c / E)): tokens each expert takes."""
+    return min(num_tokens, int(math.ceil(num_tokens * capacity_factor / num_experts)))
+
+
+def mask_to_slots(mask_TE: Tensor, weights_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn a per-(token, expert) assignment into slots: ids_TK (experts ascending, -1 pad), w_TK.
+
+    K is the most experts any token holds (at least 1).
+    """
+    num_tokens, num_experts = mask_TE.shape
+    counts_T = mask_TE.sum(dim=1)
+    top_k = max(1, int(counts_T.max())) if num_tokens else 1
+    top_k = min(top_k, num_experts)
+    ar_E = torch.arange(num_experts, device=mask_TE.device)
+    # Selected experts sort first (in expert order), unselected after them.
+    order_TK = torch.where(mask_TE, ar_E, ar_E + num_experts).argsort(dim=1)[:, :top_k]
+    valid_TK = torch.arange(top_k, device=mask_TE.device) < counts_T[:, None]
+    ids_TK = torch.where(valid_TK, order_TK, torch.full_like(order_TK, -1))
+    weights_TK = weights_TE.gather(1, order_TK) * valid_TK
+    return ids_TK, weights_TK
+
+
+@torch.no_grad()
+def capped_assignment_lp(scores_TE: Tensor, *, capacity: int, max_per_token: int, entropy: float,
+                         iterations: int) -> Tensor:
+    """Approximate solution A_TE of the paper's entropy-regularised LP, as log A (<= 0).
+
+    max <S, A> + entropy * H(A)  s.t.  sum_t A[t, e] = capacity,  sum_e A[t, e] <= max_per_token,
+    0 <= A <= 1. Solved as the KL projection of exp(S / entropy) onto the three sets, cycling:
+    the expert-sum set is affine (plain Bregman projection); the token-sum and box sets are
+    not, so each keeps a Dykstra correction (multiplicative, i.e. additive in log space).
+    """
+    log_a = scores_TE.double() / entropy
+    corr_tok = torch.zeros_like(log_a)
+    corr_box = torch.zeros_like(log_a)
+    log_cap, log_b = math.log(capacity), math.log(max_per_token)
+    for _ in range(iterations):
+        log_a = log_a - (torch.logsumexp(log_a, dim=0, keepdim=True) - log_cap)
+        y = log_a + corr_tok
+        log_a = y - (torch.logsumexp(y, dim=1, keepdim=True) - log_b).clamp_min(0.0)
+        corr_tok = y - log_a
+        y = log_a + corr_box
+        log_a = y.clamp_max(0.0)
+        corr_box = y - log_a
+    return log_a
+
+
+@torch.no_grad()
+def prefix_selection(scores_NSE: Tensor, *, capacity_factor: float) -> Tensor:
+    """Causal-safe selection mask [N, S, E]: token t taken by e iff fewer than (t+1)*c/E of the
+    tokens s <= t outrank it (score > or, on ties, earlier). Depends on the prefix only."""
+    num_seq, seq_len, num_experts = scores_NSE.shape
+    pos = torch.arange(seq_len, device=scores_NSE.device)
+    earlier_SS = pos[None, :] < pos[:, None]  # [t, s]: s strictly before t
+    # Threshold in float64 from integers: exactly reproducible whatever the batch holds.
+    limit_S = (pos.double() + 1.0) * capacity_factor / num_experts
+    mask = torch.empty(scores_NSE.shape, dtype=torch.bool, device=scores_NSE.device)
+    for e in range(num_experts):
+        sc_NS = scores_NSE[..., e]
+        outrank_NSS = (sc_NS[:, None, :] >= sc_NS[:, :, None]) & earlier_SS
+        rank_NS = outrank_NSS.sum(dim=-1)
+        mask[..., e] = rank_NS.double() < limit_S
+    return mask
+
+
+@register_router("expert_choice", options=ExpertChoiceOptions)
+class ExpertChoiceRouter(LinearRouterMixin, Router):
+    """Expert Choice router (see module docstring)."""
+
+    options: ExpertChoiceOptions
+
+    def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
+                 options: ExpertChoiceOptions | None = None) -> None:
+        options = options or ExpertChoiceOptions()
+        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
+        self.capacity_factor = float(config.capacity_factor or DEFAULT_CAPACITY_FACTOR)
+        b = options.max_experts_per_token
+        if b is not None:
+            if b < self.capacity_factor:
+                raise ConfigError(
+                    f"router.options.max_experts_per_token={b} is invalid: with capacity_factor="
+                    f"{self.capacity_factor} experts take c*T slots in all, so each token needs room for at "
+                    f"least c experts; use max_experts_per_token >= {math.ceil(self.capacity_factor)}")
+            if options.causal_mode != "off":
+                raise ConfigError("router.options.max_experts_per_token cannot be combined with causal_mode="
+                                  f"{options.causal_mode!r}: the LP couples all tokens of the batch")
+        self._init_weight(num_experts, hidden_size)
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
+        cfg, opts = self.config, self.options
+        ctx = ctx or RoutingContext()
+        if ctx.causal and opts.causal_mode == "off":
+            raise ValueError(
+                "router 'expert_choice' is not causal: an expert's choice of token t depends on later tokens "
+                "of the batch, which leaks the future in an autoregressive model. Set "
+                "router.options.causal_mode: prefix (each token is routed from its own sequence prefix), "
+                "use a token-choice router, or build the layer with causal=False for a bidirectional model.")
+        logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
+        scores_TE = score(logits_TE, cfg.score_func)
+        num_tokens = x_TD.shape[0]
+        if opts.causal_mode == "prefix":
+            mask_TE = self._prefix_mask(scores_TE.detach(), ctx.sequence_length)
+        else:
+            mask_TE = self._choice_mask(scores_TE.detach())
+        ids_TK, weights_TK = mask_to_slots(mask_TE, scores_TE)
+        kept_E = counts_per_expert(ids_TK, self.num_experts)
+        aux = cfg.z_loss_coef * z_loss(logits_TE) if cfg.z_loss_coef > 0 else None
+        return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=kept_E,
+                               aux_loss=aux, selected_per_expert_E=kept_E,
+                               stats=self._stats(mask_TE, num_tokens))
+
+    def _choice_mask(self, scores_TE: Tensor) -> Tensor:
+        num_tokens = scores_TE.shape[0]
+        mask_TE = torch.zeros(scores_TE.shape, dtype=torch.bool, device=scores_TE.device)
+        if num_tokens == 0:
+            return mask_TE
+        cap = expert_choice_capacity(num_tokens, num_experts=self.num_experts, capacity_factor=self.capacity_factor)
+        b = self.options.max_experts_per_token
+        rank_by = scores_TE
+        if b is not None and b < self.num_experts:
+            rank_by = capped_assignment_lp(scores_TE, capacity=cap, max_per_token=b,
+                                           entropy=self.options.lp_entropy, iterations=self.options.lp_iterations)
+        top_EK = torch.topk(rank_by.t(), cap, dim=1).indices
+        mask_TE.scatter_(0, top_EK.t(), True)
+        return mask_TE
+
+    def _prefix_mask(self, scores_TE: Tensor, sequence_length: int | None) -> Tensor:
+        num_tokens = scores_TE.shape[0]
+        seq_len = sequence_length or max(num_tokens, 1)
+        if num_tokens % seq_len:
+            raise ValueError(f"expert_choice causal_mode='prefix': {num_tokens} tokens are not a whole number of "
+                             f"sequences of length {seq_len}")
+        scores_NSE = scores_TE.reshape(-1, seq_len, self.num_experts)
+        return prefix_selection(scores_NSE, capacity_factor=self.capacity_factor).reshape(num_tokens, self.num_experts)
+
+    @torch.no_grad()
+    def _stats(self, mask_TE: Tensor, num_tokens: int) -> dict[str, Tensor]:
+        per_token_T = mask_TE.sum(dim=1)
+        hist = torch.bincount(per_token_T, minlength=self.num_experts + 1).float() / max(num_tokens, 1)
+        stats = {"experts_per_token_hist": hist, "zero_expert_fraction": hist[0],
+                 "mean_experts_per_token": per_token_T.float().mean() if num_tokens else hist.sum() * 0}
+        b = self.options.max_experts_per_token
+        if b is not None:
+            stats["over_cap_fraction"] = (per_token_T > b).float().mean()
+        return stats

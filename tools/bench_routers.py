@@ -1,0 +1,116 @@
+"""Benchmark: router cost (and the balanced router's assignment solve) against one layer step.
+
+For each router it times, on the same MoE layer shape, (a) the router's forward alone and
+(b) one full training step of the layer: forward, loss, backward (for ``skip``/``balanced``
+through ``estimator_loss``). For ``balanced`` it also reports the time inside
+``scipy.optimize.linear_sum_assignment``. Medians over ``--reps`` after one warm-up.
+
+    PYTHONPATH=$PWD python tools/bench_routers.py --tokens 512 2048 --out tools/results/bench_routers.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
+from megamoe.atomic import atomic_write_text
+from megamoe.routing import estimator_loss
+
+ROUTERS = [
+    ("topk k=2 dropless", dict(name="topk", top_k=2)),
+    ("topk k=1 c=1.25", dict(name="topk", top_k=1, capacity_factor=1.25)),
+    ("expert_choice c=2", dict(name="expert_choice", capacity_factor=2.0)),
+    ("expert_choice c=2 cap b=2", dict(name="expert_choice", capacity_factor=2.0,
+                                       options={"max_experts_per_token": 2})),
+    ("skip c=1.25", dict(name="skip", top_k=1, capacity_factor=1.25)),
+    ("balanced (whole batch)", dict(name="balanced", top_k=1, options={"group_size": None})),
+    ("balanced group 256", dict(name="balanced", top_k=1, options={"group_size": 256})),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, device: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_one(router_kw: dict, *, tokens: int, hidden: int, inter: int, experts: int, reps: int,
+              device: torch.device) -> dict[str, float]:
+    cfg = MoEConfig(hidden_size=hidden, num_experts=experts, experts=ExpertConfig(intermediate_size=inter),
+                    router=RouterConfig(aux_loss_coef=0.0, **router_kw))
+    layer = MoELayer(cfg).to(device).train()
+    x = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    estimator = router_kw["name"] in ("skip", "balanced")
+    solve: list[float] = []
+
+    def route():
+        with torch.no_grad():
+            d = layer.router(x, layer.routing_context())
+        if "assignment_seconds" in d.stats:
+            solve.append(float(d.stats["assignment_seconds"]))
+
+    def step():
+        out = layer(x)
+        token_loss = out.float().square().mean(-1)
+        loss = estimator_loss(layer, token_loss) if estimator else token_loss.mean()
+        loss.backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    route_s = timed(route, reps, device)
+    step_s = timed(step, reps, device)
+    return {"route_ms": 1e3 * route_s, "step_ms": 1e3 * step_s,
+            "solve_ms": 1e3 * statistics.median(solve) if solve else float("nan")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--inter", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the markdown table here (atomically)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    lines = [f"Layer: D={args.hidden}, I={args.inter} (swiglu), E={args.experts}, fp32, {where}; "
+             f"median of {args.reps}.", "",
+             "| router | tokens | router fwd (ms) | assignment solve (ms) | layer train step (ms) | solve / step |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for tokens in args.tokens:
+        for label, kw in ROUTERS:
+            r = bench_one(kw, tokens=tokens, hidden=args.hidden, inter=args.inter, experts=args.experts,
+                          reps=args.reps, device=device)
+            ratio = r["solve_ms"] / r["step_ms"]
+            solve = "-" if r["solve_ms"] != r["solve_ms"] else f"{r['solve_ms']:.1f}"
+            share = "-" if ratio != ratio else f"{ratio:.0%}"
+            lines.append(f"| {label} | {tokens} | {r['route_ms']:.1f} | {solve} | {r['step_ms']:.1f} | {share} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
