@@ -1,0 +1,174 @@
+"""``megamoe rl``: train a PMOE (mixture-of-Gaussians) or unimodal (``--components 1``) SAC agent.
+
+Writes into ``--out`` (default ``runs/rl/<env>-k<K>-s<seed>-<time>``): ``config.json``,
+``returns.jsonl`` (one JSON object per training or eval episode), ``returns.png`` (return vs
+steps) and ``checkpoint.pt`` (agent, optimizers; load with ``SACAgent.from_checkpoint``), all
+written atomically. A tqdm progress bar shows the steps and the latest return.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive layer sizes like '256,256', got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="Pendulum-v1",
+                   help="gymnasium id with continuous actions (default Pendulum-v1; MuJoCo ids such as "
+                        "HalfCheetah-v5 need `pip install mujoco`; megamoe/BimodalBandit-v0 is the bandit)")
+    p.add_argument("--components", type=_positive_int, default=4,
+                   help="mixture components K of the PMOE policy; 1 = unimodal SAC (default 4)")
+    p.add_argument("--steps", type=_positive_int, default=20_000, help="environment steps (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default runs/rl/<env>-k<K>-s<seed>-<time>); must not hold a run")
+    p.add_argument("--hidden", type=_hidden, default=(256, 256), help="MLP sizes, e.g. 256,256 (default)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--lr", type=_positive_float, default=3e-4, help="actor, critic and temperature learning rate")
+    p.add_argument("--gamma", type=_unit_float, default=0.99, help="discount (default 0.99)")
+    p.add_argument("--tau", type=_unit_float, default=0.005, help="target-network averaging rate (default 0.005)")
+    p.add_argument("--alpha", type=_positive_float, default=0.2, help="initial entropy temperature (default 0.2)")
+    p.add_argument("--fixed-alpha", action="store_true", help="keep the temperature fixed at --alpha")
+    p.add_argument("--start-steps", type=_non_negative_int, default=1000,
+                   help="uniformly random actions before the policy acts (default 1000)")
+    p.add_argument("--update-after", type=_non_negative_int, default=1000,
+                   help="env steps before gradient updates begin (default 1000)")
+    p.add_argument("--buffer-size", type=_positive_int, default=1_000_000)
+    p.add_argument("--eval-every", type=_non_negative_int, default=5000,
+                   help="deterministic evaluation every N steps, 0 = never (default 5000)")
+    p.add_argument("--eval-episodes", type=_positive_int, default=5)
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=5000,
+                   help="write checkpoint.pt every N steps (always at the end); 0 = only at the end")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; small MLPs are fastest there)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _error(msg: str) -> int:
+    print(f"megamoe rl: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from megamoe.config import ConfigError
+    from megamoe.rl.artifacts import atomic_torch_save, atomic_write_text, plot_returns, write_jsonl
+    from megamoe.rl.envs import EnvError, make_env
+    from megamoe.rl.sac import SACConfig, make_agent, train
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return _error(f"--device {args.device!r} is not a torch device (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _error(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    try:
+        env, eval_env = make_env(args.env), make_env(args.env)
+    except EnvError as exc:
+        return _error(str(exc))
+    try:
+        cfg = SACConfig(components=args.components, hidden=args.hidden, actor_lr=args.lr, critic_lr=args.lr,
+                        alpha_lr=args.lr, gamma=args.gamma, tau=args.tau, batch_size=args.batch_size,
+                        buffer_size=args.buffer_size, start_steps=args.start_steps, update_after=args.update_after,
+                        init_alpha=args.alpha, autotune_alpha=not args.fixed_alpha)
+        agent = make_agent(env, cfg, device=device)
+    except (ConfigError, ValueError) as exc:
+        return _error(str(exc))
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.env)
+    out = args.out or Path("runs") / "rl" / f"{slug}-k{args.components}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        return _error(f"--out {str(out)!r} exists and is not a directory")
+    if (out / "returns.jsonl").exists() or (out / "checkpoint.pt").exists():
+        return _error(f"--out {str(out)!r} already holds a run; pick a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    import json
+
+    run_info = {"env": args.env, "seed": args.seed, "steps": args.steps, "device": str(device),
+                "sac": cfg.to_dict()}
+    atomic_write_text(out / "config.json", json.dumps(run_info, indent=2) + "\n")
+    title = f"{args.env}: {'PMOE K=' + str(cfg.components) if cfg.components > 1 else 'SAC (K=1)'}, seed {args.seed}"
+
+    records: list = []
+    bar = tqdm(total=args.steps, unit="step", desc=f"rl {args.env} K={cfg.components}", disable=args.no_progress,
+               mininterval=0.5, dynamic_ncols=True)
+
+    def save_checkpoint(step: int) -> None:
+        atomic_torch_save(agent.checkpoint(step=step, env=args.env, seed=args.seed), out / "checkpoint.pt")
+        plot_returns(out / "returns.png", records, title=title)
+
+    def on_episode(rec) -> None:
+        records.append(rec)
+        write_jsonl(out / "returns.jsonl", (r.to_json() for r in records))
+        bar.set_postfix({"eval" if rec.kind == "eval" else "return": f"{rec.ret:.1f}"}, refresh=False)
+
+    def on_step(step: int) -> None:
+        bar.update(1)
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step != args.steps:
+            save_checkpoint(step)
+
+    start = time.time()
+    try:
+        train(env, agent, total_steps=args.steps, seed=args.seed, eval_env=eval_env, eval_every=args.eval_every,
+              eval_episodes=args.eval_episodes, on_episode=on_episode, on_step=on_step)
+    finally:
+        bar.close()
+    save_checkpoint(args.steps)
+    write_jsonl(out / "returns.jsonl", (r.to_json() for r in records))
+    train_rets = [r.ret for r in records if r.kind == "train"]
+    last = train_rets[-10:]
+    summary = f"mean return of last {len(last)} episodes {sum(last) / len(last):.1f}" if last else "no episode finished"
+    print(f"megamoe rl: {args.steps} steps in {time.time() - start:.0f}s, {len(train_rets)} episodes, {summary}; "
+          f"outputs in {out}")
+    env.close()
+    eval_env.close()
+    return 0

@@ -1,0 +1,88 @@
+"""``megamoe rl`` end to end: a very short real Pendulum run through the CLI, its outputs, and
+clear errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamoe.cli import main
+from megamoe.rl import SACAgent, mujoco_available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rl_cli_short_pendulum_run_writes_all_outputs(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "megamoe.cli", "rl", "--env", "Pendulum-v1", "--components", "3", "--steps", "220",
+           "--start-steps", "180", "--update-after", "180", "--batch-size", "32", "--hidden", "16,16",
+           "--eval-every", "200", "--eval-episodes", "1", "--checkpoint-every", "100", "--seed", "3",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "220/220" in proc.stderr  # the tqdm bar reached the end
+    assert f"outputs in {out}" in proc.stdout
+
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "returns.jsonl", "returns.png"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["env"] == "Pendulum-v1" and cfg["sac"]["components"] == 3 and cfg["sac"]["hidden"] == [16, 16]
+
+    rows = [json.loads(line) for line in (out / "returns.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [(r["episode"], r["step"], r["length"]) for r in train] == [(1, 200, 200)]  # Pendulum truncates at 200
+    assert [(r["round"], r["step"], r["episodes"]) for r in evals] == [(1, 200, 1)]
+    # Pendulum rewards lie in [-16.3, 0] per step
+    assert all(-16.3 * 200 <= r["return"] <= 0.0 for r in rows)
+    assert "critic_loss" in train[0] and "alpha" in train[0]
+
+    png = (out / "returns.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) < 200_000
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 220 and ckpt["env"] == "Pendulum-v1"
+    agent = SACAgent.from_checkpoint(ckpt)
+    assert agent.cfg.components == 3
+    for _ in range(20):
+        a = agent.act(torch.randn(3).numpy())
+        assert a.shape == (1,) and -2.0 <= float(a[0]) <= 2.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--components", "0"], "argument --components: must be a positive integer, got '0'"),
+    (["--steps", "ten"], "argument --steps: must be a positive integer, got 'ten'"),
+    (["--hidden", "64,x"], "argument --hidden: must be comma-separated positive layer sizes"),
+    (["--gamma", "1.5"], "argument --gamma: must be a number in [0, 1]"),
+    (["--lr=-1e-3"], "argument --lr: must be a positive number"),
+])
+def test_rl_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["rl", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env_id,message", [
+    ("Pendulum-v9", "Did you mean 'Pendulum-v1'"),
+    ("CartPole-v1", "Discrete action space; SAC/PMOE needs continuous (Box) actions"),
+])
+def test_rl_cli_rejects_unusable_environments(env_id, message, tmp_path, capsys):
+    assert main(["rl", "--env", env_id, "--steps", "5", "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(mujoco_available(), reason="mujoco is installed here")
+def test_rl_cli_explains_missing_mujoco(tmp_path, capsys):
+    assert main(["rl", "--env", "HalfCheetah-v5", "--steps", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "pip install 'gymnasium[mujoco]'" in capsys.readouterr().err
+
+
+def test_rl_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
+    (tmp_path / "returns.jsonl").write_text("{}\n")
+    assert main(["rl", "--steps", "5", "--out", str(tmp_path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
