@@ -1,0 +1,89 @@
+"""ALF-LB under expert parallelism (4 real gloo processes): EP=2 x EDP=2 and EP=4 layouts.
+
+Every rank takes one micro-batch of each step's global batch and trains the sharded model
+(apply_expert_parallel) with SGD; gradients are reduced by hand the way the layout requires
+(dense parameters over the world, expert shards over their EDP group, both divided by the
+world size, which is the gradient of the mean loss over the concatenated batch). The
+AuxFreeBalancer counts each rank's own routing decisions and all-reduces them over the world.
+After a few update() steps its biases must equal those one process computes on the
+concatenated batches with the unsharded model, and be bitwise identical on every rank.
+Routing happens before dispatch, so the counts are the same whatever the dispatcher is; the
+test guards the combination (experts elsewhere, routers and balancer everywhere). The model
+and the reference come from test_balancing_dist.py; fp64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups, is_expert_param
+from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig, evaluate_max_vio
+from megamoe.testing import run_distributed
+from test_balancing_dist import DIM, EXPERTS, MICRO, TOP_K, build, make_data, reference
+
+pytestmark = pytest.mark.distributed
+
+WORLD, STEPS, LR, EP_SIZES = 4, 4, 0.05, (2, 4)
+CFG = AuxFreeBalancingConfig("sign", 0.01)
+
+
+def _reduce_grads(model: nn.Module, groups, world: int) -> None:
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=groups.edp_group if is_expert_param(p) else None)
+        p.grad.div_(world)
+
+
+def ep_worker(rank: int, world: int, x, y, held) -> dict:
+    results = {}
+    for ep_size in EP_SIZES:
+        model = build("softmax", torch.float64)
+        bal = AuxFreeBalancer(model, CFG)
+        groups = build_expert_parallel_groups(ep_size)
+        apply_expert_parallel(model, groups)
+        assert model.moe1.experts.num_experts == EXPERTS // ep_size
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        metrics = []
+        for s in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[s, rank]), y[s, rank]).backward()
+            _reduce_grads(model, groups, world)
+            opt.step()
+            bal.update()
+            metrics.append(bal.last_metrics)
+        results[ep_size] = {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
+                            "num_updates": bal.num_updates,
+                            "eval": evaluate_max_vio(model, [held[rank]])}
+    return results
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y, held = make_data(STEPS, WORLD)
+    return x.double(), y, held.double()
+
+
+@pytest.fixture(scope="module")
+def ep_results(data):
+    return run_distributed(ep_worker, WORLD, *data)
+
+
+@pytest.mark.parametrize("ep_size", EP_SIZES)
+def test_alflb_biases_under_ep_equal_single_process(ep_size, data, ep_results) -> None:
+    x, y, held = data
+    ref = reference(x, y, held, "softmax", torch.float64, CFG, LR)
+    assert all(m["alflb/slots"] == WORLD * MICRO * TOP_K for m in ref["metrics"])
+    results = [r[ep_size] for r in ep_results]
+    for r in results:
+        assert r["num_updates"] == STEPS
+        for name, bias in ref["biases"].items():
+            assert bias.abs().max() > 0
+            torch.testing.assert_close(r["biases"][name], bias, rtol=0, atol=1e-6)
+            assert torch.equal(r["biases"][name], results[0]["biases"][name])  # bitwise the same everywhere
+        for got, want in zip(r["metrics"], ref["metrics"]):
+            assert got["alflb/slots"] == want["alflb/slots"]
+            assert got["alflb/max_vio_batch"] == pytest.approx(want["alflb/max_vio_batch"], abs=1e-12)
+        assert r["eval"] == pytest.approx(ref["eval"], abs=1e-12)
