@@ -121,19 +121,38 @@ def test_causal_model_refuses_plain_expert_choice():
         layer(torch.randn(2, 5, 8))
 
 
-def test_prefix_mode_is_causal_bit_identical_prefix_outputs():
+def assert_prefix_unchanged(a, b, what):
+    """Earlier outputs equal up to BLAS rounding.
+
+    The routing of earlier tokens is bit-identical (asserted separately below), but their expert
+    GEMMs run with different row counts once a later token changes, and BLAS kernels round a row
+    differently for different row counts (MKL's small-M path), so the outputs can differ in the
+    last bit. A leak moves them by the size of the signal, orders of magnitude above this bound.
+    """
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-6 * max(1.0, a.abs().max().item()), f"{what}: max abs diff {diff}"
+
+
+def test_prefix_mode_is_causal_prefix_routing_bit_identical():
     layer = ec_layer(causal=True, causal_mode="prefix", capacity_factor=2.0)
     x = torch.randn(3, 16, 8)
     out = layer(x)
+    ctx = RoutingContext(causal=True, sequence_length=16)
+    d = layer.router(x.reshape(-1, 8), ctx)
     for t in (5, 11, 15):
         x2 = x.clone()
         x2[:, t] = torch.randn(3, 8) * 5
         out2 = layer(x2)
-        assert torch.equal(out[:, :t], out2[:, :t]), f"outputs before position {t} changed"
+        assert_prefix_unchanged(out[:, :t], out2[:, :t], f"outputs before position {t}")
+        d2 = layer.router(x2.reshape(-1, 8), ctx)
+        early = (torch.arange(48) % 16 < t)
+        for name in ("expert_ids_TK", "weights_TK"):
+            a, b = getattr(d, name)[early], getattr(d2, name)[early]
+            assert torch.equal(a, b), f"{name} before position {t} changed"
     # Sequences do not affect each other either.
     x3 = x.clone()
     x3[0] = torch.randn(16, 8)
-    assert torch.equal(layer(x3)[1:], out[1:])
+    assert_prefix_unchanged(layer(x3)[1:], out[1:], "other sequences")
 
 
 def test_plain_expert_choice_leaks_the_future_so_the_causal_check_can_fail():
@@ -142,7 +161,8 @@ def test_plain_expert_choice_leaks_the_future_so_the_causal_check_can_fail():
     out = layer(x)
     x2 = x.clone()
     x2[:, 31] = x2[:, :31].mean(1) * 50  # a late token that outbids earlier ones
-    assert not torch.equal(layer(x2)[:, :31], out[:, :31])
+    with pytest.raises(AssertionError):
+        assert_prefix_unchanged(layer(x2)[:, :31], out[:, :31], "plain expert choice")
 
 
 def test_prefix_mode_selection_rule_and_average_load():

@@ -39,8 +39,14 @@ def test_causal_no_future_leak():
     ids2[0, 8] = (ids2[0, 8] + 1) % 97
     with torch.no_grad():
         a, b = model(ids).logits, model(ids2).logits
-    assert torch.equal(a[:, :8], b[:, :8])
-    assert not torch.equal(a[:, 8:], b[:, 8:])
+    # Not bit-identical by design: changing token 8 changes how many rows each expert's GEMM
+    # gets, and BLAS kernels round a row differently for different row counts (MKL's small-M
+    # path). A leak moves earlier logits by about the size of the later change; rounding is
+    # six orders of magnitude below that.
+    later = (a[:, 8:] - b[:, 8:]).abs().max().item()
+    earlier = (a[:, :8] - b[:, :8]).abs().max().item()
+    assert later > 1e-3, later
+    assert earlier <= 1e-6 * max(1.0, a.abs().max().item()), (earlier, later)
 
 
 def test_loss_and_backward_with_checkpointing_equal_plain():
