@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per node (default 8)")
     parser.add_argument("--hostfile", help="deepspeed: hostfile with 'host slots=N' lines (needed for nnodes > 1)")
     parser.add_argument("--master-addr", help="torchrun/deepspeed: rendezvous host for nnodes > 1")
-    parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, help=f"rendezvous port ({DEFAULT_PORT})")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help=f"rendezvous port (default {DEFAULT_PORT}; with --local-cpu a free local port)")
     parser.add_argument("--node-rank", type=int, help="torchrun: run only this node's command")
     parser.add_argument("--job-id", default="megamoe", help="torchrun rendezvous id (default 'megamoe')")
     parser.add_argument("--job-name", default="megamoe", help="slurm job name")
@@ -139,8 +140,11 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     _positive("--nnodes", args.nnodes)
     _positive("--gpus-per-node", args.gpus_per_node)
     _positive("--nproc", args.nproc)
+    args = argparse.Namespace(**vars(args))  # the port default is resolved on a copy
     if args.local_cpu:
         return _local_cpu_plan(args, config)
+    if args.master_port is None:
+        args.master_port = DEFAULT_PORT
     if args.kind == "deepspeed":
         return _deepspeed_plan(args, config)
     if args.kind == "torchrun":
@@ -154,6 +158,11 @@ def _local_cpu_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
     if args.nnodes != 1:
         raise LaunchError(f"--nnodes={args.nnodes} is invalid with --local-cpu: local mode is one node")
     env = {"MEGAMOE_DIST_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    if args.master_port is None:
+        # Not a fixed 29500: a second local job, or anything else on this machine holding that
+        # port, would make the rendezvous fail.
+        from megamoe.testing import free_port
+        args.master_port = free_port()
     if args.kind == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
                "--master_port", str(args.master_port), "--no_local_rank",
