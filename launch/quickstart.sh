@@ -1,30 +1,19 @@
 #!/usr/bin/env bash
 # The README's first command: set up .venv, then run the main job (`megamoe train`) on the
-# embedded default corpus with configs/tiny.yaml (2 processes) through the deepspeed
-# launcher, and print where the plots, metrics and checkpoint are.
-#
-# With the deepspeed integration installed (megamoe.integrations.deepspeed, megamoe.parallel)
-# it runs tiny.yaml as written: DeepSpeed backend, expert parallelism EP=2, via
-# launch/deepspeed.sh when present. Without it, it runs the same model with the torch backend
-# (2-process data parallel, EP=1) under the same `deepspeed` launcher, and says so.
+# embedded default corpus with configs/tiny.yaml: DeepSpeed backend, expert parallelism EP=2,
+# 2 CPU processes (gloo) through the deepspeed launcher (launch/deepspeed.sh --local-cpu),
+# and print where the plots, metrics and checkpoint are, and how to export to HF format.
 # Extra arguments are config overrides, e.g. `bash launch/quickstart.sh train.steps=50`. A rerun
-# starts over (--overwrite); continue a run with `megamoe train --config ... --resume`.
+# starts over (--overwrite); continue a run with the same command and `--resume` through
+# launch/deepspeed.sh (see the README).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VPY=$(bash "$ROOT/tools/bootstrap.sh" | tail -n 1)
-VBIN=$(dirname "$VPY")
 cd "$ROOT"
-export PATH="$VBIN:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PATH="$(dirname "$VPY"):$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CFG=configs/tiny.yaml
-PORT=$("$VPY" -c "from megamoe.testing import free_port; print(free_port())")
-EXTRA=()
-if ! "$VPY" -c "import megamoe.integrations.deepspeed, megamoe.parallel" >/dev/null 2>&1; then
-  echo "[quickstart] megamoe.integrations.deepspeed / megamoe.parallel are not in this checkout:" \
-       "running $CFG with parallel.backend=torch (2-process data parallel, EP=1) under the deepspeed launcher" >&2
-  EXTRA=(parallel.backend=torch parallel.ep_size=1)
-fi
 # Validates the config (and the overrides) before launching, and finds the output directory.
-OUT=$("$VPY" - "$CFG" ${EXTRA[@]+"${EXTRA[@]}"} "$@" <<'PY'
+OUT=$("$VPY" - "$CFG" "$@" <<'PY'
 import sys
 from megamoe.config import ConfigError
 from megamoe.train.config import load_config
@@ -35,12 +24,7 @@ except ConfigError as exc:
 PY
 )
 
-if [ ${#EXTRA[@]} -eq 0 ] && [ -f launch/deepspeed.sh ]; then
-  MEGAMOE_PYTHON="$VPY" bash launch/deepspeed.sh --local-cpu --nproc 2 --master-port "$PORT" --overwrite "$CFG" "$@"
-else
-  deepspeed --num_gpus 2 --master_port "$PORT" --no_local_rank --module megamoe.cli train \
-    --config "$CFG" --overwrite ${EXTRA[@]+"${EXTRA[@]}"} "$@"
-fi
+MEGAMOE_PYTHON="$VPY" bash launch/deepspeed.sh --local-cpu --nproc 2 --overwrite "$CFG" "$@"
 
 "$VPY" - "$OUT" <<'PY'
 import json, os, sys
@@ -51,8 +35,6 @@ if ev:
     print(f"held-out loss {ev['loss']:.3f} (ppl {ev['ppl']:.1f}), MaxVio_global {ev['max_vio_global']:.3f}")
 print(f"plots:       {', '.join(s['plots'])}")
 print(f"metrics:     {s['metrics']}   (TensorBoard: tensorboard --logdir {s['tensorboard']})")
-print(f"checkpoint:  {s['checkpoint']}   (resume: add --resume; config inside: megamoe_config.json)")
-from megamoe.cli import COMMANDS
-if "convert" in COMMANDS:
-    print(f"export to Hugging Face format: megamoe convert --help   (from {s['checkpoint']})")
+print(f"checkpoint:  {s['checkpoint']}   (config inside: megamoe_config.json)")
+print(f"export to Hugging Face format: .venv/bin/megamoe convert {s['checkpoint']} {sys.argv[1]}/hf")
 PY

@@ -59,7 +59,5 @@ def run(args: argparse.Namespace) -> int:
         for path in result.plots:
             print(f"  plot:        {path}")
         print(f"  checkpoint:  {result.checkpoint}")
-        from megamoe.cli import COMMANDS
-        if "convert" in COMMANDS:
-            print(f"  export to HF: megamoe convert --help   (checkpoint {result.checkpoint})")
+        print(f"  export to HF: megamoe convert {result.checkpoint} {os.path.join(result.output_dir, 'hf')}")
     return 0
