@@ -12,21 +12,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _file_mode() -> int:
+def _file_mode(executable: bool = False) -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if executable else 0o666) & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` to produce the content, then move it to ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, executable: bool = False) -> Path:
+    """Call ``write(tmp_path)`` to produce the content, then move it to ``path``.
+
+    ``executable=True`` gives the file execute bits (as the umask allows), e.g. for scripts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, _file_mode(executable))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -35,17 +38,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, executable: bool = False) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    return atomic_write(path, write)
+    return atomic_write(path, write, executable=executable)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, executable: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), executable=executable)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

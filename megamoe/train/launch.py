@@ -26,8 +26,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
+
+from megamoe.atomic import atomic_write_text
 
 KINDS = ("deepspeed", "torchrun", "slurm")
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*=.*$", re.S)
@@ -242,12 +243,7 @@ def _slurm_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
 
 def execute(plan: LaunchPlan) -> int:
     if plan.sbatch_script is not None:
-        directory = os.path.dirname(plan.sbatch_path) or "."
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sbatch-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(plan.sbatch_script)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, plan.sbatch_path)
+        atomic_write_text(plan.sbatch_path, plan.sbatch_script, executable=True)
     env = {**os.environ, **plan.env}
     for cmd in plan.commands:
         rc = subprocess.call(cmd, env=env)

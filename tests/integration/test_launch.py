@@ -99,6 +99,22 @@ def test_slurm_dry_run_two_nodes(files, tmp_path, launch):
     assert not os.path.exists(out), "a dry run must not write the sbatch script"
 
 
+def test_slurm_run_writes_an_executable_script_then_submits_it(files, tmp_path, monkeypatch):
+    # A stand-in `sbatch` on PATH (a real executable, not a mock of our code) records what it got.
+    cfg, _ = files
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$1.submitted"\n')
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    out = tmp_path / "job.sbatch"
+    assert launcher.main(["slurm", "--nnodes", "2", "--sbatch-out", str(out), cfg]) == 0
+    assert os.access(out, os.X_OK)
+    assert (tmp_path / "job.sbatch.submitted").read_text() == out.read_text()
+    assert out.read_text().startswith("#!") and "srun " in out.read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp file left behind"
+
+
 @pytest.mark.parametrize("kind,args,message", [
     ("deepspeed", ["--nnodes", "2"], "--hostfile is required"),
     ("torchrun", ["--nnodes", "2"], "--master-addr"),

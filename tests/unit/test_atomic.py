@@ -40,6 +40,15 @@ def test_mode_follows_umask_not_mkstemp(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
 
 
+def test_executable_file_gets_execute_bits_the_umask_allows(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text(tmp_path / "job.sbatch", "#!/bin/bash\n", executable=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o750
+
+
 def test_torch_save_and_savefig(tmp_path):
     atomic_torch_save({"w": torch.arange(3)}, tmp_path / "s.pt")
     assert torch.equal(torch.load(tmp_path / "s.pt")["w"], torch.arange(3))
