@@ -19,7 +19,7 @@ from megamoe.checkpoint.hf_convert import (ConversionError, convert_from_hf, con
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
 from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig  # noqa: E402
 
-MLA = dict(attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+MLA = dict(attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6)
 
 
 def mla(**kw):
@@ -60,7 +60,7 @@ def test_mla_logits_equal_hf_deepseek_v3_after_rename(q_lora_rank):
         vocab_size=61, hidden_size=32, intermediate_size=cfg.dense_intermediate_size, moe_intermediate_size=16,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=4,
         num_experts_per_tok=2, routed_scaling_factor=2.5, n_group=1, topk_group=1, first_k_dense_replace=1,
-        norm_topk_prob=True, q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        norm_topk_prob=True, q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
         v_head_dim=6, rope_interleave=False, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=64, num_mtp_layers=0)
     hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
@@ -150,7 +150,7 @@ def _hf_deepseek(**kw):
     base = dict(vocab_size=61, hidden_size=32, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8, max_position_embeddings=64,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_mtp_layers=0)
     base.update(kw)
     torch.manual_seed(0)
