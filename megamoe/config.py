@@ -58,6 +58,9 @@ class RouterConfig:
     drop_policy: which slots an over-full expert keeps: ``probs`` (highest score) or
         ``position`` (earliest token).
     options: router-specific settings, validated by the router's options dataclass.
+    routed_scaling_factor: multiplies the routed experts' combine weights (after any
+        renormalisation; shared experts are not scaled), as DeepSeek-V3 / GLM-4-MoE do.
+        ``topk`` router only.
     """
 
     name: str = "topk"
@@ -70,6 +73,7 @@ class RouterConfig:
     capacity_factor: float | None = None
     drop_policy: str = "probs"
     options: Mapping[str, Any] = field(default_factory=dict)
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -89,6 +93,12 @@ class RouterConfig:
                 _fail(n, "capacity_factor", cf, "must be > 0, or null for dropless routing")
         if not isinstance(self.options, Mapping):
             _fail(n, "options", self.options, "must be a mapping of router-specific settings")
+        rsf = self.routed_scaling_factor
+        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not rsf > 0 or rsf == float("inf"):
+            _fail(n, "routed_scaling_factor", rsf, "must be a finite number > 0")
+        if rsf != 1.0 and self.name != "topk":
+            _fail(n, "routed_scaling_factor", rsf, f"only the 'topk' router scales its weights (router "
+                  f"{self.name!r} needs 1.0)")
 
 
 @dataclass(frozen=True)

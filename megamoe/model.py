@@ -11,6 +11,10 @@ block at ``model.layers.{i}.mlp`` (``router.weight``, ``experts.gate_up_proj``,
 ``experts.down_proj``), so conversion to HF formats is a rename. RMSNorm and RoPE follow the
 same conventions as HF (fp32 normalisation; rotate-half RoPE), so logits match.
 
+``attention="mla"`` replaces GQA by DeepSeek-V3's multi-head latent attention
+(:class:`MLAttention`, HF DeepseekV3 parameter names), so such models convert to the stock
+``deepseek_v3`` format by a rename (plus a fixed permutation of the rotary rows).
+
 RMSNorm uses apex's fused kernel when apex is importable and the tensor is on CUDA, and
 torch's ``rms_norm`` otherwise (see :func:`rms_norm_backend`).
 """
@@ -28,6 +32,9 @@ from torch.utils.checkpoint import checkpoint
 from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig
 from megamoe.layer import MoELayer
 
+ATTENTIONS = ("gqa", "mla")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -39,6 +46,11 @@ class ModelConfig:
     num_experts, top_k-carrying ``router``, ``experts``, ``num_shared_experts``,
     ``shared_expert_gate``: the MoE layer (see megamoe.config.MoEConfig).
     gradient_checkpointing: recompute each block in backward (saves activation memory).
+    attention: ``"gqa"`` (grouped-query attention, ``num_kv_heads``/``head_dim``) or ``"mla"``
+        (DeepSeek-V2/V3 multi-head latent attention, see :class:`MLAttention`), which needs
+        ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim``;
+        ``q_lora_rank`` compresses the queries too (None: a full-rank ``q_proj``). The MLA
+        fields must be unset for GQA, and ``num_kv_heads``/``head_dim`` unset for MLA.
     """
 
     vocab_size: int = 4096
@@ -61,6 +73,12 @@ class ModelConfig:
     moe_layers: str | Sequence[int] = "all"
     dense_intermediate_size: int | None = None
     gradient_checkpointing: bool = False
+    attention: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -68,14 +86,25 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer")
-        kv = self.kv_heads
-        if self.num_heads % kv != 0:
-            raise ConfigError(f"{n}.num_kv_heads={kv} is invalid: must divide num_heads={self.num_heads}")
-        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
-            raise ConfigError(f"{n}.num_heads={self.num_heads} is invalid: must divide hidden_size="
-                              f"{self.hidden_size} (or set head_dim)")
-        if self.head_size % 2 != 0:
-            raise ConfigError(f"{n}.head_dim={self.head_size} is invalid: rotary embeddings need an even head dim")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"{n}.attention={self.attention!r} is invalid: allowed values are "
+                              f"{', '.join(map(repr, ATTENTIONS))}")
+        if self.attention == "mla":
+            self._check_mla(n)
+        else:
+            for name in MLA_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{n}.{name}={getattr(self, name)!r} is invalid: it is only used with "
+                                      "attention='mla' (leave it unset for attention='gqa')")
+            kv = self.kv_heads
+            if self.num_heads % kv != 0:
+                raise ConfigError(f"{n}.num_kv_heads={kv} is invalid: must divide num_heads={self.num_heads}")
+            if self.head_dim is None and self.hidden_size % self.num_heads != 0:
+                raise ConfigError(f"{n}.num_heads={self.num_heads} is invalid: must divide hidden_size="
+                                  f"{self.hidden_size} (or set head_dim)")
+            if self.head_size % 2 != 0:
+                raise ConfigError(f"{n}.head_dim={self.head_size} is invalid: rotary embeddings need an even "
+                                  "head dim")
         if isinstance(self.moe_layers, str):
             if self.moe_layers not in ("all", "every_other", "none"):
                 raise ConfigError(f"{n}.moe_layers={self.moe_layers!r} is invalid: use 'all', 'every_other', "
@@ -89,9 +118,32 @@ class ModelConfig:
             object.__setattr__(self, "dense_intermediate_size", self.experts.intermediate_size * self.router.top_k)
         self.moe_config()  # validates top_k <= num_experts etc.
 
+    def _check_mla(self, n: str) -> None:
+        for name in ("num_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{n}.{name}={getattr(self, name)!r} is invalid with attention='mla': MLA heads are "
+                                  "sized by qk_nope_head_dim, qk_rope_head_dim and v_head_dim (leave it unset)")
+        for name in MLA_FIELDS:
+            v = getattr(self, name)
+            if v is None and name == "q_lora_rank":
+                continue
+            if v is None:
+                raise ConfigError(f"{n}.{name} is required with attention='mla' (a positive integer)")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer"
+                                  + (" or null (no query compression)" if name == "q_lora_rank" else ""))
+        if self.qk_rope_head_dim % 2 != 0:
+            raise ConfigError(f"{n}.qk_rope_head_dim={self.qk_rope_head_dim} is invalid: rotary embeddings need "
+                              "an even dimension")
+
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
+        return self.num_heads if self.attention == "mla" else (self.num_kv_heads or self.num_heads)
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimension per head: the head dim (GQA) or qk_rope_head_dim (MLA)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
 
     @property
     def head_size(self) -> int:
@@ -186,6 +238,56 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
+class MLAttention(nn.Module):
+    """Multi-head latent attention as DeepSeek-V2/V3 (and HF's DeepseekV3Attention) compute it.
+
+    Shapes: C kv_lora_rank, Q q_lora_rank, P qk_nope_head_dim, R qk_rope_head_dim,
+    Vd v_head_dim. Queries: ``q_proj`` [N(P+R), D], or ``q_b_proj(q_a_layernorm(q_a_proj x))``.
+    Keys/values: ``kv_a_proj_with_mqa`` [C+R, D] gives a latent (RMS-normalised by
+    ``kv_a_layernorm``) and one rotary key shared by all heads; ``kv_b_proj`` [N(P+Vd), C]
+    expands the latent into per-head non-rotary keys and values. Scores use the scale
+    1/sqrt(P+R). The latent norms use eps 1e-6 (DeepSeek-V3's, independent of rms_norm_eps).
+    RoPE is rotate-half over each head's last R dims of q and k; DeepSeek's interleaved
+    layout is the same function after a fixed permutation of those rows (done at conversion).
+    """
+
+    LATENT_EPS = 1e-6
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        qk = self.nope + self.rope
+        d = cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, self.num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, self.LATENT_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, self.LATENT_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, d, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+        b, s, _ = x_BSD.shape
+        n = self.num_heads
+        q = self.q_proj(x_BSD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_nope, q_rot = q.view(b, s, n, self.nope + self.rope).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, n, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        cos, sin = cos_SR.to(q.dtype), sin_SR.to(q.dtype)
+        q_rot = apply_rotary(q_rot, cos, sin)
+        k_rot = apply_rotary(k_rot.view(b, 1, s, self.rope), cos, sin).expand(b, n, s, self.rope)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        k = torch.cat((k_nope, k_rot), dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(P+R)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, n * self.v_dim))
+
+
 class DenseMLP(nn.Module):
     """SwiGLU MLP with HF names gate_proj, up_proj, down_proj."""
 
@@ -202,7 +304,7 @@ class DenseMLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(index):
@@ -270,7 +372,7 @@ class MoETransformerLM(nn.Module):
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(seq, self.config.head_size, self.config.rope_theta, device=x.device)
+        cos, sin = rotary_cos_sin(seq, self.config.rope_dim, self.config.rope_theta, device=x.device)
         for layer in self.model.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

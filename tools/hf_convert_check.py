@@ -41,6 +41,10 @@ CASES = {
     "top-4 sigmoid + ALF-LB bias, shared, 1 dense prefix": (
         mm_cfg(router=RouterConfig(top_k=4, score_func="sigmoid"), moe_layers=[1, 2, 3], num_shared_experts=1,
                shared_intermediate_size=96), True),
+    "MLA (q and kv latents), top-4 sigmoid + ALF-LB bias, scaling 2.5, shared, 1 dense prefix": (
+        mm_cfg(num_kv_heads=None, attention="mla", q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+               qk_rope_head_dim=8, v_head_dim=16, moe_layers=[1, 2, 3], num_shared_experts=1,
+               router=RouterConfig(top_k=4, score_func="sigmoid", routed_scaling_factor=2.5)), True),
     "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0)), False),
 }
 
@@ -119,7 +123,8 @@ def main() -> None:
         "# megamoe <-> Hugging Face conversion check",
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32. "
-        "Models: H=128, 4 blocks, 8 heads / 2 KV heads, 8 experts of I=64, random N(0, 0.1) weights; "
+        "Models: H=128, 4 blocks, 8 heads / 2 KV heads (GQA) or MLA (q latent 48, kv latent 32, head dims "
+        "16 + 8 rotary, values 16), 8 experts of I=64, random N(0, 0.1) weights; "
         "probe 4x64 tokens. Produced by `PYTHONPATH=$PWD python tools/hf_convert_check.py`.",
         "",
         "| megamoe model | auto format | max abs logits diff (fp32) | 16 greedy tokens equal | "

@@ -3,7 +3,7 @@
 megamoe -> HF: SOURCE is a consolidated megamoe directory or a DeepSpeed training
 checkpoint (any EP size, ZeRO-sharded); OUT becomes an HF directory in safetensors that
 ``AutoModelForCausalLM.from_pretrained`` loads. HF -> megamoe: SOURCE is an HF Mixtral,
-Qwen2-MoE, GLM-4-MoE or megamoe-format directory; OUT becomes a consolidated megamoe
+Qwen2-MoE, GLM-4-MoE, DeepSeek-V3 or megamoe-format directory; OUT becomes a consolidated megamoe
 directory. Either way the logits are checked on a probe batch before anything is written
 (the fp32 max abs diff is printed), and OUT is written atomically.
 """

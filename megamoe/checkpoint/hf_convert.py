@@ -15,20 +15,23 @@ is needed whenever a stock class fits):
   optional shared expert (an ungated megamoe shared expert is written with a zero gate,
   sigmoid(0) = 1/2, and its down projection doubled: exact in floating point).
 - ``glm4_moe``: top-k *sigmoid* router with an optional ALF-LB selection bias written as
-  ``e_score_correction_bias``, GQA attention with full rotary; dense blocks only as a
-  prefix; an ungated shared expert (zero-padded to a multiple of I).
-- ``deepseek_v3``: never exact for megamoe models (MLA normalises the compressed KV latent
-  and shares one rotary key across heads, which GQA attention cannot be mapped onto);
-  requesting it raises :class:`ConversionError` that names ``glm4_moe``, which uses the
-  same router and bias format.
+  ``e_score_correction_bias`` and any ``routed_scaling_factor``, GQA attention with full
+  rotary; dense blocks only as a prefix; an ungated shared expert (zero-padded to a
+  multiple of I).
+- ``deepseek_v3``: the same MoE block as ``glm4_moe`` (written with n_group = topk_group
+  = 1), for models with ``attention='mla'`` (megamoe's MLA uses DeepseekV3's parameter
+  names; the rotary rows of ``q_proj``/``q_b_proj`` and ``kv_a_proj_with_mqa`` are
+  permuted into DeepSeek's interleaved layout, ``rope_interleave=True``). GQA models are
+  refused: MLA normalises the compressed KV latent and shares one rotary key across
+  heads, which GQA cannot be mapped onto.
 - ``megamoe``: :class:`~megamoe.integrations.hf_model.MegaMoEForCausalLM`, registered with
   the Auto classes (any router).
 
 Before anything is written, the converted model's logits are compared with megamoe's on a
 probe batch (fp32 max abs diff reported); the directory is written atomically.
 
-HF -> megamoe (:func:`convert_from_hf`): Mixtral, Qwen2-MoE, GLM-4-MoE and megamoe-format
-checkpoints become a consolidated megamoe directory, with the same logits check.
+HF -> megamoe (:func:`convert_from_hf`): Mixtral, Qwen2-MoE, GLM-4-MoE, DeepSeek-V3 (default
+RoPE, no group-limited routing) and megamoe-format checkpoints become a consolidated megamoe directory, with the same logits check.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consoli
 from megamoe.config import ExpertConfig, RouterConfig
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
-STOCK_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe")
+STOCK_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
 _ACT_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
 _HF_TO_ACT = {v: k for k, v in _ACT_TO_HF.items()}
 DEFAULT_ATOL = 1e-4
@@ -147,14 +150,18 @@ def format_problems(model, fmt: str) -> list[str]:
                               f"{', '.join(repr(f) for f in FORMATS if f != 'auto')}")
     if fmt == "megamoe":
         return []
-    if fmt == "deepseek_v3":
-        return ["DeepSeek-V3 uses multi-head latent attention: it RMS-normalises the compressed key/value "
-                "latent (kv_a_layernorm) and shares one rotary key across all heads, so megamoe's grouped-query "
-                "attention cannot be written into it exactly; use format 'glm4_moe' (the same sigmoid router with "
-                "e_score_correction_bias, and GQA attention) or 'megamoe'"]
     cfg = model.config
     r = cfg.router
     probs: list[str] = []
+    if fmt == "deepseek_v3" and cfg.attention != "mla":
+        probs.append(f"attention={cfg.attention!r}: DeepSeek-V3 uses multi-head latent attention, which "
+                     "RMS-normalises the compressed key/value latent (kv_a_layernorm) and shares one rotary key "
+                     "across all heads, so grouped-query attention cannot be written into it exactly; use format "
+                     "'glm4_moe' (the same sigmoid router with e_score_correction_bias, and GQA attention), "
+                     "'megamoe', or train with attention='mla'")
+    if fmt != "deepseek_v3" and cfg.attention == "mla":
+        probs.append(f"attention='mla': {fmt} uses grouped-query attention (multi-head latent attention is "
+                     "format 'deepseek_v3')")
     if r.name != "topk":
         probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
     if r.capacity_factor is not None:
@@ -174,6 +181,9 @@ def format_problems(model, fmt: str) -> list[str]:
             probs.append(f"router.score_func={r.score_func!r}: {fmt} routers use softmax")
         if nonzero_bias:
             probs.append(f"the routers carry a non-zero selection bias (expert_bias); {fmt} has none")
+        if r.routed_scaling_factor != 1.0:
+            probs.append(f"router.routed_scaling_factor={r.routed_scaling_factor}: {fmt} does not scale the "
+                         "routed weights (glm4_moe and deepseek_v3 do)")
     if fmt == "mixtral":
         if not r.normalize_weights:
             probs.append("router.normalize_weights=False: Mixtral always renormalises the top-k weights "
@@ -182,16 +192,17 @@ def format_problems(model, fmt: str) -> list[str]:
             probs.append(f"moe_layers={cfg.moe_layers!r} has dense blocks: Mixtral has none (qwen2_moe does)")
         if cfg.num_shared_experts:
             probs.append("a shared expert is used: Mixtral has none (qwen2_moe does)")
-    if fmt == "glm4_moe":
+    if fmt in ("glm4_moe", "deepseek_v3"):
+        name = {"glm4_moe": "GLM-4-MoE", "deepseek_v3": "DeepSeek-V3"}[fmt]
         if r.score_func != "sigmoid":
-            probs.append(f"router.score_func={r.score_func!r}: GLM-4-MoE routers use sigmoid")
+            probs.append(f"router.score_func={r.score_func!r}: {name} routers use sigmoid")
         if moe and moe != list(range(moe[0], cfg.num_layers)):
-            probs.append(f"moe_layers={cfg.moe_layers!r}: GLM-4-MoE only has dense blocks as a prefix "
+            probs.append(f"moe_layers={cfg.moe_layers!r}: {name} only has dense blocks as a prefix "
                          "(first_k_dense_replace)")
         if cfg.num_shared_experts and cfg.shared_expert_gate:
-            probs.append("shared_expert_gate=True: GLM-4-MoE shared experts are ungated")
+            probs.append(f"shared_expert_gate=True: {name} shared experts are ungated")
         if cfg.num_experts < 2:
-            probs.append("GLM-4-MoE's group selection needs num_experts >= 2")
+            probs.append(f"{name}'s group selection needs num_experts >= 2")
     return probs
 
 
@@ -209,7 +220,9 @@ def choose_format(model, requested: str = "auto") -> tuple[str, list[str]]:
     for fmt in STOCK_FORMATS:
         if not format_problems(model, fmt):
             return fmt, []
-    why = format_problems(model, "qwen2_moe" if model.config.router.score_func == "softmax" else "glm4_moe")
+    closest = ("deepseek_v3" if model.config.attention == "mla" else
+               "qwen2_moe" if model.config.router.score_func == "softmax" else "glm4_moe")
+    why = format_problems(model, closest)
     return "megamoe", ["no stock transformers class computes the same function ("
                        + "; ".join(why) + "); writing the megamoe model class (import megamoe.integrations.hf_model "
                        "before AutoModelForCausalLM.from_pretrained)"]
@@ -228,6 +241,22 @@ def hf_config(model, fmt: str):
     if fmt == "megamoe":
         from megamoe.integrations.hf_model import MegaMoEConfig
         return MegaMoEConfig.from_model_config(cfg, selection_bias_layers=sorted(_bias_state(model)))
+    if fmt == "deepseek_v3":
+        moe = _moe_indices(cfg)
+        inter = cfg.experts.intermediate_size
+        return transformers.DeepseekV3Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+            hidden_act=_ACT_TO_HF[cfg.experts.activation], max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.rms_norm_eps, initializer_range=cfg.initializer_range,
+            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg), rope_interleave=True,
+            q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False,
+            intermediate_size=cfg.dense_intermediate_size or inter, moe_intermediate_size=inter,
+            n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.router.top_k,
+            n_shared_experts=-(-cfg.moe_config().shared_size // inter),
+            routed_scaling_factor=float(cfg.router.routed_scaling_factor), n_group=1, topk_group=1,
+            first_k_dense_replace=moe[0], norm_topk_prob=cfg.router.normalize_weights, num_mtp_layers=0)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
                   hidden_act=_ACT_TO_HF[cfg.experts.activation], max_position_embeddings=cfg.max_seq_len,
@@ -252,7 +281,8 @@ def hf_config(model, fmt: str):
         shared = cfg.moe_config().shared_size
         return transformers.Glm4MoeConfig(
             intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=cfg.num_experts,
-            n_shared_experts=-(-shared // inter), routed_scaling_factor=1.0, n_group=1, topk_group=1,
+            n_shared_experts=-(-shared // inter), routed_scaling_factor=float(cfg.router.routed_scaling_factor),
+            n_group=1, topk_group=1,
             first_k_dense_replace=moe[0], norm_topk_prob=cfg.router.normalize_weights, use_qk_norm=False,
             attention_bias=False, **common)
     raise ConversionError(f"no HF config for format {fmt!r}")
@@ -269,9 +299,11 @@ def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
         if ".mlp.shared_expert." in key or key.endswith(".mlp.router.expert_bias"):
             continue  # handled per layer below
         out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = v
+    if fmt == "deepseek_v3":
+        _permute_mla_rope(out, cfg, to_interleaved=True)
     for i in _moe_indices(cfg):
         p = f"model.layers.{i}.mlp."
-        if fmt == "glm4_moe":
+        if fmt in ("glm4_moe", "deepseek_v3"):
             bias = state.get(p + "router.expert_bias")
             out[p + "gate.e_score_correction_bias"] = bias if bias is not None else torch.zeros(cfg.num_experts)
         if fmt == "qwen2_moe":
@@ -286,13 +318,13 @@ def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
                     out[p + f"shared_expert.{n}.weight"] = state[p + f"shared_expert.{n}.weight"]
             else:
                 out[p + "shared_expert_gate.weight"] = torch.zeros(1, cfg.hidden_size)
-        if not cfg.num_shared_experts and fmt in ("qwen2_moe", "glm4_moe"):
+        if not cfg.num_shared_experts and fmt in ("qwen2_moe", "glm4_moe", "deepseek_v3"):
             # Both classes always build a shared MLP; a zero-width one adds exactly 0.
             name = "shared_expert" if fmt == "qwen2_moe" else "shared_experts"
             for n, shape in (("gate_proj", (0, cfg.hidden_size)), ("up_proj", (0, cfg.hidden_size)),
                              ("down_proj", (cfg.hidden_size, 0))):
                 out[p + f"{name}.{n}.weight"] = torch.zeros(shape)
-        if fmt == "glm4_moe" and cfg.num_shared_experts:
+        if fmt in ("glm4_moe", "deepseek_v3") and cfg.num_shared_experts:
             inter = cfg.experts.intermediate_size
             width = -(-cfg.moe_config().shared_size // inter) * inter
             # Zero-padded hidden units contribute act(0) * 0 = 0: the padded MLP is the same function.
@@ -302,6 +334,32 @@ def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
             w = state[p + "shared_expert.down_proj.weight"]
             out[p + "shared_experts.down_proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], 1)
     return out
+
+
+def _rope_permutation(rope_dim: int, *, to_interleaved: bool) -> Tensor:
+    """Row order mapping rotate-half rotary rows to DeepSeek's interleaved ones (or back).
+
+    DeepseekV3's interleaved RoPE rotates the pairs (x[0], x[1]), (x[2], x[3]), ... and returns
+    them as [even | odd] halves; rotate-half RoPE on x[perm] with perm = [0, 2, 4, ..., 1, 3, 5,
+    ...] gives the same output. So megamoe rows = interleaved rows[perm], and conversely
+    interleaved rows = megamoe rows[argsort(perm)]: an exact permutation of weight rows.
+    """
+    perm = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
+    return torch.argsort(perm) if to_interleaved else perm
+
+
+def _permute_mla_rope(state: dict[str, Tensor], cfg, *, to_interleaved: bool) -> None:
+    """Permute (in ``state``) the rotary rows of each MLA query and shared rotary key projection."""
+    r, qk, c = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    perm = _rope_permutation(r, to_interleaved=to_interleaved)
+    head_rows = torch.cat([torch.arange(cfg.qk_nope_head_dim), cfg.qk_nope_head_dim + perm])
+    q_rows = torch.cat([h * qk + head_rows for h in range(cfg.num_heads)])
+    kv_rows = torch.cat([torch.arange(c), c + perm])
+    for key in list(state):
+        if key.endswith((".self_attn.q_proj.weight", ".self_attn.q_b_proj.weight")):
+            state[key] = state[key][q_rows].contiguous()
+        elif key.endswith(".self_attn.kv_a_proj_with_mqa.weight"):
+            state[key] = state[key][kv_rows].contiguous()
 
 
 def build_hf_model(config, state: Mapping[str, Tensor]):
@@ -384,16 +442,16 @@ def _zero_or_absent(state: Mapping[str, Tensor], suffixes: tuple[str, ...]) -> b
 
 
 def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
-    """The ModelConfig equivalent to an HF Mixtral/Qwen2-MoE/GLM-4-MoE config; refuses
+    """The ModelConfig equivalent to an HF Mixtral/Qwen2-MoE/GLM-4-MoE/DeepSeek-V3 config; refuses
     with ConversionError when some feature has no megamoe equivalent."""
     from megamoe.model import ModelConfig
 
     mt = getattr(config, "model_type", None)
     if mt == "megamoe":
         return config.model_config()
-    if mt not in ("mixtral", "qwen2_moe", "glm4_moe"):
+    if mt not in ("mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3"):
         raise ConversionError(f"model_type={mt!r} is not supported: megamoe reads 'mixtral', 'qwen2_moe', "
-                              "'glm4_moe' and 'megamoe' checkpoints")
+                              "'glm4_moe', 'deepseek_v3' and 'megamoe' checkpoints")
     problems: list[str] = []
     act = _HF_TO_ACT.get(config.hidden_act)
     if act is None:
@@ -407,16 +465,24 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
         config.sliding_window if getattr(config, "use_sliding_window", False) else None)
     if sliding:
         problems.append(f"sliding_window={sliding}: megamoe attention is full causal")
-    if not _zero_or_absent(state, (".self_attn.q_proj.bias", ".self_attn.k_proj.bias", ".self_attn.v_proj.bias",
-                                   ".self_attn.o_proj.bias")):
+    if not _zero_or_absent(state, _ATTN_BIASES):
         problems.append("the attention projections have non-zero biases (qkv_bias/attention_bias): megamoe "
                         "attention is bias-free")
     if getattr(config, "use_qk_norm", False):
         problems.append("use_qk_norm=True: megamoe attention has no q/k norm")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if mt == "deepseek_v3":
+        attn: dict[str, Any] = dict(attention="mla", q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+                                    qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+                                    v_head_dim=config.v_head_dim)
+        if config.num_key_value_heads != config.num_attention_heads:
+            problems.append(f"num_key_value_heads={config.num_key_value_heads} differs from num_attention_heads="
+                            f"{config.num_attention_heads}: MLA expands keys/values to every head")
+    else:
+        attn = dict(num_kv_heads=config.num_key_value_heads, head_dim=head_dim)
     kw: dict[str, Any] = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+        num_heads=config.num_attention_heads, **attn,
         max_seq_len=config.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
         rms_norm_eps=config.rms_norm_eps, initializer_range=config.initializer_range,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
@@ -436,17 +502,18 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
         if config.shared_expert_intermediate_size:
             kw.update(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
                       shared_expert_gate=not _zero_or_absent(state, (".mlp.shared_expert_gate.weight",)))
-    else:  # glm4_moe
+    else:  # glm4_moe, deepseek_v3
         if config.n_group > 1 and config.topk_group < config.n_group:
             problems.append(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
-                            "has no group-limited selection")
-        if config.routed_scaling_factor != 1.0:
-            problems.append(f"routed_scaling_factor={config.routed_scaling_factor}: megamoe's top-k router "
-                            "does not scale its weights")
+                            "has no group-limited selection (only n_group = topk_group is exact)")
+        rsf = config.routed_scaling_factor
+        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not 0 < rsf < float("inf"):
+            problems.append(f"routed_scaling_factor={rsf!r}: must be a finite number > 0")
+            rsf = 1.0
         k = config.first_k_dense_replace
         kw.update(num_experts=config.n_routed_experts, experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
                   router=RouterConfig(top_k=top_k, score_func="sigmoid", normalize_weights=bool(config.norm_topk_prob),
-                                      aux_loss_coef=0.0),
+                                      aux_loss_coef=0.0, routed_scaling_factor=float(rsf)),
                   moe_layers="all" if k == 0 else list(range(k, config.num_hidden_layers)),
                   dense_intermediate_size=config.intermediate_size)
         if config.n_shared_experts:
@@ -454,6 +521,10 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
                       shared_intermediate_size=_used_shared_width(state))
     _refuse(mt, problems)
     return ModelConfig(**kw)
+
+
+_ATTN_BIASES = tuple(f".self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj",
+                                                      "kv_a_proj_with_mqa"))
 
 
 def _used_shared_width(state: Mapping[str, Tensor]) -> int:
@@ -472,15 +543,15 @@ def _used_shared_width(state: Mapping[str, Tensor]) -> int:
 
 
 def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Tensor]:
-    """HF (Mixtral/Qwen2-MoE/GLM-4-MoE/megamoe) names -> megamoe names."""
+    """HF (Mixtral/Qwen2-MoE/GLM-4-MoE/DeepSeek-V3/megamoe) names -> megamoe names."""
     mt = config.model_type
     out: dict[str, Tensor] = {}
     for key, v in state.items():
-        if "rotary_emb" in key or key.endswith((".q_proj.bias", ".k_proj.bias", ".v_proj.bias", ".o_proj.bias")):
+        if "rotary_emb" in key or key.endswith(_ATTN_BIASES):
             continue  # checked zero above; megamoe computes RoPE on the fly
         if mt != "megamoe":
             if key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_layers:
-                continue  # GLM-4-MoE multi-token-prediction layers are not part of the decoder
+                continue  # GLM-4-MoE / DeepSeek-V3 multi-token-prediction layers are not part of the decoder
             key = (key.replace(".mlp.gate.weight", ".mlp.router.weight")
                    .replace(".mlp.gate.e_score_correction_bias", ".mlp.router.expert_bias")
                    .replace(".mlp.shared_expert_gate.weight", ".mlp.shared_expert.gate.weight")
@@ -493,7 +564,9 @@ def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Te
             del out[key]
             down = key.replace(".gate.weight", ".down_proj.weight")
             out[down] = out[down] * 0.5
-    if mt == "glm4_moe" and cfg.num_shared_experts:
+    if mt == "deepseek_v3" and getattr(config, "rope_interleave", True):
+        _permute_mla_rope(out, cfg, to_interleaved=False)
+    if mt in ("glm4_moe", "deepseek_v3") and cfg.num_shared_experts:
         width = cfg.moe_config().shared_size
         for key in list(out):
             if ".mlp.shared_expert." in key:

@@ -11,7 +11,7 @@ expert width.
   (optionally plus Gaussian noise), so with renormalised top-k weights and dropless routing
   the model's output equals the dense model's at step 0. A shared expert starts from the
   dense gate/up projections with a zero down projection (same step-0 output).
-- :func:`swap_moe_blocks` replaces HF's own MoE blocks (Mixtral, Qwen2-MoE, GLM-4-MoE) with
+- :func:`swap_moe_blocks` replaces HF's own MoE blocks (Mixtral, Qwen2-MoE, GLM-4-MoE, DeepSeek-V3) with
   MoELayers holding the same weights and computing the same outputs, so existing MoE models
   train with megamoe's routers, dispatchers and balancers.
 - The aux loss rides on each MoELayer's output (``attach_aux_loss``), so ``generate``, the
@@ -280,20 +280,19 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 # ---------------------------------------------------------------------------------- HF MoE blocks
 def _router_for(config: Any, kind: str) -> RouterConfig:
-    if kind == "glm4_moe":
+    if kind in ("glm4_moe", "deepseek_v3"):
         if getattr(config, "n_group", 1) > 1 and config.topk_group < config.n_group:
             raise ConfigError(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
                               "has no group-limited selection")
-        if config.routed_scaling_factor != 1.0:
-            raise ConfigError(f"routed_scaling_factor={config.routed_scaling_factor}: megamoe's top-k router does "
-                              "not scale its weights")
         return RouterConfig(top_k=config.num_experts_per_tok, score_func="sigmoid",
-                            normalize_weights=bool(config.norm_topk_prob), aux_loss_coef=0.0)
+                            normalize_weights=bool(config.norm_topk_prob), aux_loss_coef=0.0,
+                            routed_scaling_factor=float(config.routed_scaling_factor))
     return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=float(config.router_aux_loss_coef),
                         normalize_weights=True if kind == "mixtral" else bool(config.norm_topk_prob))
 
 
-_HF_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Glm4MoeMoE": "glm4_moe"}
+_HF_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Glm4MoeMoE": "glm4_moe",
+              "DeepseekV3MoE": "deepseek_v3"}
 
 
 @torch.no_grad()
@@ -331,7 +330,7 @@ def _layer_from_hf_block(block: nn.Module, kind: str, config: Any, index: int, r
 
 def swap_moe_blocks(model: nn.Module, *, router: RouterConfig | None = None,
                     dispatcher: DispatcherFactory | None = None) -> list[str]:
-    """Replace HF Mixtral / Qwen2-MoE / GLM-4-MoE MoE blocks by MoELayers with their weights,
+    """Replace HF Mixtral / Qwen2-MoE / GLM-4-MoE / DeepSeek-V3 MoE blocks by MoELayers with their weights,
     in place; returns the replaced module names. ``router`` overrides the equivalent
     RouterConfig (e.g. to change aux_loss_coef); the default reproduces HF's outputs.
     ``dispatcher``: as in :func:`moeify` (each rank keeps only its local experts' weights)."""
@@ -346,7 +345,7 @@ def swap_moe_blocks(model: nn.Module, *, router: RouterConfig | None = None,
         _set_module(model, name, layer)
         replaced.append(name)
     if not replaced:
-        raise ConfigError(f"no Mixtral/Qwen2-MoE/GLM-4-MoE MoE block found in {type(model).__name__}")
+        raise ConfigError(f"no Mixtral/Qwen2-MoE/GLM-4-MoE/DeepSeek-V3 MoE block found in {type(model).__name__}")
     if getattr(config, "output_router_logits", False):
         # HF's own balance loss reads the removed router's logits; megamoe attaches its own.
         config.output_router_logits = False

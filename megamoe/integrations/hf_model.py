@@ -115,7 +115,7 @@ class MegaMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if seq > cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={cfg.max_seq_len}")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(seq, cfg.head_size, cfg.rope_theta, device=x.device)
+        cos, sin = rotary_cos_sin(seq, cfg.rope_dim, cfg.rope_theta, device=x.device)
         for layer in self.model.layers:
             if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

@@ -79,6 +79,8 @@ class TopKRouter(LinearRouterMixin, Router):
         weights_TK = scores_TE.gather(1, ids_TK)
         if cfg.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
         selected_E = counts_per_expert(ids_TK, self.num_experts)
 
         aux = self._aux_loss(logits_TE, scores_TE, selected_E)

@@ -157,10 +157,10 @@ def test_from_hf_refuses_what_megamoe_cannot_compute(tmp_path):
     glm = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
         vocab_size=61, hidden_size=32, intermediate_size=16, moe_intermediate_size=8, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-        routed_scaling_factor=2.5))  # partial rotary by default
+        n_group=2, topk_group=1))  # partial rotary by default
     with pytest.raises(ConversionError, match="partial_rotary_factor=0.5") as err:
         convert_from_hf(glm, tmp_path / "b")
-    assert "routed_scaling_factor=2.5" in str(err.value)
+    assert "n_group=2, topk_group=1" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -147,7 +147,19 @@ def _glm4_moe():
     return m
 
 
-@pytest.mark.parametrize("make, n", [(_mixtral, 2), (_qwen2_moe, 2), (_glm4_moe, 1)])
+def _deepseek_v3():
+    m = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=16, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, num_mtp_layers=0))
+    m = _scaled(m)
+    with torch.no_grad():
+        m.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("make, n", [(_mixtral, 2), (_qwen2_moe, 2), (_glm4_moe, 1), (_deepseek_v3, 1)])
 def test_hf_moe_blocks_swap_keeps_outputs(make, n):
     model = make()
     ids = torch.randint(0, V, (2, 9))
