@@ -55,8 +55,11 @@ class RouterConfig:
     aux_loss_coef: Switch/GShard load-balancing loss coefficient (0 disables).
     z_loss_coef: router z-loss coefficient (0 disables).
     capacity_factor: None for dropless; else C = ceil(T*K/E * capacity_factor).
+    eval_capacity_factor: the capacity factor in eval mode (``topk`` routers only): None =
+        the same as ``capacity_factor``, a number > 0, or ``"dropless"`` (as DeepSpeed's
+        ``eval_capacity_factor``; e.g. train with drops, evaluate and generate dropless).
     drop_policy: which slots an over-full expert keeps: ``probs`` (highest score) or
-        ``position`` (earliest token).
+        ``position`` (earliest token; causal within a sequence, see megamoe/routing/topk.py).
     options: router-specific settings, validated by the router's options dataclass.
     """
 
@@ -70,6 +73,7 @@ class RouterConfig:
     capacity_factor: float | None = None
     drop_policy: str = "probs"
     options: Mapping[str, Any] = field(default_factory=dict)
+    eval_capacity_factor: float | str | None = None
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -89,6 +93,17 @@ class RouterConfig:
                 _fail(n, "capacity_factor", cf, "must be > 0, or null for dropless routing")
         if not isinstance(self.options, Mapping):
             _fail(n, "options", self.options, "must be a mapping of router-specific settings")
+        ecf = self.eval_capacity_factor
+        if ecf is not None and ecf != "dropless" and (
+                isinstance(ecf, bool) or not isinstance(ecf, (int, float)) or ecf <= 0):
+            _fail(n, "eval_capacity_factor", ecf, "must be a number > 0, 'dropless', or null (same as "
+                  "capacity_factor)")
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor in force in training or eval mode (None: dropless)."""
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return None if self.eval_capacity_factor == "dropless" else float(self.eval_capacity_factor)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class ModelConfig:
     num_experts, top_k-carrying ``router``, ``experts``, ``num_shared_experts``,
     ``shared_expert_gate``: the MoE layer (see megamoe.config.MoEConfig).
     gradient_checkpointing: recompute each block in backward (saves activation memory).
+    allow_noncausal_drops: accept a router whose drops let later tokens affect earlier ones
+        (top-k with a capacity and ``drop_policy: probs``), which a causal LM otherwise refuses.
     """
 
     vocab_size: int = 4096
@@ -61,6 +63,7 @@ class ModelConfig:
     moe_layers: str | Sequence[int] = "all"
     dense_intermediate_size: int | None = None
     gradient_checkpointing: bool = False
+    allow_noncausal_drops: bool = False
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -88,6 +91,24 @@ class ModelConfig:
         if self.moe_layers != "all" and self.dense_intermediate_size is None:
             object.__setattr__(self, "dense_intermediate_size", self.experts.intermediate_size * self.router.top_k)
         self.moe_config()  # validates top_k <= num_experts etc.
+        self._check_router_causal()
+
+    def _check_router_causal(self) -> None:
+        from megamoe.routing.base import router_class, router_options
+        n = type(self).__name__
+        if not isinstance(self.allow_noncausal_drops, bool):
+            raise ConfigError(f"{n}.allow_noncausal_drops={self.allow_noncausal_drops!r} is invalid: must be true "
+                              "or false")
+        if self.moe_layers == "none" or self.allow_noncausal_drops:
+            return
+        router_options(self.router)
+        problem = router_class(self.router).causal_problem(self.router)
+        if problem:
+            raise ConfigError(
+                f"{n}.router is invalid for this causal (decoder) LM: {problem}. Use router.drop_policy: position "
+                "(earlier tokens first: causal within a sequence), or dropless routing (router.capacity_factor: "
+                "null and router.eval_capacity_factor: null or 'dropless'), or set "
+                f"{n}.allow_noncausal_drops: true to accept the leak.")
 
     @property
     def kv_heads(self) -> int:

@@ -41,7 +41,8 @@ CASES = {
     "top-4 sigmoid + ALF-LB bias, shared, 1 dense prefix": (
         mm_cfg(router=RouterConfig(top_k=4, score_func="sigmoid"), moe_layers=[1, 2, 3], num_shared_experts=1,
                shared_intermediate_size=96), True),
-    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0)), False),
+    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")),
+                                    False),
 }
 
 
