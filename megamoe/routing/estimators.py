@@ -342,7 +342,8 @@ def seed_estimator_draws(module: nn.Module, seed: int | None, *, rank: int | Non
     """Give the i-th ``skip``/``balanced`` router in ``module`` a private generator seeded from
     ``(seed, i, rank)`` (None: back to torch's global RNG). ``rank`` defaults to this process's
     global rank (0 without torch.distributed), so ranks draw independently and reproducibly.
-    Returns how many routers were seeded."""
+    The generators' states are not in the module's state_dict: to resume a run reproducibly,
+    seed again (e.g. with ``seed + step``). Returns how many routers were seeded."""
     routers = score_function_routers(module)
     if seed is not None and rank is None:
         import torch.distributed as dist
