@@ -89,6 +89,27 @@ def bench_one(router_kw: dict, *, tokens: int, hidden: int, inter: int, experts:
             "solve_ms": 1e3 * statistics.median(solve) if solve else float("nan"), "notes": notes}
 
 
+def lp_convergence(tokens: int, hidden: int, experts: int, entropies: list[float], max_iterations: int,
+                   tolerance: float) -> list[str]:
+    """Sweeps (and seconds) the Dykstra projections need to reach ``tolerance`` (c=2, b=2)."""
+    import math
+
+    from megamoe.routing.expert_choice import capped_assignment_lp
+    scores = torch.softmax(torch.randn(tokens, hidden) @ (torch.randn(hidden, experts) / hidden ** 0.5), dim=-1)
+    cap = math.ceil(tokens * 2 / experts)
+    lines = ["", f"Dykstra projections, T={tokens}, E={experts}, c=2, b=2, tolerance {tolerance:g} "
+             f"(at most {max_iterations} sweeps):", "",
+             "| lp_entropy | sweeps | final relative violation | seconds |", "|---:|---:|---:|---:|"]
+    for lam in entropies:
+        info: dict = {}
+        t0 = time.perf_counter()
+        capped_assignment_lp(scores, capacity=cap, max_per_token=2, entropy=lam, iterations=max_iterations,
+                             tolerance=tolerance, info=info)
+        lines.append(f"| {lam:g} | {info['iterations']} | {info['violation']:.2g} | {time.perf_counter() - t0:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
@@ -99,6 +120,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the markdown table here (atomically)")
+    p.add_argument("--lp-convergence", type=float, nargs="*", default=[1e-3, 1e-2, 1e-1], metavar="LAMBDA",
+                   help="also report the sweeps Expert Choice's Dykstra projections need at these lp_entropy "
+                        "values (first --tokens value; none to skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -120,6 +144,8 @@ def main() -> None:
             lines.append(f"| {label} | {tokens} | {r['route_ms']:.1f} | {solve} | {r['step_ms']:.1f} | {share} "
                          f"| {notes} |")
             print(lines[-1], flush=True)
+    if args.lp_convergence:
+        lines += lp_convergence(args.tokens[0], args.hidden, args.experts, args.lp_convergence, 3000, 1e-3)
     text = "\n".join(lines) + "\n"
     if args.out:
         atomic_write_text(args.out, text)

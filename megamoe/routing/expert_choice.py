@@ -26,10 +26,10 @@ Options (``RouterConfig.options``, see :class:`ExpertChoiceOptions`):
   corrections on the two inequality sets, in the log domain so that ``lam = 1e-3`` does not
   overflow, run until the constraints hold within ``lp_tolerance`` (relative) or for
   ``lp_iterations`` sweeps, then rounded by the same integral solve on ``A`` (ties by S). At
-  lam = 1e-3 the projections converge slowly (still ~60% off after 300 sweeps on 512 tokens),
-  and rounding their solution keeps less of the objective, which is why the exact solve is the
-  default. The solve runs on the CPU (the scores are copied there, a device sync on GPU) and is
-  not cheap: 75 / 340 ms at T = 512 / 2048, E = 8 on a shared 2-core CPU, i.e. 26-54% of the
+  lam = 1e-3 the projections converge slowly (68% off after 100 sweeps, 0.9% after 3000, on 512
+  tokens) and rounding their solution keeps less of the objective, which is why the exact solve
+  is the default. The solve runs on the CPU (the scores are copied there, a device sync on GPU) and is
+  not cheap: 54 / 239 ms at T = 512 / 2048, E = 8 on a shared 2-core CPU, about a third of the
   capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench_routers.py).
   Statistics: ``lp_seconds``, ``lp_iterations`` and ``lp_violation`` (dykstra),
   ``over_cap_fraction`` (always 0 now).
