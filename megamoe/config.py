@@ -55,8 +55,11 @@ class RouterConfig:
     aux_loss_coef: Switch/GShard load-balancing loss coefficient (0 disables).
     z_loss_coef: router z-loss coefficient (0 disables).
     capacity_factor: None for dropless; else C = ceil(T*K/E * capacity_factor).
+    eval_capacity_factor: the capacity factor in eval mode (``topk`` routers only): None =
+        the same as ``capacity_factor``, a number > 0, or ``"dropless"`` (as DeepSpeed's
+        ``eval_capacity_factor``; e.g. train with drops, evaluate and generate dropless).
     drop_policy: which slots an over-full expert keeps: ``probs`` (highest score) or
-        ``position`` (earliest token).
+        ``position`` (earliest token; causal within a sequence, see megamoe/routing/topk.py).
     options: router-specific settings, validated by the router's options dataclass.
     routed_scaling_factor: multiplies the routed experts' combine weights (after any
         renormalisation; shared experts are not scaled), as DeepSeek-V3 / GLM-4-MoE do.
@@ -74,6 +77,7 @@ class RouterConfig:
     drop_policy: str = "probs"
     options: Mapping[str, Any] = field(default_factory=dict)
     routed_scaling_factor: float = 1.0
+    eval_capacity_factor: float | str | None = None
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -99,6 +103,17 @@ class RouterConfig:
         if rsf != 1.0 and self.name != "topk":
             _fail(n, "routed_scaling_factor", rsf, f"only the 'topk' router scales its weights (router "
                   f"{self.name!r} needs 1.0)")
+        ecf = self.eval_capacity_factor
+        if ecf is not None and ecf != "dropless" and (
+                isinstance(ecf, bool) or not isinstance(ecf, (int, float)) or ecf <= 0):
+            _fail(n, "eval_capacity_factor", ecf, "must be a number > 0, 'dropless', or null (same as "
+                  "capacity_factor)")
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor in force in training or eval mode (None: dropless)."""
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return None if self.eval_capacity_factor == "dropless" else float(self.eval_capacity_factor)
 
 
 @dataclass(frozen=True)

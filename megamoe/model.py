@@ -51,6 +51,8 @@ class ModelConfig:
         ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim``;
         ``q_lora_rank`` compresses the queries too (None: a full-rank ``q_proj``). The MLA
         fields must be unset for GQA, and ``num_kv_heads``/``head_dim`` unset for MLA.
+    allow_noncausal_drops: accept a router whose drops let later tokens affect earlier ones
+        (top-k with a capacity and ``drop_policy: probs``), which a causal LM otherwise refuses.
     """
 
     vocab_size: int = 4096
@@ -79,6 +81,7 @@ class ModelConfig:
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
+    allow_noncausal_drops: bool = False
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -117,6 +120,24 @@ class ModelConfig:
         if self.moe_layers != "all" and self.dense_intermediate_size is None:
             object.__setattr__(self, "dense_intermediate_size", self.experts.intermediate_size * self.router.top_k)
         self.moe_config()  # validates top_k <= num_experts etc.
+        self._check_router_causal()
+
+    def _check_router_causal(self) -> None:
+        from megamoe.routing.base import router_class, router_options
+        n = type(self).__name__
+        if not isinstance(self.allow_noncausal_drops, bool):
+            raise ConfigError(f"{n}.allow_noncausal_drops={self.allow_noncausal_drops!r} is invalid: must be true "
+                              "or false")
+        if self.moe_layers == "none" or self.allow_noncausal_drops:
+            return
+        router_options(self.router)
+        problem = router_class(self.router).causal_problem(self.router)
+        if problem:
+            raise ConfigError(
+                f"{n}.router is invalid for this causal (decoder) LM: {problem}. Use router.drop_policy: position "
+                "(earlier tokens first: causal within a sequence), or dropless routing (router.capacity_factor: "
+                "null and router.eval_capacity_factor: null or 'dropless'), or set "
+                f"{n}.allow_noncausal_drops: true to accept the leak.")
 
     def _check_mla(self, n: str) -> None:
         for name in ("num_kv_heads", "head_dim"):

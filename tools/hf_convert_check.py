@@ -45,7 +45,8 @@ CASES = {
         mm_cfg(num_kv_heads=None, attention="mla", q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
                qk_rope_head_dim=8, v_head_dim=16, moe_layers=[1, 2, 3], num_shared_experts=1,
                router=RouterConfig(top_k=4, score_func="sigmoid", routed_scaling_factor=2.5)), True),
-    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0)), False),
+    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")),
+                                    False),
 }
 
 

@@ -164,8 +164,11 @@ def format_problems(model, fmt: str) -> list[str]:
                      "format 'deepseek_v3')")
     if r.name != "topk":
         probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
-    if r.capacity_factor is not None:
-        probs.append(f"router.capacity_factor={r.capacity_factor} drops tokens; {fmt} routing is dropless")
+    if r.capacity_factor_for(training=False) is not None:  # conversion is for inference: eval capacity
+        what = f"router.capacity_factor={r.capacity_factor}" if r.eval_capacity_factor is None \
+            else f"router.eval_capacity_factor={r.eval_capacity_factor}"
+        probs.append(f"{what} drops tokens at inference; {fmt} routing is dropless (set "
+                     "router.eval_capacity_factor: dropless)")
     if cfg.experts.activation not in _ACT_TO_HF:
         probs.append(f"experts.activation={cfg.experts.activation!r}: {fmt} experts are gated "
                      f"(swiglu or geglu only)")

@@ -82,6 +82,16 @@ class Router(nn.Module):
     non-trainable state (e.g. a load-balancing bias) is a registered buffer.
     """
 
+    #: Whether the router honours ``RouterConfig.eval_capacity_factor`` (others refuse it).
+    supports_eval_capacity_factor = False
+
+    @classmethod
+    def causal_problem(cls, config: RouterConfig) -> str | None:
+        """Why ``config`` leaks later tokens into earlier ones' routing in a causal model, as
+        far as the config alone tells (None: nothing known). Causal models check it at config
+        load; routers whose leak depends on run-time context also refuse in ``forward``."""
+        return None
+
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
                  options: Any = None) -> None:
         super().__init__()
@@ -132,8 +142,13 @@ def known_routers() -> list[str]:
 
 
 def router_options(config: RouterConfig) -> Any:
-    """Validate ``config.options`` against the router's options dataclass (ConfigError)."""
+    """Validate ``config.options`` against the router's options dataclass, and the fields only
+    some routers use (ConfigError)."""
     entry = _lookup(config.name)
+    if config.eval_capacity_factor is not None and not entry.cls.supports_eval_capacity_factor:
+        raise ConfigError(f"RouterConfig.eval_capacity_factor={config.eval_capacity_factor!r} is invalid for router "
+                          f"{config.name!r}: only token-choice top-k routers ('topk', 'compete') use it; set it to "
+                          "null")
     if entry.options is None:
         if config.options:
             raise ConfigError(
@@ -141,6 +156,11 @@ def router_options(config: RouterConfig) -> Any:
                 f"{config.name!r} takes no options")
         return None
     return from_dict(entry.options, config.options, where="router.options")
+
+
+def router_class(config: RouterConfig) -> type[Router]:
+    """The registered class of ``config.name`` (ConfigError naming known routers)."""
+    return _lookup(config.name).cls
 
 
 def build_router(config: RouterConfig, *, hidden_size: int, num_experts: int) -> Router:

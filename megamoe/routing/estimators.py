@@ -53,6 +53,21 @@ nothing couples them (``skip`` with ``capacity_factor: null``). Eval-mode routin
 
 In eval mode both routers send every token to its most likely expert (no capacity), or, with
 ``eval_mode: sample``, to a sampled one; nothing is recorded.
+
+Random draws and parallelism
+----------------------------
+Under data or expert parallelism each rank routes only its own tokens: skip's capacity
+``C`` is computed from the rank's local token count (each rank's experts-to-be keep their
+first C tokens *of that rank*), balanced's groups are groups of the rank's local tokens, and
+each rank keeps its own EMA baseline (each is independent of the current sample, so every
+rank's estimate and their sum stay unbiased). An EP layer therefore computes exactly what
+the single-process layer computes on each rank's tokens separately, with that rank's draws.
+Draws come from torch's global RNG, so ranks seeded identically (the usual
+``torch.manual_seed`` for identical initialisation) draw *identical* random numbers for
+their different tokens: still unbiased, but correlated across ranks. Call
+:func:`seed_estimator_draws` to give every router a private generator seeded from
+``(seed, router index, rank)``: draws become reproducible, independent of the global RNG and
+of other ranks (tests/distributed/test_routers_ep.py builds its reference that way).
 """
 from __future__ import annotations
 
@@ -152,6 +167,8 @@ class ScoreFunctionRouter(LinearRouterMixin, Router):
                               "it samples from p(e|x), which must be a softmax; set score_func: softmax")
         self._init_weight(num_experts, hidden_size)
         self.pending = None
+        self._generator: torch.Generator | None = None
+        self._draw_seed: int | None = None
         self.register_buffer("baseline_value", torch.zeros((), dtype=torch.float64))
         self.register_buffer("baseline_steps", torch.zeros((), dtype=torch.int64))
 
@@ -182,12 +199,25 @@ class ScoreFunctionRouter(LinearRouterMixin, Router):
     def _couples_tokens(self) -> bool:
         return True
 
+    def set_draw_seed(self, seed: int | None) -> None:
+        """Draw from a private generator seeded with ``seed`` (None: torch's global RNG)."""
+        self._draw_seed = seed
+        self._generator = None
+
+    def _gen(self, device: torch.device) -> torch.Generator | None:
+        if self._draw_seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._draw_seed)
+        return self._generator
+
     def _sample(self, log_probs_TE: Tensor) -> tuple[Tensor, Tensor, ScoreFunctionRecord, dict[str, Tensor]]:
         raise NotImplementedError
 
     def _eval_decision(self, log_probs_TE: Tensor, aux: Tensor | None) -> RoutingDecision:
         if log_probs_TE.shape[0] and self.options.eval_mode == "sample":
-            ids_T = torch.multinomial(log_probs_TE.exp(), 1).squeeze(1)
+            ids_T = torch.multinomial(log_probs_TE.exp(), 1, generator=self._gen(log_probs_TE.device)).squeeze(1)
         else:
             ids_T = log_probs_TE.argmax(dim=-1)
         ids_TK = ids_T[:, None]
@@ -228,7 +258,7 @@ class SkipRouter(ScoreFunctionRouter):
         if num_tokens == 0:
             ids_T = torch.zeros(0, dtype=torch.int64, device=log_probs_TE.device)
         else:
-            ids_T = torch.multinomial(probs_TE, 1).squeeze(1)
+            ids_T = torch.multinomial(probs_TE, 1, generator=self._gen(probs_TE.device)).squeeze(1)
         n_E = counts_per_expert(ids_T[:, None], num_experts)
         if self.config.capacity_factor is None:
             keep_T = torch.ones(num_tokens, dtype=torch.bool, device=ids_T.device)
@@ -236,7 +266,7 @@ class SkipRouter(ScoreFunctionRouter):
         else:
             cap = expert_capacity(num_tokens, num_experts=num_experts, top_k=1,
                                   capacity_factor=self.config.capacity_factor)
-            order = torch.randperm(num_tokens, device=ids_T.device)
+            order = torch.randperm(num_tokens, device=ids_T.device, generator=self._gen(ids_T.device))
             keep_T = torch.empty(num_tokens, dtype=torch.bool, device=ids_T.device)
             keep_T[order] = apply_capacity(ids_T[order, None], probs_TE.new_ones(num_tokens, 1),
                                            num_experts=num_experts, capacity=cap, policy="position").squeeze(1)
@@ -292,7 +322,7 @@ class BalancedRouter(ScoreFunctionRouter):
             stop = min(start + group, num_tokens)
             slots = math.ceil((stop - start) / num_experts)
             g = -torch.log(-torch.log(torch.rand(stop - start, num_experts, slots, dtype=torch.float64,
-                                                 device=device).clamp_min(1e-300)))
+                                                 device=device, generator=self._gen(device)).clamp_min(1e-300)))
             t0 = time.perf_counter()
             ids_T[start:stop] = gumbel_assignment(log_probs_TE[start:stop], g)
             solve_s += time.perf_counter() - t0
@@ -306,6 +336,25 @@ class BalancedRouter(ScoreFunctionRouter):
 
 def score_function_routers(model: nn.Module) -> list[ScoreFunctionRouter]:
     return [m for m in model.modules() if isinstance(m, ScoreFunctionRouter)]
+
+
+def seed_estimator_draws(module: nn.Module, seed: int | None, *, rank: int | None = None) -> int:
+    """Give the i-th ``skip``/``balanced`` router in ``module`` a private generator seeded from
+    ``(seed, i, rank)`` (None: back to torch's global RNG). ``rank`` defaults to this process's
+    global rank (0 without torch.distributed), so ranks draw independently and reproducibly.
+    The generators' states are not in the module's state_dict: to resume a run reproducibly,
+    seed again (e.g. with ``seed + step``). Returns how many routers were seeded."""
+    routers = score_function_routers(module)
+    if seed is not None and rank is None:
+        import torch.distributed as dist
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for i, r in enumerate(routers):
+        if seed is None:
+            r.set_draw_seed(None)
+        else:
+            state = np.random.SeedSequence([int(seed), i, int(rank)]).generate_state(2, np.uint32)
+            r.set_draw_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return len(routers)
 
 
 def estimator_loss(model: nn.Module, token_loss: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -357,4 +406,5 @@ def estimator_loss(model: nn.Module, token_loss: Tensor, *, reduction: str = "me
 
 
 __all__ = ["ScoreFunctionRecord", "EstimatorOptions", "BalancedOptions", "ScoreFunctionRouter", "SkipRouter",
-           "BalancedRouter", "gumbel_assignment", "estimator_loss", "score_function_routers"]
+           "BalancedRouter", "gumbel_assignment", "estimator_loss", "score_function_routers",
+           "seed_estimator_draws"]

@@ -13,13 +13,26 @@ weight of a (token, expert) pair is ``S[t, e]``, not renormalised. There is no b
 
 Options (``RouterConfig.options``, see :class:`ExpertChoiceOptions`):
 
-- ``max_experts_per_token`` (b): cap experts per token as in the paper, by solving the
-  entropy-regularised LP ``max <S, A> + lam * H(A)`` with expert sums k, token sums <= b and
-  ``0 <= A <= 1`` through KL (Bregman) projections with Dykstra corrections on the two
-  inequality sets, in the log domain so that ``lam = 1e-3`` does not overflow; each expert
-  then takes its top-k tokens of ``A``. Because the LP is solved approximately (a fixed number
-  of iterations) and top-k is taken per expert, a few tokens may still exceed b; the
-  statistics report it (``over_cap_fraction``).
+- ``max_experts_per_token`` (b): cap experts per token as in the paper's LP
+  ``max <S, A>`` with expert sums k, token sums <= b and ``0 <= A <= 1``. The cap holds
+  exactly: the assignment is an *integral* solution of that LP, found by scipy's HiGHS
+  (``linprog``; the constraint matrix is a bipartite incidence matrix, hence totally
+  unimodular, so the simplex's basic optimum is 0/1 and is checked to be). Every token gets at
+  most b experts and every expert exactly k tokens (when ``E * k <= T * min(b, E)``; otherwise,
+  e.g. T=7, E=4, c=b=2, as many as possible, at most k each). ``lp_solver`` picks the values
+  the integral solve maximises: ``exact`` (default) the scores S, i.e. the exact optimum of the
+  paper's LP (the lambda -> 0 limit of its entropic one); ``dykstra`` the paper's method: the
+  entropy-regularised LP ``max <S, A> + lam * H(A)`` by KL (Bregman) projections with Dykstra
+  corrections on the two inequality sets, in the log domain so that ``lam = 1e-3`` does not
+  overflow, run until the constraints hold within ``lp_tolerance`` (relative) or for
+  ``lp_iterations`` sweeps, then rounded by the same integral solve on ``A`` (ties by S). At
+  lam = 1e-3 the projections converge slowly (68% off after 100 sweeps, 0.9% after 3000, on 512
+  tokens) and rounding their solution keeps less of the objective, which is why the exact solve
+  is the default. The solve runs on the CPU (the scores are copied there, a device sync on GPU) and is
+  not cheap: 54 / 239 ms at T = 512 / 2048, E = 8 on a shared 2-core CPU, about a third of the
+  capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench_routers.py).
+  Statistics: ``lp_seconds``, ``lp_iterations`` and ``lp_violation`` (dykstra),
+  ``over_cap_fraction`` (always 0 now).
 - ``causal_mode``: Expert Choice lets a token's selection depend on later tokens of the batch,
   which leaks the future in an autoregressive model. In a causal layer (``RoutingContext.causal``)
   the router refuses unless ``causal_mode="prefix"``: expert e takes token t of a sequence iff
@@ -35,8 +48,10 @@ Statistics: ``experts_per_token_hist`` [E+1] (fraction of tokens with 0, 1, ... 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +61,7 @@ from megamoe.routing.losses import z_loss
 from megamoe.routing.topk import LinearRouterMixin, score
 
 CAUSAL_MODES = ("off", "prefix")
+LP_SOLVERS = ("exact", "dykstra")
 DEFAULT_CAPACITY_FACTOR = 2.0
 
 
@@ -55,14 +71,20 @@ class ExpertChoiceOptions:
 
     max_experts_per_token: b, cap on experts per token via the entropy-regularised LP
         (null: no cap). Must be >= the capacity factor, or the LP is infeasible.
-    lp_entropy: lam, the entropy weight of the LP (paper: 1e-3).
-    lp_iterations: projection sweeps (paper: at most 100).
+    lp_solver: ``exact`` (integral optimum of the LP on the scores) or ``dykstra`` (the
+        paper's entropic projections, then the integral solve on their solution).
+    lp_entropy: lam, the entropy weight of the LP (paper: 1e-3; ``dykstra`` only).
+    lp_iterations: most projection sweeps (paper: at most 100; ``dykstra`` only).
+    lp_tolerance: stop the projections once expert sums are within this relative error of k
+        and token sums exceed b by at most this relative amount (``dykstra`` only).
     causal_mode: ``off`` (plain EC, refused in causal models) or ``prefix`` (causal-safe).
     """
 
     max_experts_per_token: int | None = None
+    lp_solver: str = "exact"
     lp_entropy: float = 1e-3
     lp_iterations: int = 100
+    lp_tolerance: float = 1e-3
     causal_mode: str = "off"
 
     def __post_init__(self) -> None:
@@ -77,6 +99,12 @@ class ExpertChoiceOptions:
                 or self.lp_iterations <= 0:
             raise ConfigError(f"router.options.lp_iterations={self.lp_iterations!r} is invalid: must be a "
                               "positive integer")
+        if self.lp_solver not in LP_SOLVERS:
+            raise ConfigError(f"router.options.lp_solver={self.lp_solver!r} is invalid: allowed values are "
+                              f"{', '.join(map(repr, LP_SOLVERS))}")
+        if isinstance(self.lp_tolerance, bool) or not isinstance(self.lp_tolerance, (int, float)) \
+                or self.lp_tolerance < 0:
+            raise ConfigError(f"router.options.lp_tolerance={self.lp_tolerance!r} is invalid: must be >= 0")
         if self.causal_mode not in CAUSAL_MODES:
             raise ConfigError(f"router.options.causal_mode={self.causal_mode!r} is invalid: allowed values are "
                               f"{', '.join(map(repr, CAUSAL_MODES))}")
@@ -107,19 +135,23 @@ def mask_to_slots(mask_TE: Tensor, weights_TE: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def capped_assignment_lp(scores_TE: Tensor, *, capacity: int, max_per_token: int, entropy: float,
-                         iterations: int) -> Tensor:
+                         iterations: int, tolerance: float = 0.0, info: dict | None = None) -> Tensor:
     """Approximate solution A_TE of the paper's entropy-regularised LP, as log A (<= 0).
 
     max <S, A> + entropy * H(A)  s.t.  sum_t A[t, e] = capacity,  sum_e A[t, e] <= max_per_token,
     0 <= A <= 1. Solved as the KL projection of exp(S / entropy) onto the three sets, cycling:
     the expert-sum set is affine (plain Bregman projection); the token-sum and box sets are
     not, so each keeps a Dykstra correction (multiplicative, i.e. additive in log space).
+    Stops after ``iterations`` sweeps, or earlier once the relative constraint violation
+    (checked every 10 sweeps) is <= ``tolerance``. ``info`` (if given) receives
+    ``iterations`` (sweeps run) and ``violation`` (final relative violation).
     """
     log_a = scores_TE.double() / entropy
     corr_tok = torch.zeros_like(log_a)
     corr_box = torch.zeros_like(log_a)
     log_cap, log_b = math.log(capacity), math.log(max_per_token)
-    for _ in range(iterations):
+    done, violation = 0, float("nan")
+    for done in range(1, iterations + 1):
         log_a = log_a - (torch.logsumexp(log_a, dim=0, keepdim=True) - log_cap)
         y = log_a + corr_tok
         log_a = y - (torch.logsumexp(y, dim=1, keepdim=True) - log_b).clamp_min(0.0)
@@ -127,7 +159,50 @@ def capped_assignment_lp(scores_TE: Tensor, *, capacity: int, max_per_token: int
         y = log_a + corr_box
         log_a = y.clamp_max(0.0)
         corr_box = y - log_a
+        if done % 10 == 0 or done == iterations:
+            a = log_a.exp()
+            violation = max(float((a.sum(0) - capacity).abs().max()) / capacity,
+                            float((a.sum(1) - max_per_token).clamp_min(0).max()) / max_per_token)
+            if violation <= tolerance:
+                break
+    if info is not None:
+        info.update(iterations=done, violation=violation)
     return log_a
+
+
+def integral_capped_assignment(value_TE: Tensor, *, capacity: int, max_per_token: int) -> Tensor:
+    """0/1 assignment mask [T, E] maximising sum value over chosen (token, expert) pairs with
+    at most ``max_per_token`` experts per token and ``capacity`` tokens per expert; every expert
+    gets exactly ``capacity`` when that is feasible (E * capacity <= T * min(b, E), capacity <= T),
+    else the most pairs possible. Exact: scipy's HiGHS on the LP, whose bipartite constraint
+    matrix is totally unimodular, so its basic optimum is integral (checked)."""
+    # Imported here so that `import megamoe` does not pay for scipy.optimize.
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_array, vstack
+
+    num_tokens, num_experts = value_TE.shape
+    value = value_TE.detach().double().cpu().numpy().reshape(-1)  # x is row-major [T, E]
+    n = num_tokens * num_experts
+    ones = np.ones(n)
+    expert_sums = csr_array((ones, (np.tile(np.arange(num_experts), num_tokens), np.arange(n))), shape=(num_experts, n))
+    token_sums = csr_array((ones, (np.repeat(np.arange(num_tokens), num_experts), np.arange(n))), shape=(num_tokens, n))
+    cap_E = np.full(num_experts, float(capacity))
+    b_T = np.full(num_tokens, float(max_per_token))
+    if capacity <= num_tokens and num_experts * capacity <= num_tokens * min(max_per_token, num_experts):
+        res = linprog(-value, A_ub=token_sums, b_ub=b_T, A_eq=expert_sums, b_eq=cap_E, bounds=(0, 1),
+                      method="highs")
+    else:
+        # Infeasible with exact expert loads: maximise the number of pairs first (a bonus per
+        # pair larger than any possible difference in total value), then the value.
+        bonus = float(np.abs(value).sum()) + 1.0
+        res = linprog(-(value + bonus), A_ub=vstack([token_sums, expert_sums]), b_ub=np.concatenate([b_T, cap_E]),
+                      bounds=(0, 1), method="highs")
+    if res.status != 0 or res.x is None:
+        raise RuntimeError(f"expert_choice capped assignment: HiGHS failed ({res.message})")
+    x = res.x
+    if np.abs(x - np.round(x)).max() > 1e-6:
+        raise RuntimeError("expert_choice capped assignment: HiGHS returned a fractional solution")
+    return torch.from_numpy(np.round(x).reshape(num_tokens, num_experts) > 0.5).to(value_TE.device)
 
 
 @torch.no_grad()
@@ -170,6 +245,7 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
                 raise ConfigError("router.options.max_experts_per_token cannot be combined with causal_mode="
                                   f"{options.causal_mode!r}: the LP couples all tokens of the batch")
         self._init_weight(num_experts, hidden_size)
+        self._lp_stats: dict[str, Tensor] = {}
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         cfg, opts = self.config, self.options
@@ -183,6 +259,7 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
         logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
         scores_TE = score(logits_TE, cfg.score_func)
         num_tokens = x_TD.shape[0]
+        self._lp_stats: dict[str, Tensor] = {}
         if opts.causal_mode == "prefix":
             mask_TE = self._prefix_mask(scores_TE.detach(), ctx.sequence_length)
         else:
@@ -200,12 +277,23 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
         if num_tokens == 0:
             return mask_TE
         cap = expert_choice_capacity(num_tokens, num_experts=self.num_experts, capacity_factor=self.capacity_factor)
-        b = self.options.max_experts_per_token
-        rank_by = scores_TE
+        opts = self.options
+        b = opts.max_experts_per_token
         if b is not None and b < self.num_experts:
-            rank_by = capped_assignment_lp(scores_TE, capacity=cap, max_per_token=b,
-                                           entropy=self.options.lp_entropy, iterations=self.options.lp_iterations)
-        top_EK = torch.topk(rank_by.t(), cap, dim=1).indices
+            t0 = time.perf_counter()
+            value_TE = scores_TE
+            if opts.lp_solver == "dykstra":
+                info: dict = {}
+                log_a = capped_assignment_lp(scores_TE, capacity=cap, max_per_token=b, entropy=opts.lp_entropy,
+                                             iterations=opts.lp_iterations, tolerance=opts.lp_tolerance, info=info)
+                # LP value first; among (near-)equal values the higher score.
+                value_TE = log_a.exp() + 1e-3 * scores_TE.double()
+                self._lp_stats.update(lp_iterations=torch.tensor(float(info["iterations"])),
+                                      lp_violation=torch.tensor(info["violation"]))
+            mask_TE = integral_capped_assignment(value_TE, capacity=cap, max_per_token=b)
+            self._lp_stats["lp_seconds"] = torch.tensor(time.perf_counter() - t0)
+            return mask_TE
+        top_EK = torch.topk(scores_TE.t(), cap, dim=1).indices
         mask_TE.scatter_(0, top_EK.t(), True)
         return mask_TE
 
@@ -227,4 +315,5 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
         b = self.options.max_experts_per_token
         if b is not None:
             stats["over_cap_fraction"] = (per_token_T > b).float().mean()
+            stats.update(self._lp_stats)
         return stats

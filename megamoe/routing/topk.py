@@ -10,6 +10,19 @@ keeps at most C slots and the rest are dropped (their tokens pass through the re
 An optional selection bias ``expert_bias`` [E] (a buffer, no gradient) shifts which
 experts are *selected* without changing the combine weights; load balancers such as
 ALF-LB own and update it.
+
+Capacity in eval mode is ``RouterConfig.eval_capacity_factor`` (None: the training one;
+``"dropless"``: none).
+
+Causality. Tokens are flattened [batch, seq] -> T in row-major order, so with drop policy
+``position`` an over-full expert keeps the slots of the earliest flattened tokens: a token's
+drop depends only on its own sequence's earlier tokens and on the sequences before it in the
+batch, never on later tokens of its own sequence (tests/unit/test_topk.py perturbs a later
+token and checks that earlier outputs are bit-identical). With ``probs`` the expert keeps the
+highest-scoring slots of the whole batch, so a later token can push an earlier one out: the
+decoder LM (``megamoe.model.ModelConfig``) refuses that unless ``allow_noncausal_drops``.
+Either way C = ceil(T*K/E * c) depends on T, so incremental decoding (a few tokens per call)
+drops differently from training; ``eval_capacity_factor: dropless`` avoids that.
 """
 from __future__ import annotations
 
@@ -59,10 +72,22 @@ class TopKRouter(LinearRouterMixin, Router):
 
     expert_bias: Tensor | None
 
+    supports_eval_capacity_factor = True
+
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int, options=None) -> None:
         super().__init__(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
         self._init_weight(num_experts, hidden_size)
         self.register_buffer("expert_bias", None, persistent=True)
+
+    @classmethod
+    def causal_problem(cls, config: RouterConfig) -> str | None:
+        factors = [config.capacity_factor, config.capacity_factor_for(training=False)]
+        if config.drop_policy == "probs" and any(f is not None for f in factors):
+            return (f"router {config.name!r} with a capacity (capacity_factor={config.capacity_factor}, "
+                    f"eval_capacity_factor={config.eval_capacity_factor}) and drop_policy='probs' is not causal: an "
+                    "over-full expert keeps the highest-scoring tokens of the whole batch, so a later token can "
+                    "cause an earlier one to be dropped")
+        return None
 
     def enable_selection_bias(self) -> Tensor:
         """Create (once) and return the fp32 selection bias buffer [E], zero-initialised."""
@@ -86,9 +111,10 @@ class TopKRouter(LinearRouterMixin, Router):
         aux = self._aux_loss(logits_TE, scores_TE, selected_E)
 
         stats: dict[str, Tensor] = {}
-        if cfg.capacity_factor is not None:
+        capacity_factor = cfg.capacity_factor_for(self.training)
+        if capacity_factor is not None:
             cap = expert_capacity(x_TD.shape[0], num_experts=self.num_experts, top_k=cfg.top_k,
-                                  capacity_factor=cfg.capacity_factor)
+                                  capacity_factor=capacity_factor)
             keep_TK = apply_capacity(ids_TK, weights_TK, num_experts=self.num_experts, capacity=cap,
                                      policy=cfg.drop_policy)
             ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, -1))

@@ -12,11 +12,20 @@ single-process EP=1 layer computes.
 - ``stochastic`` (granularity ``batch``): every rank seeds its draws identically (seed_draws), so
   every rank picks the same expert, which is exactly the single process's one draw for the
   concatenated global batch. Reference: one call on the whole batch.
+- ``skip`` (capacity factor 0.5, so tokens are skipped and Horvitz-Thompson weights exceed 1) and
+  ``balanced`` (groups of 4 local tokens): trained through ``estimator_loss`` (pathwise +
+  score-function gradient) for two steps, so the second step uses a non-zero EMA baseline.
+  Semantics under EP (megamoe/routing/estimators.py): each rank routes its own tokens with a
+  per-rank capacity / grouping, its own baseline and its own draws; ``seed_estimator_draws``
+  seeds each rank's generator from (seed, router, rank). Reference: one fresh copy of the layer
+  per rank, seeded with that rank's seed, run on that rank's tokens; gradients summed over copies.
 
 Outputs, input gradients, router gradients (summed over ranks) and every expert's gradient
 (assembled from the shards) must match. fp32, rtol=1e-4, atol=1e-5.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -25,6 +34,8 @@ import torch.distributed as dist
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 from megamoe.layer import MoELayer
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
+from megamoe.routing import estimator_loss
+from megamoe.routing.estimators import seed_estimator_draws
 from megamoe.routing.stochastic import seed_draws
 from megamoe.testing import run_distributed
 
@@ -37,7 +48,11 @@ ROUTERS = {
                             options={"warmup_steps": 0, "compete_prob": 1.0, "mse_coef": 0.5}),
     "expert_choice": RouterConfig(name="expert_choice", top_k=1, aux_loss_coef=0.0, capacity_factor=1.0),
     "stochastic": RouterConfig(name="stochastic", top_k=1, aux_loss_coef=0.0, options={"granularity": "batch"}),
+    "skip": RouterConfig(name="skip", top_k=1, aux_loss_coef=0.0, capacity_factor=0.5),
+    "balanced": RouterConfig(name="balanced", top_k=1, aux_loss_coef=0.0, options={"group_size": 4}),
 }
+ESTIMATORS = ("skip", "balanced")
+STEPS = 2  # estimator routers: the second step runs with a non-zero EMA baseline
 
 
 def make_case(name: str) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
@@ -45,15 +60,29 @@ def make_case(name: str) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
     cfg = MoEConfig(hidden_size=HIDDEN, num_experts=EXPERTS, router=ROUTERS[name],
                     experts=ExpertConfig(intermediate_size=8, activation="swiglu", impl="loop"))
     layer = MoELayer(cfg)
-    x = torch.randn(WORLD * TOKENS_PER_RANK, HIDDEN)
-    g = torch.randn(WORLD * TOKENS_PER_RANK, HIDDEN)
+    steps = STEPS if name in ESTIMATORS else 1
+    x = torch.randn(steps, WORLD * TOKENS_PER_RANK, HIDDEN).squeeze(0)
+    g = torch.randn(steps, WORLD * TOKENS_PER_RANK, HIDDEN).squeeze(0)
     if name == "stochastic":
         seed_draws(layer, SEED)
     return layer, x, g
 
 
 def _chunk(t: torch.Tensor, rank: int) -> torch.Tensor:
-    return t[rank * TOKENS_PER_RANK:(rank + 1) * TOKENS_PER_RANK]
+    return t[..., rank * TOKENS_PER_RANK:(rank + 1) * TOKENS_PER_RANK, :]
+
+
+def _estimator_steps(layer: MoELayer, x_local: torch.Tensor, g_local: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """STEPS forward/backward passes through estimator_loss (grads accumulate). Returns the
+    outputs [STEPS, T, D] and per-step statistics."""
+    outs, stats = [], []
+    for step in range(STEPS):
+        out = layer(x_local[step])
+        token_loss = (out * g_local[step]).sum(-1)
+        estimator_loss(layer, token_loss, reduction="sum").backward()
+        outs.append(out.detach())
+        stats.append({k: v for k, v in layer.last_stats.as_floats().items() if k != "assignment_seconds"})
+    return torch.stack(outs), {"stats": stats, "baseline": float(layer.router.baseline_value)}
 
 
 def _grads(layer: MoELayer) -> dict:
@@ -68,9 +97,15 @@ def worker(rank: int, world: int) -> dict:
         layer, x, g = make_case(name)
         apply_expert_parallel(layer, groups)
         x_local = _chunk(x, rank).clone().requires_grad_(True)
-        out = layer(x_local)
-        (out * _chunk(g, rank)).sum().backward()
-        results[name] = {"out": out.detach(), "gx": x_local.grad, **_grads(layer),
+        extra: dict = {}
+        if name in ESTIMATORS:
+            assert seed_estimator_draws(layer, SEED) == 1  # rank taken from torch.distributed
+            out, extra = _estimator_steps(layer, x_local, _chunk(g, rank))
+        else:
+            out = layer(x_local)
+            (out * _chunk(g, rank)).sum().backward()
+            out = out.detach()
+        results[name] = {"out": out, "gx": x_local.grad, **_grads(layer), **extra,
                          "offset": layer.dispatcher.local_expert_offset,
                          "competition": layer.last_stats.extra.get("competition")}
     dist.barrier()
@@ -80,6 +115,20 @@ def worker(rank: int, world: int) -> dict:
 def _reference(name: str) -> dict:
     layer, x, g = make_case(name)
     x = x.clone().requires_grad_(True)
+    if name in ESTIMATORS:
+        # One independent replica per rank (own capacity, baseline and draws); grads summed.
+        outs, gx, grads, extras = [], [], [], []
+        for r in range(WORLD):
+            replica = copy.deepcopy(layer)
+            seed_estimator_draws(replica, SEED, rank=r)
+            x_r = _chunk(x, r).detach().clone().requires_grad_(True)
+            out, extra = _estimator_steps(replica, x_r, _chunk(g, r))
+            outs.append(out)
+            gx.append(x_r.grad)
+            grads.append(_grads(replica))
+            extras.append(extra)
+        summed = {k: {n: sum(gr[k][n] for gr in grads) for n in grads[0][k]} for k in ("router", "experts")}
+        return {"out": outs, "gx": torch.cat(gx, dim=-2), **summed, "extras": extras}
     if name == "stochastic":
         out = layer(x)
         (out * g).sum().backward()
@@ -104,6 +153,16 @@ def test_router_ep2_matches_single_process(name: str, ep_results: list[dict]) ->
     results = [r[name] for r in ep_results]
     if name == "compete":
         assert all(float(r["competition"]) == 1.0 for r in results), "the test must run competition steps"
+    if name in ESTIMATORS:
+        for rank, got in enumerate(results):
+            want = ref["extras"][rank]
+            assert got["baseline"] == pytest.approx(want["baseline"], rel=1e-5)
+            assert got["stats"] == pytest.approx(want["stats"], rel=1e-5, abs=1e-6)
+        if name == "skip":  # the test must exercise skipping and Horvitz-Thompson weights > 1
+            assert all(st["skipped_fraction"] > 0 and st["max_ht_weight"] > 1
+                       for r in results for st in r["stats"])
+        # ranks draw independently: identical routing on both ranks would hide a rank mix-up
+        assert not torch.equal(results[0]["out"], results[1]["out"])
     for n, grad in ref["router"].items():
         torch.testing.assert_close(sum(r["router"][n] for r in results), grad, **TOL)
     full = {n: torch.zeros_like(t) for n, t in ref["experts"].items()}

@@ -241,3 +241,30 @@ def test_estimators_refuse_causal_training_when_tokens_are_coupled():
     dropless = small_layer("skip")
     dropless.causal = True
     dropless(x)
+
+
+def test_seed_estimator_draws_is_reproducible_per_rank_and_independent_of_global_rng():
+    from megamoe.routing.estimators import seed_estimator_draws
+    x = torch.randn(64, 3, dtype=torch.double)
+
+    def draws(name, seed, rank, **kw):
+        layer = small_layer(name, sharpness=0.0, **kw)  # uniform p(e|x): every draw is pure noise
+        torch.manual_seed(1000 + rank)  # the global RNG must not matter once seeded
+        assert seed_estimator_draws(layer, seed, rank=rank) == 1
+        ids = [layer.compute(x).decision.expert_ids_TK[:, 0] for _ in range(2)]
+        layer.router.pending = None
+        return torch.cat(ids)
+
+    for name, kw in [("skip", {"capacity_factor": 0.5}), ("balanced", {"options": {"group_size": 8}})]:
+        a = draws(name, 7, 0, **kw)
+        assert torch.equal(a, draws(name, 7, 0, **kw))
+        assert not torch.equal(a[:64], a[64:])      # the generator advances between calls
+        assert not torch.equal(a, draws(name, 7, 1, **kw))   # other rank, other draws
+        assert not torch.equal(a, draws(name, 8, 0, **kw))   # other seed, other draws
+    layer = small_layer("skip", capacity_factor=0.5)
+    seed_estimator_draws(layer, 3, rank=0)
+    seed_estimator_draws(layer, None)               # back to the global RNG
+    torch.manual_seed(5)
+    first = layer.compute(x).decision.expert_ids_TK
+    torch.manual_seed(5)
+    assert torch.equal(first, layer.compute(x).decision.expert_ids_TK)

@@ -54,7 +54,11 @@ CASES = {
         False, "qwen2_moe"),
     "glm4_moe_sigmoid_bias": (tiny(router=RouterConfig(top_k=2, score_func="sigmoid"), moe_layers=[1, 2],
                                    num_shared_experts=1, shared_intermediate_size=20), True, "glm4_moe"),
-    "megamoe_capacity": (tiny(router=RouterConfig(top_k=2, capacity_factor=1.0)), False, "megamoe"),
+    "megamoe_capacity": (tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")), False,
+                         "megamoe"),
+    # trained with drops, dropless at inference: Mixtral computes the same function
+    "mixtral_eval_dropless": (tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position",
+                                                       eval_capacity_factor="dropless")), False, "mixtral"),
 }
 
 
@@ -119,7 +123,8 @@ def test_bias_matters_so_verification_is_meaningful():
 @pytest.mark.parametrize("cfg, bias, fmt, fragment", [
     (tiny(router=RouterConfig(top_k=2, score_func="sigmoid")), True, "deepseek_v3", "kv_a_layernorm"),
     (tiny(router=RouterConfig(top_k=2, score_func="sigmoid")), True, "mixtral", "score_func='sigmoid'"),
-    (tiny(router=RouterConfig(top_k=2, capacity_factor=1.25)), False, "qwen2_moe", "capacity_factor=1.25"),
+    (tiny(router=RouterConfig(top_k=2, capacity_factor=1.25, drop_policy="position")), False, "qwen2_moe",
+     "capacity_factor=1.25"),
     (tiny(experts=ExpertConfig(intermediate_size=16, activation="gelu")), False, "mixtral", "activation='gelu'"),
     (tiny(moe_layers=[0, 2]), False, "glm4_moe", "first_k_dense_replace"),
     (tiny(num_shared_experts=1), False, "mixtral", "shared expert"),

@@ -199,7 +199,7 @@ def test_import_refuses_what_megamoe_cannot_compute(tmp_path):
     (mla(router=RouterConfig(top_k=2)), "deepseek_v3", "score_func='softmax'"),
     (mla(moe_layers=[0, 2]), "deepseek_v3", "first_k_dense_replace"),
     (mla(num_shared_experts=1, shared_expert_gate=True), "deepseek_v3", "shared experts are ungated"),
-    (mla(router=RouterConfig(top_k=2, capacity_factor=1.0, score_func="sigmoid")), "deepseek_v3", "dropless"),
+    (mla(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position", score_func="sigmoid")), "deepseek_v3", "dropless"),
     (mla(attention="gqa", q_lora_rank=None, kv_lora_rank=None, qk_nope_head_dim=None, qk_rope_head_dim=None,
          v_head_dim=None, num_kv_heads=2, router=RouterConfig(top_k=2, routed_scaling_factor=2.0)),
      "mixtral", "routed_scaling_factor=2.0"),

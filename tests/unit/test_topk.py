@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megamoe import RouterConfig
-from megamoe.routing import build_router
+from megamoe.routing import RoutingContext, build_router
+from megamoe.testing import assert_prefix_unchanged
 from megamoe.routing.capacity import apply_capacity, expert_capacity
 from megamoe.routing.losses import attach_aux_loss, load_balancing_loss, z_loss
 
@@ -159,3 +160,75 @@ def test_selection_bias_changes_choice_not_weights():
     assert d.expert_ids_TK.item() == 1
     torch.testing.assert_close(d.weights_TK, torch.softmax(x, -1)[:, 1:2])
     assert "expert_bias" in r.state_dict()
+
+
+# ------------------------------------------------------------------ eval capacity, causality
+def test_eval_capacity_factor_none_number_and_dropless():
+    x_logits = torch.tensor([[5.0, 0, 0, 0], [4.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    # T=4, E=4, top-1: capacity_factor 1.0 -> C=1, 2.0 -> C=2; three tokens want expert 0.
+    cases = [(None, [0, -1, -1, 3]), (2.0, [0, 0, -1, 3]), ("dropless", [0, 0, 0, 3])]
+    for eval_cf, eval_ids in cases:
+        r = make_router(top_k=1, capacity_factor=1.0, eval_capacity_factor=eval_cf)
+        x = set_logits(r, x_logits)
+        assert r(x).expert_ids_TK.flatten().tolist() == [0, -1, -1, 3]  # training: C=1 always
+        r.eval()
+        d = r(x)
+        assert d.expert_ids_TK.flatten().tolist() == eval_ids, eval_cf
+        assert d.tokens_per_expert_E.sum() == sum(i >= 0 for i in eval_ids)
+    # Dropless training, capacity in eval only.
+    r = make_router(top_k=1, eval_capacity_factor=1.0)
+    x = set_logits(r, x_logits)
+    assert r(x).expert_ids_TK.flatten().tolist() == [0, 0, 0, 3]
+    assert r.eval()(x).expert_ids_TK.flatten().tolist() == [0, -1, -1, 3]
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "none", True, [1.0]])
+def test_bad_eval_capacity_factor_names_the_field(value):
+    from megamoe import ConfigError
+    with pytest.raises(ConfigError, match="eval_capacity_factor"):
+        RouterConfig(eval_capacity_factor=value)
+
+
+@pytest.mark.parametrize("name", ["expert_choice", "skip", "balanced", "stochastic"])
+def test_routers_without_eval_capacity_refuse_it(name):
+    from megamoe import ConfigError
+    with pytest.raises(ConfigError, match=rf"eval_capacity_factor='dropless' is invalid for router '{name}'"):
+        build_router(RouterConfig(name=name, top_k=1, eval_capacity_factor="dropless"), hidden_size=4, num_experts=4)
+
+
+def capacity_layer(policy, capacity_factor=0.75):
+    from megamoe import ExpertConfig, MoEConfig, MoELayer
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=8, num_experts=4, experts=ExpertConfig(intermediate_size=16),
+                    router=RouterConfig(top_k=2, aux_loss_coef=0.0, capacity_factor=capacity_factor,
+                                        drop_policy=policy))
+    return MoELayer(cfg, causal=True)
+
+
+def test_position_drops_are_causal_within_a_sequence():
+    """[B, S] flattened row-major: a token's drop never depends on later tokens of its sequence.
+    C = 48 of 64 slots per expert: drops happen inside sequence 1 (many experts over-full)."""
+    layer = capacity_layer("position")
+    x = torch.randn(2, 64, 8)
+    out = layer(x)
+    assert 0.1 < float(layer.last_stats.dropped_fraction) < 0.5
+    for t in (10, 30, 45, 63):
+        x2 = x.clone()
+        x2[1, t] = x[1, :t].mean(0) * 50  # a late token that outbids every earlier one
+        out2 = layer(x2)
+        # Routing (with its drops) is bit-identical; outputs equal up to BLAS rounding (see the helper).
+        early = torch.cat([torch.ones(64, dtype=torch.bool), torch.arange(64) < t])
+        ids, ids2 = (layer.router(v.reshape(-1, 8), RoutingContext(causal=True)).expert_ids_TK for v in (x, x2))
+        assert torch.equal(ids[early], ids2[early]), f"routing before position {t} changed"
+        assert_prefix_unchanged(out2[1, :t], out[1, :t], f"outputs before position {t}")
+        assert_prefix_unchanged(out2[0], out[0], "an earlier sequence")
+
+
+def test_probs_drops_leak_later_tokens_so_the_causal_check_can_fail():
+    layer = capacity_layer("probs")
+    x = torch.randn(2, 64, 8)
+    out = layer(x)
+    x2 = x.clone()
+    x2[1, 63] = x[1, :63].mean(0) * 50
+    with pytest.raises(AssertionError):
+        assert_prefix_unchanged(layer(x2)[1, :63], out[1, :63])
