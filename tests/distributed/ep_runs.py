@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from megamoe.testing import run_distributed
 
-ZERO_RUNS = ((2, 2, "fp32"), (2, 1, "fp32"), (2, 0, "fp32"), (2, 3, "fp32"), (2, 2, "bf16"))
+ZERO_RUNS = ((2, 2, "fp32"), (2, 1, "fp32"), (2, 0, "fp32"), (2, 3, "fp32"), (2, 2, "bf16"), (2, 3, "bf16"))
 ZERO3_EP1_RUNS = ((1, 3, "fp32"),)  # world 2
 
 

@@ -11,7 +11,7 @@ partitioned (experts over the expert-data-parallel group, checked in the workers
 
 Tolerance: fp32 runs: rtol=1e-4, atol=2e-5 on every parameter after the last step, on
 every step's global mean loss and on every step's pre-clip global gradient norm.
-bf16 run (ZeRO-2, bf16 weights and activations, fp32 master weights) against the same fp32
+bf16 runs (ZeRO-2 and ZeRO-3, bf16 weights and activations, fp32 master weights) against the same fp32
 reference: losses atol=2e-2, gradient norms rtol=3e-2, parameters rtol=1.6e-2 (two bf16
 ulps) + atol=2e-2 (AdamW turns bf16 noise in near-zero gradients into steps of up to lr
 each, 3 steps x 3e-3 ~ 1e-2; the loss and gradient-norm checks are the sharp ones here).
