@@ -77,6 +77,7 @@ def _train(rank: int, world: int, stage: int) -> dict:
         losses.append(float(total) / world)
         norms.append(float(engine.get_global_grad_norm()))
     return {"losses": losses, "grad_norms": norms, "scales": scales, "skipped": engine.skipped_steps,
+            "global_steps": engine.global_steps,
             "state": {k: v.float() for k, v in mds.module_state_dict(engine).items()},
             "ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "ep_size": groups.ep_size}
 
@@ -132,7 +133,9 @@ def test_fp16_dynamic_loss_scaling_matches_single_process(ep_runs, stage: int) -
     kept = [s for s in range(STEPS) if s != OVERFLOW_STEP]
     initial = 2.0 ** INITIAL_SCALE_POWER
     for r in per_rank:
-        assert r["skipped"] == 1
+        # The skipped step still counts once as a step (ALF-LB's DeepSpeed hook updates on
+        # global_steps, so the overflow step's routed tokens are neither lost nor counted twice).
+        assert r["skipped"] == 1 and r["global_steps"] == STEPS
         # The scale seen by each step's forward: halved by the overflow, not before.
         assert r["scales"] == [initial] * (OVERFLOW_STEP + 1) + [initial / 2] * (STEPS - OVERFLOW_STEP - 1)
         torch.testing.assert_close(torch.tensor([r["grad_norms"][s] for s in kept]),
