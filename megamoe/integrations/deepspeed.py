@@ -177,7 +177,11 @@ def _place_zero3_params(model: nn.Module, groups: ExpertParallelGroups) -> None:
 
     from megamoe.layer import MoELayer
 
-    for p in model.parameters():
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            raise ValueError(f"parameter {name!r} is already ZeRO-3 partitioned (built under deepspeed.zero.Init?); "
+                             "build the model normally and let initialize partition it, so expert parameters are "
+                             "partitioned over the expert-data-parallel group")
         if is_expert_param(p):
             p.ds_zero_placement_family = "autoep_expert"
             p.ds_zero_partition_group_name = groups.group_name
@@ -240,7 +244,7 @@ def current_loss_scale(engine) -> float:
         return 1.0
     optimizer = engine.optimizer
     config = getattr(optimizer, "loss_scale_config", None)  # FP16_Optimizer / FP16_UnfusedOptimizer (ZeRO-0)
-    scale = config.cur_scale if config is not None else getattr(optimizer, "cur_scale", None)  # ZeRO-1/2
+    scale = config.cur_scale if config is not None else getattr(optimizer, "cur_scale", None)  # ZeRO-1/2/3
     if scale is None:
         raise RuntimeError(f"cannot read the fp16 loss scale of {type(optimizer).__name__}")
     return float(scale)
