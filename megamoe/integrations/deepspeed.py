@@ -27,11 +27,21 @@ What the glue does, and why:
   with one that counts every dense parameter once and every expert exactly once.
   ZeRO-1/2 and bf16 already compute the global norm that way.
 - Each MoELayer's aux-loss gradient is scaled by 1/gradient_accumulation_steps, like the
-  main loss.
-- ZeRO-3 is refused with a ValueError (supported stages: 0, 1, 2). fp16 (loss scaling)
-  is refused too; use fp32 or bf16.
+  main loss, and under fp16 also by the current dynamic loss scale (read before every
+  forward, so the scale halved after a skipped overflow step applies to the next one).
+- ZeRO-3: expert parameters are partitioned over the expert-data-parallel group only
+  (``ds_zero_partition_process_group``, with DeepSpeed's ``autoep_expert`` placement family
+  so their gradients are averaged over the full data-parallel size and their norm summed
+  over the EP group), dense ones over all ranks; each MoELayer is a ZeRO-3 leaf module
+  (gathered whole before its forward). DeepSpeed's own MoE bookkeeping is not switched on
+  for stage 3 (it refuses its native MoE there and expects AutoEP layers).
+- fp16 works with ZeRO-1/2/3. fp16 with ZeRO-0 is refused: with DeepSpeed 0.19.8's
+  ZeRO-0 fp16 optimizer (FP16_UnfusedOptimizer) under EP=2 the reported gradient norm was
+  1% off the global one even without an aux loss, and 112x off with the aux gradient
+  multiplied by the loss scale as ZeRO-1/2/3 need (its loss scaling is not applied
+  through ``engine.backward``'s ``scale_if_loss``, which only ZeRO optimizers have).
 
-Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) hold DeepSpeed's own files
+Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`, every ZeRO stage) hold DeepSpeed's own files
 (optimizer, ZeRO shards, LR scheduler, client state) plus a ``megamoe/`` folder with the
 dense weights (rank 0) and each EP rank's expert slices, and ``meta.json`` describing the
 layout. Loading at the same world size, EP size and ZeRO stage restores everything. At a
@@ -39,6 +49,9 @@ different EP size or world size the experts are resharded and the weights, step 
 LR scheduler and client state are restored, but **optimizer state (e.g. Adam moments)
 starts from zero**: DeepSpeed's ZeRO shards are laid out by rank and are not resharded.
 :func:`load_full_state_dict` consolidates a checkpoint into a single-process state dict.
+Under ZeRO-3 the megamoe files hold whole tensors (gathered one parameter at a time,
+:func:`module_state_dict`), so they are read the same way at any stage, and loading at
+another layout copies the weights into the partitions and the fp32 master weights.
 """
 from __future__ import annotations
 
@@ -56,7 +69,7 @@ from torch import nn
 from megamoe.atomic import atomic_torch_save, atomic_write
 from megamoe.parallel import ExpertParallelGroups, is_expert_param, moe_layers
 
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_FORMAT = 1
 MEGAMOE_DIR = "megamoe"
 DEFAULT_NO_DECAY = ("bias", "norm")
@@ -107,11 +120,12 @@ def validate_ds_config(ds_config: dict) -> None:
     stage = _zero_stage(ds_config)
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"zero_optimization.stage={stage} is not supported with megamoe expert parallelism; "
-                         f"supported stages are {', '.join(map(str, SUPPORTED_ZERO_STAGES))} (ZeRO-3 would "
-                         "partition the expert weights the all-to-all dispatcher needs whole on their rank)")
-    if (ds_config.get("fp16") or {}).get("enabled", False):
-        raise ValueError("fp16.enabled=true is not supported by megamoe.integrations.deepspeed (the aux-loss "
-                         "gradient is not loss-scaled); use bf16.enabled=true or fp32")
+                         f"supported stages are {', '.join(map(str, SUPPORTED_ZERO_STAGES))}")
+    if (ds_config.get("fp16") or {}).get("enabled", False) and stage == 0:
+        raise ValueError("fp16.enabled=true with zero_optimization.stage=0 is not supported by "
+                         "megamoe.integrations.deepspeed: DeepSpeed's ZeRO-0 fp16 optimizer neither computes the "
+                         "global gradient norm under expert parallelism nor loss-scales the way the aux-loss "
+                         "gradient needs; use fp16 with zero_optimization.stage 1, 2 or 3, or bf16 / fp32 with any stage")
 
 
 def register_groups_with_deepspeed(groups: ExpertParallelGroups) -> None:
@@ -145,6 +159,34 @@ def _deepspeed_recognises_megamoe() -> Iterator[None]:
         yield
     finally:
         ds_engine.MoE = original
+
+
+def _place_zero3_params(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """Tell ZeRO-3 to partition expert parameters over the EDP group only.
+
+    DeepSpeed's stage-3 optimizer partitions a parameter over ``ds_zero_partition_process_group``
+    when it is set (deepspeed/runtime/zero/partition_parameters.py, ``_convert_to_deepspeed_param``)
+    and, for the ``autoep_expert`` placement family, averages its gradient over the full
+    data-parallel size and adds its squared gradient norm over the EP group
+    (deepspeed/runtime/zero/stage3.py, ``_gradient_averaging_world_size``,
+    ``get_grad_norm_direct``): the same semantics as ZeRO-1/2 with ``allreduce=False``.
+    Every MoELayer becomes a ZeRO-3 leaf module, so all of its parameters are gathered once
+    before its forward (routers with every-expert paths use weights outside submodule calls).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from megamoe.layer import MoELayer
+
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            raise ValueError(f"parameter {name!r} is already ZeRO-3 partitioned (built under deepspeed.zero.Init?); "
+                             "build the model normally and let initialize partition it, so expert parameters are "
+                             "partitioned over the expert-data-parallel group")
+        if is_expert_param(p):
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = groups.group_name
+            p.ds_zero_partition_process_group = groups.edp_group
+    set_z3_leaf_modules(model, [MoELayer])
 
 
 def _check_model(model: nn.Module, groups: ExpertParallelGroups) -> None:
@@ -196,6 +238,38 @@ def _install_global_clip(engine, groups: ExpertParallelGroups) -> None:
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
 
 
+def current_loss_scale(engine) -> float:
+    """The factor ``engine.backward`` multiplies the loss by now (1.0 unless fp16)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    optimizer = engine.optimizer
+    config = getattr(optimizer, "loss_scale_config", None)  # FP16_Optimizer / FP16_UnfusedOptimizer (ZeRO-0)
+    scale = config.cur_scale if config is not None else getattr(optimizer, "cur_scale", None)  # ZeRO-1/2/3
+    if scale is None:
+        raise RuntimeError(f"cannot read the fp16 loss scale of {type(optimizer).__name__}")
+    return float(scale)
+
+
+def _track_loss_scale(engine) -> None:
+    """Scale every MoELayer's aux-loss gradient by the current fp16 loss scale.
+
+    ``engine.backward`` multiplies the main loss by the loss scale S (and 1/GAS) and the
+    optimizer divides all gradients by S before the update, so the aux loss, which enters
+    autograd beside the loss, must be fed S/GAS too. S changes only inside ``engine.step()``
+    (halved after an overflow, whose step is skipped and whose gradients are discarded;
+    raised after a window without one), so reading it before every forward is enough.
+    """
+    layers = [layer for _, layer in moe_layers(engine.module)]
+    gas = engine.gradient_accumulation_steps()
+
+    def set_scale(module, args):
+        scale = current_loss_scale(engine) / gas
+        for layer in layers:
+            layer.aux_loss_grad_scale = scale
+
+    engine.module.register_forward_pre_hook(set_scale)
+
+
 def initialize(model: nn.Module, ds_config: dict, groups: ExpertParallelGroups, **kw: Any):
     """``deepspeed.initialize`` for a model whose MoE layers are sharded by ``groups``.
 
@@ -224,11 +298,19 @@ def initialize(model: nn.Module, ds_config: dict, groups: ExpertParallelGroups, 
     for _, layer in moe_layers(model):
         # Read by DeepSpeed's MoE bookkeeping (engine.num_experts).
         layer.num_experts = layer.config.num_experts
-    with _deepspeed_recognises_megamoe():
+    if _zero_stage(ds_config) == 3:
+        # Without DeepSpeed's MoE bookkeeping (it refuses its native MoE under stage 3);
+        # the placement attributes carry the expert semantics instead.
+        _place_zero3_params(model, groups)
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kw)
+    else:
+        with _deepspeed_recognises_megamoe():
+            engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kw)
     gas = engine.gradient_accumulation_steps()
     for _, layer in moe_layers(model):
         layer.aux_loss_grad_scale = 1.0 / gas
+    if engine.fp16_enabled():
+        _track_loss_scale(engine)
     if _zero_stage(ds_config) == 0 and not engine.bfloat16_enabled():
         _install_global_clip(engine, groups)
     engine.megamoe_groups = groups
@@ -244,6 +326,58 @@ def _expert_keys(model: nn.Module) -> dict[str, int]:
         for pname, _ in layer.experts.named_parameters():
             keys[prefix + pname] = layer.config.num_experts
     return keys
+
+
+def module_state_dict(engine) -> dict[str, torch.Tensor]:
+    """This rank's module state dict on CPU (its expert slices), with whole tensors.
+
+    Under ZeRO-3 the parameters are gathered one at a time (a collective: every rank must
+    call it), so no rank ever holds more than one whole parameter beyond its partitions.
+    """
+    model = engine.module
+    if not engine.zero_optimization_partition_weights():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    state = model.state_dict(keep_vars=True)
+    params = {id(p): p for p in model.parameters()}
+    out = {}
+    for key, value in state.items():
+        if id(value) in params:
+            with deepspeed.zero.GatheredParameters([value]):
+                out[key] = value.detach().cpu().clone()
+        else:
+            out[key] = value.detach().cpu()
+    return out
+
+
+def _load_module_state(engine, local: dict[str, torch.Tensor], ckpt: str) -> None:
+    """Copy ``local`` into the module; under ZeRO-3 into each partition, then the master weights."""
+    model = engine.module
+    if not engine.zero_optimization_partition_weights():
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(local, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{ckpt} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+        return
+    import deepspeed
+
+    state = model.state_dict(keep_vars=True)
+    missing = sorted(state.keys() - local.keys())
+    unexpected = sorted(local.keys() - state.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    params = {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        for key, value in state.items():
+            if id(value) in params:
+                # Every rank holds the same ``local`` values, so partition-group rank 0's copy
+                # (broadcast on exit, then re-partitioned) is everyone's.
+                with deepspeed.zero.GatheredParameters([value], modifier_rank=0):
+                    value.data.copy_(local[key].to(value.device, value.dtype))
+            else:
+                value.copy_(local[key])
+    engine.optimizer.refresh_fp32_params()
 
 
 def _read_latest(load_dir: str) -> str:
@@ -279,7 +413,7 @@ def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state:
     os.makedirs(out, exist_ok=True)
     model = engine.module
     expert_keys = _expert_keys(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = module_state_dict(engine)
     if rank == 0:
         atomic_torch_save({k: v for k, v in state.items() if k not in expert_keys}, os.path.join(out, "dense.pt"))
         sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
@@ -328,7 +462,7 @@ def _resolve(ckpt_dir: str, tag: str | None) -> str:
 def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the single-process model (all experts local) from a checkpoint.
 
-    Works for any EP size and ZeRO stage 0-2 the checkpoint was written with: dense
+    Works for any EP size and ZeRO stage 0-3 the checkpoint was written with: dense
     tensors come from rank 0, each expert tensor is the concatenation of the EP ranks'
     slices along the expert dimension. Tensors keep the dtype the module held (fp32, or
     bf16 under bf16 training).
@@ -379,13 +513,13 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
             raise FileNotFoundError(f"DeepSpeed could not load {ckpt}")
     full = load_full_state_dict(load_dir, tag)
     local = _local_state(full, engine.module, groups)
-    with torch.no_grad():
-        missing, unexpected = engine.module.load_state_dict(local, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    zero3 = engine.zero_optimization_partition_weights()
+    if not (same_layout and zero3):
+        # (At the same layout DeepSpeed has restored ZeRO-3's partitions and master weights.)
+        _load_module_state(engine, local, ckpt)
     if not same_layout:
         optimizer = engine.optimizer
-        if hasattr(optimizer, "refresh_fp32_params"):
+        if hasattr(optimizer, "refresh_fp32_params") and not zero3:
             # Master weights were copied from the module at initialize; re-copy them.
             optimizer.refresh_fp32_params()
         if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
@@ -397,4 +531,5 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
 
 
 __all__ = ["moe_param_groups", "initialize", "save_checkpoint", "load_checkpoint", "load_full_state_dict",
-           "validate_ds_config", "register_groups_with_deepspeed", "SUPPORTED_ZERO_STAGES"]
+           "module_state_dict",
+           "validate_ds_config", "register_groups_with_deepspeed", "current_loss_scale", "SUPPORTED_ZERO_STAGES"]

@@ -28,7 +28,7 @@ DATA_SOURCES = ("embedded", "files", "hub")
 FILE_FORMATS = ("auto", "text", "json", "parquet")
 BACKENDS = ("deepspeed", "torch")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: deepspeed backend, ZeRO 1-3 (dynamic loss scaling)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -195,7 +195,7 @@ class ParallelConfig:
         via megamoe.parallel) or ``torch`` (one process, or data parallel over
         torch.distributed with every expert on every rank: ``ep_size`` must be 1).
     ep_size: expert-parallel group size; must divide the world size and num_experts.
-    zero_stage: DeepSpeed ZeRO stage 0, 1 or 2 (deepspeed backend).
+    zero_stage: DeepSpeed ZeRO stage 0, 1, 2 or 3 (deepspeed backend).
     dist_backend: process-group backend (``auto``: nccl on CUDA, gloo otherwise).
     """
 
@@ -208,8 +208,8 @@ class ParallelConfig:
         n = "parallel"
         _choice(n, "backend", self.backend, BACKENDS)
         _positive_int(n, "ep_size", self.ep_size)
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"{n}.zero_stage={self.zero_stage!r} is invalid: allowed values are 0, 1, 2")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{n}.zero_stage={self.zero_stage!r} is invalid: allowed values are 0, 1, 2, 3")
         _choice(n, "dist_backend", self.dist_backend, DIST_BACKENDS)
 
 
@@ -231,6 +231,10 @@ class TrainConfig:
         if self.balancing is not None and not isinstance(self.balancing, Mapping):
             raise ConfigError(f"balancing={self.balancing!r} is invalid: must be a mapping of balancer "
                               "options or null")
+        if self.train.precision == "fp16" and (self.parallel.backend != "deepspeed" or self.parallel.zero_stage == 0):
+            raise ConfigError(f"train.precision='fp16' is invalid with parallel.backend={self.parallel.backend!r} and "
+                              f"parallel.zero_stage={self.parallel.zero_stage}: fp16 (dynamic loss scaling) needs "
+                              "parallel.backend=deepspeed with zero_stage 1, 2 or 3; use precision bf16 or fp32 otherwise")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is invalid: must be <= "
                               f"model.max_seq_len={self.model.max_seq_len}")

@@ -1,4 +1,4 @@
-"""One process spawn per world size for all expert-parallel distributed tests.
+"""One process spawn per world size for all expert-parallel distributed tests (EP layer, ZeRO-0..3, fp16, checkpoints).
 
 Starting a process that imports torch and DeepSpeed costs far more on a 2-core CI machine
 than the tiny jobs themselves, so the EP tests share two spawns: world 2 runs the EP=2
@@ -15,16 +15,20 @@ from __future__ import annotations
 
 from megamoe.testing import run_distributed
 
-ZERO_RUNS = ((2, 2, "fp32"), (2, 1, "fp32"), (2, 0, "fp32"), (2, 2, "bf16"))
+ZERO_RUNS = ((2, 2, "fp32"), (2, 1, "fp32"), (2, 0, "fp32"), (2, 3, "fp32"), (2, 2, "bf16"), (2, 3, "bf16"))
+ZERO3_EP1_RUNS = ((1, 3, "fp32"),)  # world 2
 
 
 def world_worker(rank: int, world: int, root: str) -> dict:
     import test_ep_checkpoint as ckpt
     import test_ep_deepspeed as zero
+    import test_ep_fp16 as fp16
     import test_ep_layer as layer
 
     if world == 2:
         return {"layer": layer.worker(rank, world, (2,)), "all_remote": zero.all_remote_step(rank, world),
+                "zero": {run: zero.train_ds(rank, world, *run) for run in ZERO3_EP1_RUNS},
+                "fp16": fp16.train_fp16(rank, world),
                 "ckpt": ckpt.world2(rank, world, root)}
     return {"layer": layer.worker(rank, world, (4, 2)),
             "zero": {run: zero.train_ds(rank, world, *run) for run in ZERO_RUNS},

@@ -1,14 +1,17 @@
 """DeepSpeed ZeRO training with expert parallelism == single-process training.
 
-4 real gloo processes run EP=2 x DP=2 under ZeRO-1 and ZeRO-2 (and ZeRO-0) for a few
+4 real gloo processes run EP=2 x DP=2 under ZeRO-1, ZeRO-2 and ZeRO-3 (and ZeRO-0) for a few
 AdamW steps of a tiny MoE transformer with weight decay, gradient accumulation (2
 micro-batches) and active global-norm gradient clipping. The reference trains the full
 model in this process on the same global batch, split into the same per-rank
 micro-batches (routing and aux losses are per micro-batch and rank in both runs).
+2 processes run ZeRO-3 without expert parallelism (EP=1, experts partitioned over both
+ranks). The ZeRO-3 runs set the persistence thresholds to 0, so every parameter is really
+partitioned (experts over the expert-data-parallel group, checked in the workers).
 
 Tolerance: fp32 runs: rtol=1e-4, atol=2e-5 on every parameter after the last step, on
 every step's global mean loss and on every step's pre-clip global gradient norm.
-bf16 run (ZeRO-2, bf16 weights and activations, fp32 master weights) against the same fp32
+bf16 runs (ZeRO-2 and ZeRO-3, bf16 weights and activations, fp32 master weights) against the same fp32
 reference: losses atol=2e-2, gradient norms rtol=3e-2, parameters rtol=1.6e-2 (two bf16
 ulps) + atol=2e-2 (AdamW turns bf16 noise in near-zero gradients into steps of up to lr
 each, 3 steps x 3e-3 ~ 1e-2; the loss and gradient-norm checks are the sharp ones here).
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
-from ep_runs import ZERO_RUNS
+from ep_runs import ZERO3_EP1_RUNS, ZERO_RUNS
 from tiny_model import build_model, global_batches, lm_loss
 
 STEPS, GAS, MICRO, SEQ = 3, 2, 2, 8
@@ -30,9 +33,13 @@ BF16_TOL = {"loss": dict(rtol=0, atol=2e-2), "norm": dict(rtol=3e-2, atol=0), "p
 
 
 def ds_config(stage: int, world: int, dtype: str = "fp32") -> dict:
+    zero = {"stage": stage}
+    if stage == 3:
+        # Partition every parameter (by default ZeRO-3 keeps parameters this small whole).
+        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
     return {"bf16": {"enabled": dtype == "bf16"},"train_batch_size": MICRO * GAS * world, "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": GAS, "gradient_clipping": CLIP,
-            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
 
 
@@ -64,8 +71,14 @@ def train_ds(rank: int, world: int, ep_size: int, stage: int, dtype: str) -> dic
         dist.all_reduce(total)
         losses.append(float(total) / world)
         norms.append(float(engine.get_global_grad_norm()))
+    if stage == 3:
+        # Really partitioned: experts over the EDP group, dense parameters over all ranks.
+        for name, p in model.named_parameters():
+            expected = groups.edp_group if ".experts." in name else dist.group.WORLD
+            assert p.ds_tensor.numel() < p.ds_numel and dist.get_world_size(p.ds_process_group) == \
+                dist.get_world_size(expected), name
     return {"losses": losses, "grad_norms": norms,
-            "state": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
+            "state": {k: v.float() for k, v in mds.module_state_dict(engine).items()},
             "ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "ep_size": ep_size}
 
 
@@ -105,8 +118,10 @@ def consolidate(results: list[dict]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_zero_stages_match_single_process(ep_runs) -> None:
-    world, runs = 4, ZERO_RUNS
+@pytest.mark.parametrize("world", [4, 2])
+def test_zero_stages_match_single_process(ep_runs, world: int) -> None:
+    """World 4: EP=2 x DP=2 under ZeRO-0/1/2/3 (and bf16); world 2: ZeRO-3 without EP (EP=1)."""
+    runs = ZERO_RUNS if world == 4 else ZERO3_EP1_RUNS
     results = [r["zero"] for r in ep_runs(world)]
     ref = train_reference(world)
     # Clipping must be active, or the global-norm path would go untested.
@@ -169,8 +184,9 @@ def test_all_remote_routing_completes_a_zero2_step(ep_runs) -> None:
         torch.testing.assert_close(got[key], value, **TOL, msg=lambda m: f"{key}: {m}")
 
 
-def test_zero3_is_refused_with_supported_stages() -> None:
+def test_unknown_zero_stage_is_refused_with_supported_stages() -> None:
     from megamoe.integrations.deepspeed import validate_ds_config
 
-    with pytest.raises(ValueError, match="supported stages are 0, 1, 2"):
-        validate_ds_config({"zero_optimization": {"stage": 3}})
+    validate_ds_config({"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="zero_optimization.stage=4 .* supported stages are 0, 1, 2, 3"):
+        validate_ds_config({"zero_optimization": {"stage": 4}})

@@ -61,6 +61,10 @@ def test_moe_param_groups_split_dense_expert_and_no_decay():
 def test_unsupported_deepspeed_configs_are_refused():
     from megamoe.integrations.deepspeed import validate_ds_config
 
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(ValueError, match="fp16.enabled=true with zero_optimization.stage=0 .*stage 1, 2 or 3"):
         validate_ds_config({"fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="zero_optimization.stage=5 .* supported stages are 0, 1, 2, 3"):
+        validate_ds_config({"zero_optimization": {"stage": 5}})
     validate_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    for stage in (1, 2, 3):
+        validate_ds_config({"zero_optimization": {"stage": stage}, "fp16": {"enabled": True}})

@@ -42,7 +42,9 @@ def test_overrides_are_dotted_and_yaml_typed():
     ("trian.steps=3", r"unknown config key 'trian' \(did you mean 'train'\?\)"),
     ("model.router.topk=2", r"unknown config key 'model\.router\.topk' \(did you mean 'top_k'\?\)"),
     ("model.router.name=tpok", r"RouterConfig\.name='tpok' is invalid: unknown router"),
-    ("train.precision=fp8", r"train\.precision='fp8' is invalid: allowed values are 'fp32', 'bf16'"),
+    ("train.precision=fp8", r"train\.precision='fp8' is invalid: allowed values are 'fp32', 'bf16', 'fp16'"),
+    ("train.precision=fp16", r"train\.precision='fp16' is invalid with parallel\.backend='torch' .* zero_stage 1, 2 or 3"),
+    ("parallel.zero_stage=4", r"parallel\.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     ("data.seq_len=4096", r"data\.seq_len=4096 is invalid: must be <= model\.max_seq_len=128"),
     ("data.source=files", r"data\.files is empty"),
     ("parallel.backend=jax", r"parallel\.backend='jax' is invalid"),
@@ -125,3 +127,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1)
     assert all(f(i) >= f(i + 1) for i in range(10, 110))
+
+
+def test_zero3_and_fp16_are_accepted_for_deepspeed():
+    from megamoe.train.backends import deepspeed_config
+
+    cfg = load_config(TINY_CFG, ["parallel.zero_stage=3", "train.precision=fp16"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match=r"train\.precision='fp16' is invalid .* parallel\.zero_stage=0"):
+        load_config(TINY_CFG, ["parallel.zero_stage=0", "train.precision=fp16"])
