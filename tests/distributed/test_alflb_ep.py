@@ -9,7 +9,9 @@ After a few update() steps its biases must equal those one process computes on t
 concatenated batches with the unsharded model, and be bitwise identical on every rank.
 Routing happens before dispatch, so the counts are the same whatever the dispatcher is; the
 test guards the combination (experts elsewhere, routers and balancer everywhere). The model
-and the reference come from test_balancing_dist.py; fp64.
+and the reference come from test_balancing_dist.py; fp64. A third case runs the DeepSpeed
+engine (ZeRO-2, EP=2 x EDP=2, 2 accumulated micro-batches, attach_to_deepspeed) in fp32 on the
+spawn shared with the other EP tests; same checks, biases atol=1e-6.
 """
 from __future__ import annotations
 
