@@ -52,7 +52,7 @@ import json
 import os
 import shutil
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -412,11 +412,13 @@ def _split_entry(state: dict, shape: torch.Size) -> dict:
     return {"tensors": tensors, "other": {k: v for k, v in state.items() if k not in tensors}}
 
 
-def _gather_optimizer_state(engine) -> dict | None:
-    """Every parameter's optimizer state, whole (experts: this rank's slice), keyed by name.
+def _gather_optimizer_state(engine, keep: Callable[[str], bool]) -> dict | None:
+    """The optimizer state of the parameters ``keep(name)`` selects, whole (experts: this
+    rank's slice), keyed by name.
 
     Collective under ZeRO-1/2 and bf16 (each partitioned tensor is all-reduced over the
-    parameter's data-parallel group, dense or expert). None before the first optimizer step.
+    parameter's data-parallel group, dense or expert, one parameter at a time, whether this
+    rank keeps it or not). None before the first optimizer step.
     """
     from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
 
@@ -432,7 +434,8 @@ def _gather_optimizer_state(engine) -> dict | None:
             for name, p in zip(names, params):
                 state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                          for k, v in base.state.get(p, {}).items()}
-                params_out[name] = _split_entry(state, p.shape)
+                if keep(name):
+                    params_out[name] = _split_entry(state, p.shape)
             continue
         flat = partitions[i][1]
         flat_state = base.state.get(flat, {})
@@ -444,14 +447,17 @@ def _gather_optimizer_state(engine) -> dict | None:
                  for k, v in flat_state.items() if k not in tensor_keys}
         for name, p in zip(names, params):
             tensors = {k: safe_get_full_optimizer_state(p, k).detach().float().cpu() for k in tensor_keys}
-            params_out[name] = {"tensors": tensors, "other": dict(other)}
+            if keep(name):
+                params_out[name] = {"tensors": tensors, "other": dict(other)}
     return {"params": params_out, "groups": groups_out}
 
 
 def _save_optimizer_state(engine, out: str, expert_keys: dict[str, int]) -> bool:
     """Write this rank's part of the layout-independent optimizer state; True if there was any."""
     groups: ExpertParallelGroups = engine.megamoe_groups
-    gathered = _gather_optimizer_state(engine)
+    # Only the ranks that write a tensor keep it: rank 0 the dense state, EDP rank 0 the experts.
+    gathered = _gather_optimizer_state(engine, lambda name: (dist.get_rank() == 0 if name not in expert_keys
+                                                            else groups.edp_rank == 0))
     if gathered is None:
         return False
     params = gathered["params"]
