@@ -391,18 +391,34 @@ def _flat_partitions(optimizer) -> list[tuple[list[nn.Parameter], torch.Tensor]]
     return None
 
 
+def _has_master_copies(optimizer) -> bool:
+    # DeepSpeed's unfused mixed-precision optimizer (bf16 at ZeRO-0): its base optimizer steps
+    # one fp32 copy per module parameter (fp32_groups[i][j] for fp16_groups[i][j]).
+    return hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups")
+
+
 def _base_optimizer(optimizer) -> torch.optim.Optimizer:
-    return optimizer.optimizer if _flat_partitions(optimizer) is not None else optimizer
+    wrapped = _flat_partitions(optimizer) is not None or _has_master_copies(optimizer)
+    return optimizer.optimizer if wrapped else optimizer
 
 
 def _grouped_params(engine) -> list[tuple[dict, list[str], list[nn.Parameter]]]:
-    """(base optimizer group, parameter names, module parameters) per optimizer group."""
+    """(base optimizer group, parameter names, module parameters) per optimizer group.
+
+    Without flat partitions, ``group["params"][j]`` (the tensor the base optimizer keys its
+    state by) belongs to the j-th module parameter.
+    """
     names = {id(p): n for n, p in engine.module.named_parameters()}
     partitions = _flat_partitions(engine.optimizer)
     base = _base_optimizer(engine.optimizer)
     out = []
     for i, group in enumerate(base.param_groups):
-        params = list(partitions[i][0]) if partitions is not None else list(group["params"])
+        if partitions is not None:
+            params = list(partitions[i][0])
+        elif _has_master_copies(engine.optimizer):
+            params = list(engine.optimizer.fp16_groups[i])
+        else:
+            params = list(group["params"])
         out.append((group, [names[id(p)] for p in params], params))
     return out
 
@@ -431,9 +447,9 @@ def _gather_optimizer_state(engine, keep: Callable[[str], bool]) -> dict | None:
     for i, (group, names, params) in enumerate(_grouped_params(engine)):
         groups_out.append({"names": names, "hyper": {k: v for k, v in group.items() if k != "params"}})
         if partitions is None:
-            for name, p in zip(names, params):
+            for name, p, stepped in zip(names, params, group["params"]):
                 state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                         for k, v in base.state.get(p, {}).items()}
+                         for k, v in base.state.get(stepped, {}).items()}
                 if keep(name):
                     params_out[name] = _split_entry(state, p.shape)
             continue

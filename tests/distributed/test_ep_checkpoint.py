@@ -13,7 +13,9 @@ Every run's loss curve and final parameters must equal a single-process AdamW ru
 same global batches that never stopped. The global batch is the same at every world size and
 routing is dropless without an aux loss, so nothing depends on how the batch is split.
 ``load_full_state_dict`` must reproduce the saving run's consolidated weights, and
-``load_full_optimizer_state`` the reference optimizer's moments at the save.
+``load_full_optimizer_state`` the reference optimizer's moments at the save. In bf16 (ZeRO-0's
+unfused optimizer and ZeRO-2), Adam state loaded at EP=1 and saved again must equal the
+EP=2 state bit for bit.
 
 Tolerance: fp32; losses rtol=1e-5, atol=1e-6; parameters and moments rtol=1e-4, atol=1e-6
 (Adam divides by sqrt(v), so reduction-order differences of ~1e-7 in small gradients grow to
@@ -97,7 +99,30 @@ def world2(rank: int, world: int, root: str) -> dict:
            "saved_state": {k: v.clone() for k, v in engine.module.state_dict().items()}}
     out["uninterrupted"] = _result(engine, ep2, curve + _train(engine, SAVE_AT, STEPS))
     out["resumed"] = {run: _resume(*run, os.path.join(root, "adamw")) for run in RESUMES[2]}
+    bf16_round_trip(root)
     return out
+
+
+def bf16_round_trip(root: str) -> None:
+    """bf16 at ZeRO-0 (DeepSpeed's unfused optimizer, one fp32 copy per parameter) and ZeRO-2
+    (flat partitions): save at EP=2 (tag "ep2"), load at EP=1 and save again at once (tag "ep1")."""
+    from megamoe.integrations import deepspeed as mds
+
+    for stage in (0, 2):
+        path = os.path.join(root, f"bf16_zero{stage}")
+        for ep_size in (2, 1):
+            groups = build_expert_parallel_groups(ep_size)
+            model = apply_expert_parallel(build_model(seed=ep_size, aux=0.0), groups)
+            config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2,
+                      "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+                      "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6}
+            opt = torch.optim.AdamW(mds.moe_param_groups(model, weight_decay=WD), lr=LR)
+            engine = mds.initialize(model, config, groups, optimizer=opt)
+            if ep_size == 2:
+                _train(engine, 0, SAVE_AT)
+            else:
+                mds.load_checkpoint(engine, path, tag="ep2")
+            mds.save_checkpoint(engine, path, tag=f"ep{ep_size}")
 
 
 def world4(rank: int, world: int, root: str) -> dict:
@@ -166,3 +191,24 @@ def test_checkpoint_resumes_at_other_layouts_with_optimizer_state(ep_runs) -> No
         assert got.keys() == ref["state"].keys()
         for key, value in ref["state"].items():
             torch.testing.assert_close(got[key], value, **PARAM_TOL, msg=lambda m: f"{label} {key}: {m}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bf16_optimizer_state_survives_a_layout_change(ep_runs) -> None:
+    from megamoe.integrations.deepspeed import load_full_optimizer_state
+
+    ep_runs(2)
+    for stage in (0, 2):
+        path = os.path.join(ep_runs.root, f"bf16_zero{stage}")
+        saved, again = (load_full_optimizer_state(path, tag) for tag in ("ep2", "ep1"))
+        assert saved["params"].keys() == again["params"].keys() and len(saved["params"]) > 0
+        for name, entry in saved["params"].items():
+            assert entry["tensors"].keys() == {"exp_avg", "exp_avg_sq"}, name
+            # DeepSpeed's unfused optimizer takes one zero-gradient step at construction.
+            assert float(entry["other"]["step"]) == SAVE_AT + (stage == 0)
+            assert float(again["params"][name]["other"]["step"]) == float(entry["other"]["step"])
+            for key, value in entry["tensors"].items():
+                assert value.abs().max() > 0
+                torch.testing.assert_close(again["params"][name]["tensors"][key], value, rtol=0, atol=0)
+        assert [g["hyper"]["lr"] for g in again["groups"]] == [g["hyper"]["lr"] for g in saved["groups"]]
