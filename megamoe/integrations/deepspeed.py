@@ -44,14 +44,20 @@ What the glue does, and why:
 Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`, every ZeRO stage) hold DeepSpeed's own files
 (optimizer, ZeRO shards, LR scheduler, client state) plus a ``megamoe/`` folder with the
 dense weights (rank 0) and each EP rank's expert slices, and ``meta.json`` describing the
-layout. Loading at the same world size, EP size and ZeRO stage restores everything. At a
-different EP size or world size the experts are resharded and the weights, step counter,
-LR scheduler and client state are restored, but **optimizer state (e.g. Adam moments)
-starts from zero**: DeepSpeed's ZeRO shards are laid out by rank and are not resharded.
-:func:`load_full_state_dict` consolidates a checkpoint into a single-process state dict.
-Under ZeRO-3 the megamoe files hold whole tensors (gathered one parameter at a time,
-:func:`module_state_dict`), so they are read the same way at any stage, and loading at
-another layout copies the weights into the partitions and the fp32 master weights.
+layout, plus the optimizer state in a layout-independent form: per parameter name, each
+element-wise state tensor whole (experts: per EP rank with the expert dimension first), the
+other state (Adam's step) and each group's hyperparameters (the LR in effect). Loading at the
+same world size, EP size and ZeRO stage goes through DeepSpeed's own files. At any other EP
+size, world size or ZeRO stage (0-2) the experts are resharded, the weights, step counter, LR
+scheduler and client state are restored, and each rank's optimizer state (Adam moments,
+step, LR) is rebuilt from the per-name form, so the continued run equals the uninterrupted
+one. :func:`load_full_state_dict` / :func:`load_full_optimizer_state` consolidate a
+checkpoint into the single-process model's state dict / optimizer state. Under bf16 the
+fp32 master weights are re-copied from the bf16 module weights at another layout.
+Under ZeRO-3 the megamoe weight files hold whole tensors (gathered one parameter at a time,
+:func:`module_state_dict`), so they are read the same way at any stage; loading a ZeRO-3 run
+at another layout copies the weights into the partitions and the fp32 master weights, but
+its optimizer state is not in the layout-independent form yet and **restarts from zero**.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ import json
 import os
 import shutil
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -414,6 +420,9 @@ def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state:
     model = engine.module
     expert_keys = _expert_keys(model)
     state = module_state_dict(engine)
+    # Layout-independent optimizer state (collective); ZeRO-3 partitions are not covered yet.
+    has_optimizer_state = (not engine.zero_optimization_partition_weights()
+                           and _save_optimizer_state(engine, out, expert_keys))
     if rank == 0:
         atomic_torch_save({k: v for k, v in state.items() if k not in expert_keys}, os.path.join(out, "dense.pt"))
         sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
@@ -421,7 +430,7 @@ def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state:
                      "global_samples": engine.global_samples}, os.path.join(out, "trainer.pt"))
         meta = {"format": CHECKPOINT_FORMAT, "world_size": groups.world_size, "ep_size": groups.ep_size,
                 "zero_stage": engine.zero_optimization_stage(), "expert_keys": expert_keys,
-                "bf16": bool(engine.bfloat16_enabled())}
+                "bf16": bool(engine.bfloat16_enabled()), "optimizer_state": has_optimizer_state}
         atomic_write(os.path.join(out, "meta.json"),
                       lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(meta, indent=1)))
     if groups.edp_rank == 0:
@@ -492,13 +501,233 @@ def _local_state(full: dict[str, torch.Tensor], model: nn.Module, groups: Expert
     return local
 
 
+# --------------------------------------------------------------------------- optimizer state
+# Saved per parameter *name*, so any layout can rebuild its own share:
+#   optim_dense.pt (rank 0): {"params": {name: entry} for dense parameters, "groups": [...]}
+#   optim_experts_ep<r>.pt (EDP rank 0 of EP rank r): {"params": {name: entry}} for its expert slices
+# entry = {"tensors": {key: fp32 tensor shaped like the parameter}, "other": {key: value}}:
+# element-wise state (Adam's exp_avg, exp_avg_sq) is "tensors" (expert tensors keep the
+# expert dimension first, so EP shards concatenate); everything else (Adam's step) is "other".
+# "groups" = [{"names": [parameter names], "hyper": {lr, betas, weight_decay, ...}}] in
+# optimizer order, so the learning rate in effect at the save is restored with the moments.
+OPTIM_DENSE = "optim_dense.pt"
+_GROUP_KEYS_KEPT = ("params", "name", "moe")  # layout-specific: never copied from a checkpoint
+
+
+def _optim_experts_file(ep_rank: int) -> str:
+    return f"optim_experts_ep{ep_rank:04d}.pt"
+
+
+def _flat_partitions(optimizer) -> list[tuple[list[nn.Parameter], torch.Tensor]] | None:
+    """(module parameters, this rank's flat fp32 partition) per group for DeepSpeed's ZeRO-1/2 and
+    bf16 optimizers, whose base optimizer steps flat partitions; None for a plain torch optimizer."""
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return list(zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups))
+    if hasattr(optimizer, "fp32_groups_flat_partition"):
+        return list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition))
+    return None
+
+
+def _has_master_copies(optimizer) -> bool:
+    # DeepSpeed's unfused mixed-precision optimizer (bf16 at ZeRO-0): its base optimizer steps
+    # one fp32 copy per module parameter (fp32_groups[i][j] for fp16_groups[i][j]).
+    return hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups")
+
+
+def _base_optimizer(optimizer) -> torch.optim.Optimizer:
+    wrapped = _flat_partitions(optimizer) is not None or _has_master_copies(optimizer)
+    return optimizer.optimizer if wrapped else optimizer
+
+
+def _grouped_params(engine) -> list[tuple[dict, list[str], list[nn.Parameter]]]:
+    """(base optimizer group, parameter names, module parameters) per optimizer group.
+
+    Without flat partitions, ``group["params"][j]`` (the tensor the base optimizer keys its
+    state by) belongs to the j-th module parameter.
+    """
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    partitions = _flat_partitions(engine.optimizer)
+    base = _base_optimizer(engine.optimizer)
+    out = []
+    for i, group in enumerate(base.param_groups):
+        if partitions is not None:
+            params = list(partitions[i][0])
+        elif _has_master_copies(engine.optimizer):
+            params = list(engine.optimizer.fp16_groups[i])
+        else:
+            params = list(group["params"])
+        out.append((group, [names[id(p)] for p in params], params))
+    return out
+
+
+def _split_entry(state: dict, shape: torch.Size) -> dict:
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == shape}
+    return {"tensors": tensors, "other": {k: v for k, v in state.items() if k not in tensors}}
+
+
+def _gather_optimizer_state(engine, keep: Callable[[str], bool]) -> dict | None:
+    """The optimizer state of the parameters ``keep(name)`` selects, whole (experts: this
+    rank's slice), keyed by name.
+
+    Collective under ZeRO-1/2 and bf16 (each partitioned tensor is all-reduced over the
+    parameter's data-parallel group, dense or expert, one parameter at a time, whether this
+    rank keeps it or not). None before the first optimizer step.
+    """
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
+
+    partitions = _flat_partitions(engine.optimizer)
+    base = _base_optimizer(engine.optimizer)
+    if not base.state:
+        return None
+    params_out: dict[str, dict] = {}
+    groups_out = []
+    for i, (group, names, params) in enumerate(_grouped_params(engine)):
+        groups_out.append({"names": names, "hyper": {k: v for k, v in group.items() if k != "params"}})
+        if partitions is None:
+            for name, p, stepped in zip(names, params, group["params"]):
+                state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                         for k, v in base.state.get(stepped, {}).items()}
+                if keep(name):
+                    params_out[name] = _split_entry(state, p.shape)
+            continue
+        flat = partitions[i][1]
+        flat_state = base.state.get(flat, {})
+        # DeepSpeed links each parameter to its slice of the partition's state once, right after
+        # the first group steps, when later groups have no state yet: link again, now.
+        lazy_init_hp_params_optimizer_state(params, flat, base.state)
+        tensor_keys = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape]
+        other = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                 for k, v in flat_state.items() if k not in tensor_keys}
+        for name, p in zip(names, params):
+            tensors = {k: safe_get_full_optimizer_state(p, k).detach().float().cpu() for k in tensor_keys}
+            if keep(name):
+                params_out[name] = {"tensors": tensors, "other": dict(other)}
+    return {"params": params_out, "groups": groups_out}
+
+
+def _save_optimizer_state(engine, out: str, expert_keys: dict[str, int]) -> bool:
+    """Write this rank's part of the layout-independent optimizer state; True if there was any."""
+    groups: ExpertParallelGroups = engine.megamoe_groups
+    # Only the ranks that write a tensor keep it: rank 0 the dense state, EDP rank 0 the experts.
+    gathered = _gather_optimizer_state(engine, lambda name: (dist.get_rank() == 0 if name not in expert_keys
+                                                            else groups.edp_rank == 0))
+    if gathered is None:
+        return False
+    params = gathered["params"]
+    if dist.get_rank() == 0:
+        atomic_torch_save({"params": {k: v for k, v in params.items() if k not in expert_keys},
+                           "groups": gathered["groups"]}, os.path.join(out, OPTIM_DENSE))
+    if groups.edp_rank == 0:
+        atomic_torch_save({"params": {k: v for k, v in params.items() if k in expert_keys}},
+                          os.path.join(out, _optim_experts_file(groups.ep_rank)))
+    return True
+
+
+def load_full_optimizer_state(ckpt_dir: str, tag: str | None = None) -> dict | None:
+    """The optimizer state of the single-process model from a checkpoint, or None if it has none.
+
+    Returns ``{"params": {name: {"tensors": {key: tensor}, "other": {key: value}}}, "groups":
+    [{"names": [...], "hyper": {...}}]}``; expert tensors hold all experts (EP shards merged
+    along the expert dimension). For Adam, "tensors" holds exp_avg and exp_avg_sq, "other" step.
+    """
+    ckpt = _resolve(ckpt_dir, tag)
+    meta = _read_meta(ckpt)
+    folder = os.path.join(ckpt, MEGAMOE_DIR)
+    if not meta.get("optimizer_state"):
+        return None
+    dense = torch.load(os.path.join(folder, OPTIM_DENSE), map_location="cpu", weights_only=False)
+    shards = [torch.load(os.path.join(folder, _optim_experts_file(r)), map_location="cpu", weights_only=False)["params"]
+              for r in range(meta["ep_size"])]
+    params = dict(dense["params"])
+    for key, num_experts in meta["expert_keys"].items():
+        if key not in shards[0]:
+            continue  # a frozen expert tensor has no optimizer state
+        tensors = {k: torch.cat([s[key]["tensors"][k] for s in shards]) for k in shards[0][key]["tensors"]}
+        for k, t in tensors.items():
+            if t.shape[0] != num_experts:
+                raise ValueError(f"{ckpt}: optimizer state {k!r} of {key!r} has {t.shape[0]} experts after merging "
+                                 f"{meta['ep_size']} shards, expected {num_experts}")
+        params[key] = {"tensors": tensors, "other": shards[0][key]["other"]}
+    return {"params": params, "groups": dense["groups"]}
+
+
+def _copied(values: dict) -> dict:
+    # A ZeRO partition's step is one tensor shared by its parameters in the checkpoint; torch
+    # optimizers increment step tensors in place, so every parameter needs its own.
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+
+
+def _restore_optimizer_state(engine, full: dict, ckpt: str) -> None:
+    """Rebuild this rank's optimizer state (any EP size, world size, ZeRO stage 0-2) from
+    :func:`load_full_optimizer_state`'s output. Not collective."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+    groups: ExpertParallelGroups = engine.megamoe_groups
+    expert_keys = _expert_keys(engine.module)
+    saved, saved_groups = full["params"], full["groups"]
+    group_of = {name: g["hyper"] for g in saved_groups for name in g["names"]}
+
+    def local(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in expert_keys:
+            return t
+        per_rank = expert_keys[name] // groups.ep_size
+        return t[groups.ep_rank * per_rank:(groups.ep_rank + 1) * per_rank]
+
+    partitions = _flat_partitions(engine.optimizer)
+    base = _base_optimizer(engine.optimizer)
+    grouped = _grouped_params(engine)
+    missing = [n for _, names, _ in grouped for n in names if n not in saved]
+    if missing:
+        raise ValueError(f"{ckpt} has no optimizer state for parameters {missing}; it was saved for another model")
+    sd = base.state_dict()
+    for i, ((_, names, params), sd_group) in enumerate(zip(grouped, sd["param_groups"])):
+        hyper = group_of[names[0]]
+        sd_group.update({k: v for k, v in hyper.items() if k not in _GROUP_KEYS_KEPT})
+        if partitions is None:
+            for index, name in zip(sd_group["params"], names):
+                entry = saved[name]
+                sd["state"][index] = {**_copied(entry["other"]),
+                                      **{k: local(name, t).clone() for k, t in entry["tensors"].items()}}
+        else:
+            # One flat partition per group: element-wise state starts as zeros of its size and
+            # is filled parameter by parameter below (the partition boundaries and padding are
+            # DeepSpeed's); the rest (step) is common to the group's parameters.
+            (index,) = sd_group["params"]
+            flat = partitions[i][1]
+            entry = saved[names[0]]
+            sd["state"][index] = {**_copied(entry["other"]), **{k: torch.zeros_like(flat) for k in entry["tensors"]}}
+    base.load_state_dict(sd)
+    if partitions is None:
+        return
+    for (params, flat), (_, names, _) in zip(partitions, grouped):
+        # load_state_dict made new tensors: point each parameter's fragment at them.
+        lazy_init_hp_params_optimizer_state(params, flat, base.state)
+        for name, p in zip(names, params):
+            for k, t in saved[name]["tensors"].items():
+                safe_set_full_optimizer_state(p, local(name, t).to(flat.device, flat.dtype), k)
+    engine.optimizer._hp_optimizer_states_linked = True
+
+
+def _apply_scheduler_lr(engine) -> None:
+    """Set each optimizer group's LR to the restored scheduler's last LR (torch schedulers)."""
+    get_last_lr = getattr(engine.lr_scheduler, "get_last_lr", None)
+    groups = engine.optimizer.param_groups
+    last = get_last_lr() if get_last_lr is not None else None
+    if last is None or len(last) != len(groups):
+        return
+    for group, lr in zip(groups, last):
+        group["lr"] = lr
+
+
 def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`, at any EP size; returns client_state.
 
-    Same world size, EP size and ZeRO stage: weights, optimizer state, LR scheduler and
-    counters are restored exactly. Otherwise the experts are resharded to this run's EP
-    size and weights, LR scheduler, counters and client_state are restored, while the
-    optimizer state is re-initialised (see the module docstring).
+    Same world size, EP size and ZeRO stage: DeepSpeed restores weights, optimizer state, LR
+    scheduler and counters. Otherwise the experts are resharded to this run's EP size and
+    weights, LR scheduler, counters, client_state and the optimizer state (moments, step,
+    group hyperparameters such as the current LR) are rebuilt for this rank's layout (see
+    the module docstring). Checkpoints saved before the first optimizer step hold no
+    optimizer state; the optimizer then starts fresh.
     """
     groups: ExpertParallelGroups = engine.megamoe_groups
     tag = tag or _read_latest(load_dir)
@@ -522,8 +751,15 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
         if hasattr(optimizer, "refresh_fp32_params") and not zero3:
             # Master weights were copied from the module at initialize; re-copy them.
             optimizer.refresh_fp32_params()
+        full_optimizer = None if zero3 else load_full_optimizer_state(load_dir, tag)
+        if full_optimizer is not None:  # (a ZeRO-3 engine at another layout restarts its optimizer state)
+            _restore_optimizer_state(engine, full_optimizer, ckpt)
         if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
             engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+            if full_optimizer is None:
+                # No saved group hyperparameters were applied: a scheduler's load_state_dict does not
+                # touch the groups, which would keep the schedule's first LR for the next step.
+                _apply_scheduler_lr(engine)
         engine.global_steps = trainer["global_steps"]
         engine.global_samples = trainer["global_samples"]
     dist.barrier()
@@ -531,5 +767,5 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
 
 
 __all__ = ["moe_param_groups", "initialize", "save_checkpoint", "load_checkpoint", "load_full_state_dict",
-           "module_state_dict",
+           "module_state_dict", "load_full_optimizer_state",
            "validate_ds_config", "register_groups_with_deepspeed", "current_loss_scale", "SUPPORTED_ZERO_STAGES"]

@@ -5,7 +5,8 @@ than the tiny jobs themselves, so the EP tests share two spawns: world 2 runs th
 layer cases, a ZeRO-2 step with starved experts and ranks, and saves/resumes the EP=2
 checkpoints; world 4 (started after world 2, as it
 resumes those checkpoints at EP=4) runs the EP=4 and EP=2 x EDP=2 layer cases, the
-DeepSpeed ZeRO training runs and the EP=4 resume. Each test module asserts on its part of
+DeepSpeed ZeRO training runs, ALF-LB through the DeepSpeed engine and the EP=4 and EP=2 x EDP=2
+resumes. Each test module asserts on its part of
 the results against its own single-process reference.
 
 Tests use it through the session fixture ``ep_runs`` (tests/distributed/conftest.py), which
@@ -30,7 +31,9 @@ def world_worker(rank: int, world: int, root: str) -> dict:
                 "zero": {run: zero.train_ds(rank, world, *run) for run in ZERO3_EP1_RUNS},
                 "fp16": fp16.train_fp16(rank, world),
                 "ckpt": ckpt.world2(rank, world, root)}
-    return {"layer": layer.worker(rank, world, (4, 2)),
+    import test_alflb_ep as alflb
+
+    return {"layer": layer.worker(rank, world, (4, 2)), "alflb_ds": alflb.deepspeed_ep_worker(rank, world),
             "zero": {run: zero.train_ds(rank, world, *run) for run in ZERO_RUNS},
             "ckpt": ckpt.world4(rank, world, root)}
 

@@ -9,7 +9,9 @@ After a few update() steps its biases must equal those one process computes on t
 concatenated batches with the unsharded model, and be bitwise identical on every rank.
 Routing happens before dispatch, so the counts are the same whatever the dispatcher is; the
 test guards the combination (experts elsewhere, routers and balancer everywhere). The model
-and the reference come from test_balancing_dist.py; fp64.
+and the reference come from test_balancing_dist.py; fp64. A third case runs the DeepSpeed
+engine (ZeRO-2, EP=2 x EDP=2, 2 accumulated micro-batches, attach_to_deepspeed) in fp32 on the
+spawn shared with the other EP tests; same checks, biases atol=1e-6.
 """
 from __future__ import annotations
 
@@ -58,6 +60,50 @@ def ep_worker(rank: int, world: int, x, y, held) -> dict:
                             "num_updates": bal.num_updates,
                             "eval": evaluate_max_vio(model, [held[rank]])}
     return results
+
+
+# Through the DeepSpeed engine (ZeRO-2, EP=2 x EDP=2 on the 4-process spawn shared with the other
+# EP tests, see ep_runs.py): attach_to_deepspeed must update once per accumulated batch.
+DS_EP, DS_ACCUM, DS_STEPS = 2, 2, 3
+DS_CFG = AuxFreeBalancingConfig("sign", 0.01, "inv")
+
+
+def deepspeed_ep_worker(rank: int, world: int) -> dict:
+    from megamoe.integrations import deepspeed as mds
+
+    x, y, held = make_data(DS_STEPS, world * DS_ACCUM)
+    model = build("softmax", torch.float32)
+    bal = AuxFreeBalancer(model, DS_CFG)
+    groups = build_expert_parallel_groups(DS_EP)
+    apply_expert_parallel(model, groups)
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": DS_ACCUM,
+              "train_batch_size": MICRO * DS_ACCUM * world, "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    engine = mds.initialize(model, config, groups, optimizer=torch.optim.SGD(mds.moe_param_groups(model), lr=LR))
+    bal.attach_to_deepspeed(engine)
+    metrics = []
+    for s in range(DS_STEPS):
+        for m in range(DS_ACCUM):
+            part = rank * DS_ACCUM + m
+            loss = nn.functional.cross_entropy(engine(x[s, part]), y[s, part])
+            engine.backward(loss)
+            engine.step()
+            if m < DS_ACCUM - 1:
+                assert bal.num_updates == s
+        metrics.append(bal.last_metrics)
+    shard = held[rank * DS_ACCUM:(rank + 1) * DS_ACCUM].reshape(-1, DIM)
+    return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
+            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates}
+
+
+@pytest.mark.slow
+def test_alflb_through_deepspeed_engine_under_ep_equals_single_process(ep_runs) -> None:
+    from test_balancing_dist import check_against_reference
+
+    x, y, held = make_data(DS_STEPS, WORLD * DS_ACCUM)
+    ref = reference(x, y, held, "softmax", torch.float32, DS_CFG, LR)
+    assert all(m["alflb/slots"] == WORLD * DS_ACCUM * MICRO * TOP_K for m in ref["metrics"])
+    check_against_reference([r["alflb_ds"] for r in ep_runs(WORLD)], ref, DS_STEPS)
 
 
 @pytest.fixture(scope="module")

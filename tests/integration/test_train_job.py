@@ -194,3 +194,96 @@ def test_two_process_data_parallel_resumes_a_one_process_run(tmp_path, cache_dir
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
         assert sum(g["load"], []) == pytest.approx(sum(w["load"], []), abs=1e-6)
     assert evals[0]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------ DeepSpeed backend, EP=2
+# The same tiny model under the DeepSpeed backend with expert parallelism 2 on 2 gloo processes,
+# started the way launch/quickstart.sh starts it (launch/deepspeed.sh --local-cpu).
+DS_TINY = [o for o in TINY if not o.startswith("parallel.")] + [
+    "parallel.backend=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=1", "train.plots=false",
+    "train.tensorboard=false"]
+DS_ARGS = ("train.steps=12", "train.save_interval=4", "train.eval_interval=12", "train.keep_last=3",
+           "model.router.jitter_eps=0.1")
+
+
+def _ds_cmd(out_dir, cache_dir, *extra, flags=()):
+    from megamoe.testing import free_port
+    return ["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), "--local-cpu", "--nproc", "2", "--master-port",
+            str(free_port()), *flags, TINY_CFG, *DS_TINY, f"train.output_dir={out_dir}",
+            f"data.cache_dir={cache_dir}", *DS_ARGS, *extra]
+
+
+def _ds_env():
+    return dict(_env(), MEGAMOE_PYTHON=sys.executable)
+
+
+def _ds_run(out_dir, cache_dir, *extra, flags=()):
+    proc = subprocess.run(_ds_cmd(out_dir, cache_dir, *extra, flags=flags), cwd=ROOT, env=_ds_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ds_reference(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("ds-reference") / "run"
+    _ds_run(out, cache_dir)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_ep2_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path, cache_dir, ds_reference):
+    killed = tmp_path / "killed"
+    # A session of its own, so the whole launcher tree (runner and both ranks) dies at once.
+    proc = subprocess.Popen(_ds_cmd(killed, cache_dir), cwd=ROOT, env=_ds_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while True:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            steps = [r["step"] for r in _records(killed, "train")] if (killed / "metrics.jsonl").exists() else []
+            if os.path.isdir(killed / "checkpoints" / "step_00000004") and steps and steps[-1] >= 6:
+                break
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    logged_before = max(r["step"] for r in _records(killed, "train"))
+    assert 4 < logged_before < 12  # killed after a checkpoint, with steps past it to redo
+    _ds_run(killed, cache_dir, flags=("--resume",))
+    got, want = _records(killed, "train"), _records(ds_reference, "train")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))
+    keys = ("loss", "aux_loss", "lr", "grad_norm", "max_vio_layers", "load")
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, f"step {g['step']} differs"
+    assert [(r["step"], r["loss"]) for r in _records(killed, "eval")] == \
+        [(r["step"], r["loss"]) for r in _records(ds_reference, "eval")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_ep2_checkpoint_resumes_at_ep1(tmp_path, cache_dir, ds_reference):
+    import shutil
+
+    # The EP=2 run's step-4 checkpoint, alone in a fresh output_dir, resumed with EP=1: experts
+    # and Adam state are resharded, so steps 5-12 repeat the EP=2 run up to reduction order.
+    resumed = tmp_path / "ep1"
+    shutil.copytree(ds_reference / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    _ds_run(resumed, cache_dir, "parallel.ep_size=1", flags=("--resume",))
+    got, want = _records(resumed, "train"), _records(ds_reference, "train")[4:]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(5, 13))
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), f"step {g['step']}"
+        assert g["aux_loss"] == pytest.approx(w["aux_loss"], rel=1e-4, abs=1e-7), f"step {g['step']}"
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), f"step {g['step']}"
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
+        assert sum(g["load"], []) == pytest.approx(sum(w["load"], []), abs=1e-6)
+    assert _records(resumed, "eval")[-1]["loss"] == pytest.approx(_records(ds_reference, "eval")[-1]["loss"],
+                                                                  rel=1e-5)
+    meta = json.load(open(resumed / "checkpoints" / "step_00000012" / "megamoe_config.json"))
+    assert meta["ep_size"] == 1
