@@ -39,8 +39,10 @@ def test_causal_no_future_leak():
     ids2[0, 8] = (ids2[0, 8] + 1) % 97
     with torch.no_grad():
         a, b = model(ids).logits, model(ids2).logits
-    assert torch.equal(a[:, :8], b[:, :8])
-    assert not torch.equal(a[:, 8:], b[:, 8:])
+    # Earlier positions may differ in the last bit (expert GEMMs run over row groups whose size
+    # depends on the routing of the whole batch); a leak would move them by ~0.1 like below.
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-6)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-2
 
 
 def test_loss_and_backward_with_checkpointing_equal_plain():
