@@ -142,8 +142,26 @@ class ExpertBank(nn.Module):
 
     def _forward_loop(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None) -> Tensor:
         sizes = tokens_per_expert_E.tolist()
-        return _SegmentMLP.apply(x_RD, sizes, self._hidden, self.first_weight, self.first_bias, self.down_proj,
-                                 self.down_proj_bias, row_weights_R)
+        return _SegmentMLP.apply(x_RD, None, sizes, self._hidden, self.config.activation, self.first_weight,
+                                 self.first_bias, self.down_proj, self.down_proj_bias, row_weights_R)
+
+    def supports_token_forward(self, x_TD: Tensor) -> bool:
+        """Whether :meth:`forward_tokens` can serve ``x_TD`` (the CPU loop path)."""
+        if x_TD.device.type != "cpu":
+            return False
+        impl = self.config.impl
+        return impl == "loop" or (impl == "auto" and not self._grouped_ok(x_TD))
+
+    def forward_tokens(self, x_TD: Tensor, token_idx_R: Tensor, tokens_per_expert_E: Tensor,
+                       row_weights_R: Tensor) -> Tensor:
+        """Fused gather, experts and weighted combine on one process (CPU loop path):
+        out_t = sum over rows r with token_idx_R[r] == t of row_weights_R[r] * expert(x_t),
+        rows grouped by expert (tokens_per_expert_E sizes), accumulated in row order."""
+        if x_TD.shape[-1] != self.hidden_size:
+            raise ValueError(f"expert input has hidden size {x_TD.shape[-1]}, expected {self.hidden_size}")
+        sizes = tokens_per_expert_E.tolist()
+        return _SegmentMLP.apply(x_TD, token_idx_R, sizes, self._hidden, self.config.activation, self.first_weight,
+                                 self.first_bias, self.down_proj, self.down_proj_bias, row_weights_R)
 
     def _forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
@@ -170,88 +188,146 @@ def _segments(sizes: list[int]):
 
 
 class _SegmentMLP(torch.autograd.Function):
-    """The loop path as one autograd node: per-expert GEMMs write into preallocated row
-    slices, the activation runs once over all rows, and the backward computes weight
-    gradients directly into stacked [E, ...] tensors. Avoids per-expert split/cat and
-    autograd bookkeeping, which dominate for many small experts on CPU. Experts with no
-    rows get exact zero gradients (every parameter always receives a gradient).
+    """The loop path as one autograd node: one GEMM per expert on its contiguous group of
+    rows, everything else (activation, combine weights, biases, gradients) done one expert
+    segment at a time, so no temporary larger than one segment is created beyond the
+    saved pre-activation. Avoids per-expert split/cat and autograd bookkeeping, which
+    dominate for many small experts on CPU. Experts with no rows get exact zero gradients
+    (every parameter always receives a gradient).
 
-    Memory: only x, the pre-activation h and the row weights are saved; the activation is
-    recomputed in backward (it is recomputed there for its own gradient anyway).
-    With row weights w_R the output is y_r * w_r. The forward applies them on the narrower
-    side (hidden activation before the linear down projection, or the output in place);
-    the backward is the same for both and needs no output-sized saved tensor.
+    Two layouts:
+    - ``token_idx_R is None``: input rows x_RD are already grouped by expert; the output is
+      y_RD in the same row order.
+    - ``token_idx_R`` given (single-process fast path): x is x_TD; the rows of each segment
+      are gathered from it (x[token_idx_R[s:t]]) and the weighted outputs scatter-added
+      back to out_TD in row order (CPU index_add_: deterministic). Neither the permuted
+      input nor the per-row output [R, D] (nor their gradients) is ever materialised.
+
+    Memory: only the pre-activation h [R, I'] and the row weights are saved (plus x, which
+    the caller holds anyway); the activation is recomputed per segment in backward.
+    With row weights w_R the output is w_r * (expert(x_r)); the forward applies them on
+    the narrower side (hidden activation before the linear down projection, or the output).
     """
 
     @staticmethod
-    def forward(ctx, x_RD, sizes, hidden_fn, w1, b1, w2, b2, w_R):  # type: ignore[override]
-        num_rows = x_RD.shape[0]
-        sizes_t = torch.tensor(sizes, device=x_RD.device)
-        h = x_RD.new_empty(num_rows, w1.shape[1])
+    def forward(ctx, x, token_idx_R, sizes, hidden_fn, act, w1, b1, w2, b2, w_R):  # type: ignore[override]
+        num_rows = sum(sizes)
+        dim = w2.shape[1]
+        h = x.new_empty(num_rows, w1.shape[1])
+        scatter = token_idx_R is not None
+        out = x.new_zeros(x.shape[0], dim) if scatter else x.new_empty(num_rows, dim)
+        # Scale whichever side is narrower (same function: the projection is linear).
+        scale_output = w2.shape[1] < w2.shape[2]
         for e, s, t in _segments(sizes):
-            torch.mm(x_RD[s:t], w1[e].t(), out=h[s:t])
-        if b1 is not None:
-            h += b1.repeat_interleave(sizes_t, dim=0, output_size=num_rows)
-        a = hidden_fn(h)
-        w_col = None if w_R is None else w_R.to(a.dtype).unsqueeze(1)
-        # Forward: scale whichever side is narrower (same function: the projection is linear).
-        scale_output = w_col is not None and w2.shape[1] < w2.shape[2]
-        if w_col is not None and not scale_output:
-            a = a * w_col
-        y = x_RD.new_empty(num_rows, w2.shape[1])
-        for e, s, t in _segments(sizes):
-            torch.mm(a[s:t], w2[e].t(), out=y[s:t])
-        del a
-        if b2 is not None:
-            b2_rows = b2.repeat_interleave(sizes_t, dim=0, output_size=num_rows)
-            y += b2_rows if scale_output or w_col is None else b2_rows * w_col
-        if scale_output:
-            y.mul_(w_col)
-        ctx.save_for_backward(x_RD, h, w1, w2, w_R, b2)
-        ctx.sizes, ctx.hidden_fn, ctx.has_bias = sizes, hidden_fn, (b1 is not None, b2 is not None)
-        return y
+            x_seg = x.index_select(0, token_idx_R[s:t]) if scatter else x[s:t]
+            h_seg = h[s:t]
+            if b1 is None:
+                torch.mm(x_seg, w1[e].t(), out=h_seg)
+            else:
+                torch.addmm(b1[e], x_seg, w1[e].t(), out=h_seg)
+            del x_seg
+            a_seg = hidden_fn(h_seg)
+            w_seg = None if w_R is None else w_R[s:t].to(a_seg.dtype).unsqueeze(1)
+            if w_seg is not None and not scale_output:
+                a_seg.mul_(w_seg)
+            y_seg = x.new_empty(t - s, dim) if scatter else out[s:t]
+            torch.mm(a_seg, w2[e].t(), out=y_seg)
+            del a_seg
+            if w_seg is not None and scale_output:
+                if b2 is not None:
+                    y_seg.add_(b2[e])
+                y_seg.mul_(w_seg)
+            elif b2 is not None:
+                if w_seg is None:
+                    y_seg.add_(b2[e])
+                else:
+                    y_seg.addcmul_(w_seg, b2[e])
+            if scatter:
+                out.index_add_(0, token_idx_R[s:t], y_seg)
+        ctx.save_for_backward(x, token_idx_R, h, w1, w2, w_R, b2)
+        ctx.sizes, ctx.hidden_fn, ctx.act = sizes, hidden_fn, act
+        ctx.has_b1 = b1 is not None
+        return out
 
     @staticmethod
-    def backward(ctx, g_y):  # type: ignore[override]
-        x_RD, h, w1, w2, w_R, b2 = ctx.saved_tensors
+    def backward(ctx, g_out):  # type: ignore[override]
+        x, token_idx_R, h, w1, w2, w_R, b2 = ctx.saved_tensors
         sizes = ctx.sizes
-        g_y = g_y.contiguous()
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            a_ = ctx.hidden_fn(h_)
-        a = a_.detach()
-        w_col = None if w_R is None else w_R.to(a.dtype).unsqueeze(1)
-        a_in = a * w_col if w_col is not None else a
-        g_a_in = torch.empty_like(a)
-        g_w2 = _grad_buffer(w2, sizes)
+        num_experts = len(sizes)
+        scatter = token_idx_R is not None
+        g_out = g_out.contiguous()
+        g_x = torch.zeros_like(x) if scatter else torch.empty_like(x)
+        g_w1, g_w2 = _grad_buffer(w1, sizes), _grad_buffer(w2, sizes)
+        g_b1 = h.new_zeros(num_experts, h.shape[1]) if ctx.has_b1 else None
+        g_b2 = None if b2 is None else b2.new_zeros(b2.shape)
+        g_w_R = None if w_R is None else torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+        narrow_out = w2.shape[1] < w2.shape[2]
         for e, s, t in _segments(sizes):
-            torch.mm(g_y[s:t], w2[e], out=g_a_in[s:t])
-            torch.mm(g_y[s:t].t(), a_in[s:t], out=g_w2[e])
-        del a_in
-        g_b2 = g_w_R = None
-        if ctx.has_bias[1]:
-            g_b2 = _segment_sums(g_y * w_col if w_col is not None else g_y, sizes, len(sizes))
-        if w_col is not None:
-            g_w_R = (g_a_in * a).sum(1)
-            if b2 is not None:
-                b2_rows = b2.repeat_interleave(torch.tensor(sizes, device=b2.device), dim=0,
-                                               output_size=x_RD.shape[0])
-                g_w_R = g_w_R + (g_y * b2_rows).sum(1)
-            g_a = g_a_in.mul_(w_col)
-        else:
-            g_a = g_a_in
-        del a
-        (g_h,) = torch.autograd.grad(a_, h_, g_a)
-        del a_, h_, g_a, g_a_in
-        g_x = torch.empty_like(x_RD)
-        g_w1 = _grad_buffer(w1, sizes)
-        for e, s, t in _segments(sizes):
-            torch.mm(g_h[s:t], w1[e], out=g_x[s:t])
-            torch.mm(g_h[s:t].t(), x_RD[s:t], out=g_w1[e])
-        g_b1 = _segment_sums(g_h, sizes, len(sizes)) if ctx.has_bias[0] else None
+            idx = token_idx_R[s:t] if scatter else None
+            g_y = g_out.index_select(0, idx) if scatter else g_out[s:t]
+            a, act_backward = _act_forward(ctx.act, ctx.hidden_fn, h[s:t])
+            w_seg = None if w_R is None else w_R[s:t].to(a.dtype).unsqueeze(1)
+            m = torch.mm(g_y, w2[e])  # d loss / d a, before the row weight
+            if w_seg is None:
+                torch.mm(g_y.t(), a, out=g_w2[e])
+                if g_b2 is not None:
+                    g_b2[e] = g_y.sum(0)
+            else:
+                g_w_R[s:t] = (m * a).sum(1)
+                if b2 is not None:
+                    g_w_R[s:t] += g_y @ b2[e]
+                # d/dW2 = (w * g_y)^T a: scale the narrower operand.
+                if narrow_out:
+                    torch.mm((g_y * w_seg).t(), a, out=g_w2[e])
+                else:
+                    torch.mm(g_y.t(), a * w_seg, out=g_w2[e])
+                if g_b2 is not None:
+                    g_b2[e] = (w_seg.t() @ g_y)[0]
+                m.mul_(w_seg)
+            del a, g_y
+            g_h = act_backward(m)
+            del m, act_backward
+            x_seg = x.index_select(0, idx) if scatter else x[s:t]
+            torch.mm(g_h.t(), x_seg, out=g_w1[e])
+            if g_b1 is not None:
+                g_b1[e] = g_h.sum(0)
+            if scatter:
+                g_x.index_add_(0, idx, torch.mm(g_h, w1[e]))
+            else:
+                torch.mm(g_h, w1[e], out=g_x[s:t])
+            del g_h, x_seg
+        if not scatter and sum(sizes) < x.shape[0]:
+            g_x[sum(sizes):].zero_()
         if g_w_R is not None:
             g_w_R = g_w_R.to(w_R.dtype)
-        return g_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w_R
+        return g_x, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w_R
+
+
+def _act_forward(act: str, hidden_fn, h_seg: Tensor):
+    """Activation of one segment and a closure mapping d/d(activation) to d/d(h_seg)."""
+    if act == "swiglu":
+        gate, up = h_seg.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        a = silu * up
+
+        def backward(g_a: Tensor) -> Tensor:
+            g_h = torch.empty_like(h_seg)
+            g_gate, g_up = g_h.chunk(2, dim=-1)
+            torch.mul(g_a, silu, out=g_up)
+            # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+            torch.mul(g_a, up, out=g_gate)
+            g_gate.mul_(silu.mul_(sig.neg().add_(1)).add_(sig))
+            return g_h
+        return a, backward
+    with torch.enable_grad():
+        h_ = h_seg.detach().requires_grad_(True)
+        a_ = hidden_fn(h_)
+
+    def backward_generic(g_a: Tensor) -> Tensor:
+        (g_h,) = torch.autograd.grad(a_, h_, g_a)
+        return g_h
+    return a_.detach(), backward_generic
 
 
 def _grad_buffer(w_E: Tensor, sizes: list[int]) -> Tensor:
@@ -262,13 +338,6 @@ def _grad_buffer(w_E: Tensor, sizes: list[int]) -> Tensor:
         if n == 0:
             buf[e].zero_()
     return buf
-
-
-def _segment_sums(g_RO: Tensor, sizes: list[int], num_experts: int) -> Tensor:
-    out = g_RO.new_zeros(num_experts, g_RO.shape[1])
-    for e, s, t in _segments(sizes):
-        out[e] = g_RO[s:t].sum(0)
-    return out
 
 
 def reference_moe(experts: ExpertBank, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:

@@ -152,9 +152,12 @@ class MoELayer(nn.Module):
         x_TD = hidden_states.reshape(-1, self.config.hidden_size)
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 3 else None
         decision = self.router(x_TD, self.routing_context(seq_len))
-        x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
-        y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E, handle.row_weights_R)
-        out_TD = self.dispatcher.combine(y_RD, handle)
+        fused = getattr(self.dispatcher, "run_experts", None)
+        out_TD = fused(x_TD, decision, self.experts) if fused is not None else None
+        if out_TD is None:
+            x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
+            y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E, handle.row_weights_R)
+            out_TD = self.dispatcher.combine(y_RD, handle)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         stats = self._stats(decision)

@@ -20,6 +20,7 @@ the resident size just before the step. Timing is the median of the later runs.
     python tools/bench_layer.py                       # both shapes, fp32, all implementations
     python tools/bench_layer.py --shapes fine --json out.json
     python tools/bench_layer.py --device cuda --dtype bf16
+    python tools/bench_layer.py --threads 1 --clock cpu  # CPU time: usable on a loaded machine
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _build(impl: str, T: int, H: int, I: int, E: int, K: int, dtype, device):
 
 
 def _worker(impl: str, shape: str, dims, dtype_name: str, device_name: str, warmup: int, repeats: int,
-            threads: int, conn) -> None:
+            threads: int, clock_name: str, conn) -> None:
     try:
         import torch
         torch.set_num_threads(threads)
@@ -154,14 +155,15 @@ def _worker(impl: str, shape: str, dims, dtype_name: str, device_name: str, warm
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
         for _ in range(warmup):
             step()
+        clock = time.process_time if clock_name == "cpu" else time.perf_counter
         times = []
         for _ in range(repeats):
             module.zero_grad(set_to_none=True)
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync()
-            times.append((time.perf_counter() - t0) * 1000)
+            times.append((clock() - t0) * 1000)
         conn.send(Result(shape, impl, statistics.median(times), max(peak, 0.0)))
     except Exception as exc:  # report, don't hide: the table shows the failure
         conn.send(Result(shape, impl, float("nan"), float("nan"), ok=False, error=f"{type(exc).__name__}: {exc}"))
@@ -171,7 +173,7 @@ def run_one(impl: str, shape: str, dims, args) -> Result:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker, args=(impl, shape, dims, args.dtype, args.device, args.warmup, args.repeats,
-                                             args.threads, child))
+                                             args.threads, args.clock, child))
     proc.start()
     child.close()
     try:
@@ -192,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (robust on a loaded machine with --threads 1)")
     p.add_argument("--json", dest="json_path", default=None, help="write results to this JSON file")
     args = p.parse_args(argv)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -202,17 +206,20 @@ def main(argv=None) -> int:
     for i in impls:
         if i not in IMPLS:
             p.error(f"unknown implementation {i!r}; known: {', '.join(IMPLS)}")
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures host CPU time; use it only with --device cpu")
     if args.repeats < 5:
         p.error("--repeats must be at least 5 (median of >= 5 runs)")
 
     report = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
-              "shapes": {}}
+              "clock": args.clock, "shapes": {}}
     for s in shapes:
         T, H, I, E, K = SHAPES[s]
         T = args.tokens or T
         dims = (T, H, I, E, K)
         print(f"\n== {s}: T={T} H={H} I={I} E={E} K={K} ({args.dtype}, {args.device}, "
-              f"median of {args.repeats} fwd+bwd after {args.warmup} warm-up)", flush=True)
+              f"median of {args.repeats} fwd+bwd after {args.warmup} warm-up, {args.clock} time, "
+              f"{args.threads} threads)", flush=True)
         results = [run_one(i, s, dims, args) for i in impls]
         by = {r.impl: r for r in results}
         mm = by.get("megamoe")

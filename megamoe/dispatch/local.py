@@ -4,6 +4,7 @@ Shape legend: T tokens, D hidden size, K slots per token, R kept slots, E expert
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from megamoe.dispatch.base import DispatchHandle, combine_rows, permute, row_weights, sort_slots, unpermute
@@ -27,6 +28,17 @@ class LocalDispatcher:
                                 tokens_per_local_expert_E=decision.tokens_per_expert_E,
                                 row_weights_R=row_weights(decision.weights_TK, slot_idx_R))
         return x_RD, handle
+
+    def run_experts(self, x_TD: Tensor, decision: RoutingDecision, experts) -> Tensor | None:
+        """dispatch + experts + combine in one fused pass when ``experts`` supports it
+        (the CPU loop path: no [R, D] permuted copies); None otherwise."""
+        if not experts.supports_token_forward(x_TD):
+            return None
+        ids_TK = decision.expert_ids_TK
+        slot_idx_R = sort_slots(ids_TK, decision.tokens_per_expert_E, self.num_experts)
+        token_idx_R = torch.div(slot_idx_R, ids_TK.shape[1], rounding_mode="floor")
+        return experts.forward_tokens(x_TD, token_idx_R, decision.tokens_per_expert_E,
+                                      row_weights(decision.weights_TK, slot_idx_R))
 
     def unpermute(self, y_RD: Tensor, handle: DispatchHandle) -> Tensor:
         return unpermute(y_RD, handle.slot_idx_R, handle.num_tokens, handle.top_k)
