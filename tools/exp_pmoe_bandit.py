@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bandit test's (non-default) temperature and initial log std; --defaults uses SACConfig's.
+TEST_INIT = {"init_alpha": 0.05, "init_log_std": -2.0}
 sys.path.insert(0, str(ROOT))
 
 
-def run(k: int, seed: int, steps: int) -> dict:
+def run(k: int, seed: int, steps: int, overrides: dict | None = None) -> dict:
     import torch
 
     from megamoe.rl import BANDIT_ID, SACConfig, make_agent, make_env, train
 
     env = make_env(BANDIT_ID)
     cfg = SACConfig(components=k, hidden=(32, 32), batch_size=64, start_steps=100, update_after=100, critic_lr=3e-3,
-                    actor_lr=1e-3, alpha_lr=1e-3, gamma=0.0, init_alpha=0.05, init_log_std=-2.0)
+                    actor_lr=1e-3, alpha_lr=1e-3, gamma=0.0, **(TEST_INIT if overrides is None else overrides))
     torch.manual_seed(seed)
     agent = make_agent(env, cfg)
     t0 = time.process_time()
