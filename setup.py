@@ -34,7 +34,7 @@ setup(
     extras_require={
         "test": ["pytest>=8.0"],
         # MuJoCo tasks for `megamoe rl` (HalfCheetah-v5, ...); Pendulum-v1 needs nothing extra.
-        "mujoco": ["mujoco>=3.0"],
+        "mujoco": ["gymnasium[mujoco]>=1.0"],  # mujoco + imageio
         # NVIDIA apex is not on PyPI; build it from source to enable fused optimizers/norms.
         # megamoe imports it when present and falls back to torch's fused paths otherwise.
     },

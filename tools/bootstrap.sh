@@ -31,7 +31,7 @@ STAMP="$VENV/.megamoe-install-stamp"
 WANT=$(cat "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! "$VPY" -c "import megamoe, deepspeed, transformers" >/dev/null 2>&1; then
   log "installing megamoe and its dependencies into $VENV"
-  "$VPY" -m pip install -q -e "$ROOT[test]"
+  "$VPY" -m pip install -q -e "$ROOT[test,mujoco]"  # mujoco: the MuJoCo RL tests run instead of skipping
   echo "$WANT" > "$STAMP"
 fi
 echo "$VPY"

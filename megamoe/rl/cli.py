@@ -2,8 +2,11 @@
 
 Writes into ``--out`` (default ``runs/rl/<env>-k<K>-s<seed>-<time>``): ``config.json``,
 ``returns.jsonl`` (one JSON object per training or eval episode), ``returns.png`` (return vs
-steps) and ``checkpoint.pt`` (agent, optimizers; load with ``SACAgent.from_checkpoint``), all
-written atomically. A tqdm progress bar shows the steps and the latest return.
+steps), ``checkpoint.pt`` (agent, optimizers; load with ``SACAgent.from_checkpoint``) and
+``resume.pt`` (the whole training state at the first episode end after every
+``--checkpoint-every`` steps), all written atomically. A tqdm progress bar shows the steps and
+the latest return. ``--resume --out DIR`` continues a run from its ``resume.pt`` with the
+settings saved in its ``config.json`` (``--steps`` may raise the total).
 """
 from __future__ import annotations
 
@@ -66,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "HalfCheetah-v5 need `pip install mujoco`; megamoe/BimodalBandit-v0 is the bandit)")
     p.add_argument("--components", type=_positive_int, default=4,
                    help="mixture components K of the PMOE policy; 1 = unimodal SAC (default 4)")
-    p.add_argument("--steps", type=_positive_int, default=20_000, help="environment steps (default 20000)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="environment steps (default 20000; with --resume, the run's saved total)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/rl/<env>-k<K>-s<seed>-<time>); must not hold a run")
@@ -86,7 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="deterministic evaluation every N steps, 0 = never (default 5000)")
     p.add_argument("--eval-episodes", type=_positive_int, default=5)
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=5000,
-                   help="write checkpoint.pt every N steps (always at the end); 0 = only at the end")
+                   help="write checkpoint.pt every N steps (always at the end), and resume.pt at the first "
+                        "episode end after every N steps (and at the end if it ends an episode); 0 = only at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its resume.pt, with the settings in its config.json; "
+                        "other options must be left out or match them (--steps may be raised)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; small MLPs are fastest there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -94,6 +102,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _error(msg: str) -> int:
     print(f"megamoe rl: error: {msg}", file=sys.stderr)
     return 2
+
+
+DEFAULT_STEPS = 20_000
+# CLI option -> how to read its value from a run's config.json (for --resume).
+_SAVED = {
+    "env": lambda c: c["env"], "seed": lambda c: c["seed"], "components": lambda c: c["sac"]["components"],
+    "hidden": lambda c: tuple(c["sac"]["hidden"]), "batch_size": lambda c: c["sac"]["batch_size"],
+    "lr": lambda c: c["sac"]["actor_lr"], "gamma": lambda c: c["sac"]["gamma"], "tau": lambda c: c["sac"]["tau"],
+    "alpha": lambda c: c["sac"]["init_alpha"], "fixed_alpha": lambda c: not c["sac"]["autotune_alpha"],
+    "start_steps": lambda c: c["sac"]["start_steps"], "update_after": lambda c: c["sac"]["update_after"],
+    "buffer_size": lambda c: c["sac"]["buffer_size"], "eval_every": lambda c: c["eval_every"],
+    "eval_episodes": lambda c: c["eval_episodes"], "checkpoint_every": lambda c: c["checkpoint_every"],
+}
+
+
+def _apply_saved_settings(args: argparse.Namespace, saved: dict) -> str | None:
+    """For --resume: take every run-defining option from the saved config; an option given with a
+    non-default value that differs from the saved one is an error (returned as its message)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    missing = [k for k in ("eval_every", "eval_episodes", "checkpoint_every") if k not in saved]
+    if missing:
+        return f"{args.out}/config.json lacks {missing}; it was written by an older megamoe and cannot be resumed"
+    for name, read in _SAVED.items():
+        value, saved_value = getattr(args, name), read(saved)
+        if value != defaults.get_default(name) and value != saved_value:
+            flag = "--" + name.replace("_", "-")
+            return (f"{flag} {value!r} differs from the resumed run's {saved_value!r}; --resume keeps the run's "
+                    f"settings, so leave {flag} out")
+        setattr(args, name, saved_value)
+    if args.steps is None:
+        args.steps = saved["steps"]
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +146,27 @@ def run(args: argparse.Namespace) -> int:
     from megamoe.rl.envs import EnvError, make_env
     from megamoe.rl.sac import SACConfig, make_agent, train
 
+    import json
+
+    resume_state = None
+    if args.resume:
+        if args.out is None:
+            return _error("--resume needs --out DIR, the directory of the run to continue")
+        if not (args.out / "resume.pt").is_file() or not (args.out / "config.json").is_file():
+            return _error(f"--out {str(args.out)!r} holds no resumable run (config.json and resume.pt; resume.pt "
+                          f"is written at the first episode end after every --checkpoint-every steps)")
+        msg = _apply_saved_settings(args, json.loads((args.out / "config.json").read_text()))
+        if msg:
+            return _error(msg)
+        resume_state = torch.load(args.out / "resume.pt", map_location="cpu", weights_only=False)
+        if args.steps < resume_state["step"]:
+            return _error(f"--steps {args.steps} is below the resumed run's step {resume_state['step']}")
+        buf = resume_state["buffer"]
+        if buf["added"] > buf["capacity"] and min(args.buffer_size, args.steps) != buf["capacity"]:
+            return _error(f"--steps {args.steps} would change the size of the run's full replay buffer "
+                          f"({buf['capacity']}); resume with --steps >= --buffer-size or with the saved --steps")
+    elif args.steps is None:
+        args.steps = DEFAULT_STEPS
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -120,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                         alpha_lr=args.lr, gamma=args.gamma, tau=args.tau, batch_size=args.batch_size,
                         buffer_size=args.buffer_size, start_steps=args.start_steps, update_after=args.update_after,
                         init_alpha=args.alpha, autotune_alpha=not args.fixed_alpha)
+        torch.manual_seed(args.seed)  # the initial networks depend on --seed only, so runs are reproducible
         agent = make_agent(env, cfg, device=device)
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
@@ -128,19 +191,27 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "rl" / f"{slug}-k{args.components}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
         return _error(f"--out {str(out)!r} exists and is not a directory")
-    if (out / "returns.jsonl").exists() or (out / "checkpoint.pt").exists():
-        return _error(f"--out {str(out)!r} already holds a run; pick a new directory")
+    if resume_state is None and any((out / f).exists() for f in ("returns.jsonl", "checkpoint.pt", "resume.pt")):
+        return _error(f"--out {str(out)!r} already holds a run; pick a new directory (or continue it with --resume)")
     out.mkdir(parents=True, exist_ok=True)
-    import json
 
     run_info = {"env": args.env, "seed": args.seed, "steps": args.steps, "device": str(device),
-                "sac": cfg.to_dict()}
+                "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+                "checkpoint_every": args.checkpoint_every, "sac": cfg.to_dict()}
     atomic_write_text(out / "config.json", json.dumps(run_info, indent=2) + "\n")
     title = f"{args.env}: {'PMOE K=' + str(cfg.components) if cfg.components > 1 else 'SAC (K=1)'}, seed {args.seed}"
 
     records: list = []
-    bar = tqdm(total=args.steps, unit="step", desc=f"rl {args.env} K={cfg.components}", disable=args.no_progress,
-               mininterval=0.5, dynamic_ncols=True)
+    first = 0
+    if resume_state is not None:
+        from megamoe.rl.sac import EpisodeRecord
+
+        records = [EpisodeRecord(**r) for r in resume_state["records"]]
+        first = resume_state["step"]
+        write_jsonl(out / "returns.jsonl", (r.to_json() for r in records))  # drop what comes after the resume point
+        print(f"megamoe rl: resuming {out} at step {first} of {args.steps}", file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=first, unit="step", desc=f"rl {args.env} K={cfg.components}",
+               disable=args.no_progress, mininterval=0.5, dynamic_ncols=True)
 
     def save_checkpoint(step: int) -> None:
         atomic_torch_save(agent.checkpoint(step=step, env=args.env, seed=args.seed), out / "checkpoint.pt")
@@ -159,15 +230,18 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         train(env, agent, total_steps=args.steps, seed=args.seed, eval_env=eval_env, eval_every=args.eval_every,
-              eval_episodes=args.eval_episodes, on_episode=on_episode, on_step=on_step)
+              eval_episodes=args.eval_episodes, on_episode=on_episode, on_step=on_step,
+              checkpoint_every=args.checkpoint_every,
+              on_checkpoint=lambda state: atomic_torch_save(state, out / "resume.pt"), resume=resume_state)
     finally:
         bar.close()
-    save_checkpoint(args.steps)
+    if first < args.steps or not (out / "checkpoint.pt").exists():
+        save_checkpoint(args.steps)
     write_jsonl(out / "returns.jsonl", (r.to_json() for r in records))
     train_rets = [r.ret for r in records if r.kind == "train"]
     last = train_rets[-10:]
     summary = f"mean return of last {len(last)} episodes {sum(last) / len(last):.1f}" if last else "no episode finished"
-    print(f"megamoe rl: {args.steps} steps in {time.time() - start:.0f}s, {len(train_rets)} episodes, {summary}; "
+    print(f"megamoe rl: {args.steps - first} steps in {time.time() - start:.0f}s, {len(train_rets)} episodes, {summary}; "
           f"outputs in {out}")
     env.close()
     eval_env.close()

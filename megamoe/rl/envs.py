@@ -12,6 +12,7 @@ discrete-action tasks are refused.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -70,12 +71,23 @@ def _needs_mujoco(spec: gym.envs.registration.EnvSpec) -> bool:
     return "mujoco" in str(entry)
 
 
+# What gymnasium's MuJoCo envs import (its ``gymnasium[mujoco]`` extra = megamoe's ``mujoco`` extra).
+MUJOCO_MODULES = ("mujoco", "imageio")
+
+
+def missing_mujoco_modules() -> list[str]:
+    """The modules of ``MUJOCO_MODULES`` that cannot be imported here (empty when MuJoCo tasks work)."""
+    missing = []
+    for name in MUJOCO_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def mujoco_available() -> bool:
-    try:
-        import mujoco  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return not missing_mujoco_modules()
 
 
 def make_env(env_id: str, **kwargs: Any) -> gym.Env:
@@ -87,9 +99,11 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
                        f"Continuous-control choices include 'Pendulum-v1', 'MountainCarContinuous-v0', "
                        f"{BANDIT_ID!r} and the MuJoCo tasks (e.g. 'HalfCheetah-v5') when mujoco is installed.")
     spec = gym.spec(env_id)
-    if _needs_mujoco(spec) and not mujoco_available():
-        raise EnvError(f"--env {env_id!r} is a MuJoCo task but the 'mujoco' package is not installed. "
-                       f"Install it with: pip install 'gymnasium[mujoco]'  (or use --env Pendulum-v1).")
+    missing = missing_mujoco_modules() if _needs_mujoco(spec) else []
+    if missing:
+        raise EnvError(f"--env {env_id!r} is a MuJoCo task but {' and '.join(repr(m) for m in missing)} "
+                       f"cannot be imported. Install them with: pip install 'megamoe[mujoco]' "
+                       f"(or pip install 'gymnasium[mujoco]'), or use --env Pendulum-v1.")
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as exc:

@@ -103,8 +103,10 @@ class Batch:
 class ReplayBuffer:
     """Fixed-capacity ring buffer of transitions held as CPU tensors."""
 
+    _FIELDS = ("obs", "act", "rew", "next_obs", "terminated")
+
     def __init__(self, obs_dim: int, act_dim: int, capacity: int) -> None:
-        self.capacity, self.size, self._next = int(capacity), 0, 0
+        self.capacity, self.size, self._next, self.added = int(capacity), 0, 0, 0
         self.obs = torch.zeros(capacity, obs_dim)
         self.act = torch.zeros(capacity, act_dim)
         self.rew = torch.zeros(capacity)
@@ -119,7 +121,26 @@ class ReplayBuffer:
         self.next_obs[i] = torch.as_tensor(np.asarray(next_obs, dtype=np.float32).reshape(-1))
         self.terminated[i] = float(terminated)
         self._next = (i + 1) % self.capacity
+        self.added += 1
         self.size = min(self.size + 1, self.capacity)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The filled rows and the ring position (not the empty tail), for resumable checkpoints."""
+        n = self.size
+        return {"capacity": self.capacity, "size": n, "next": self._next, "added": self.added,
+                **{name: getattr(self, name)[:n].clone() for name in self._FIELDS}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` into this buffer. Its capacity may differ (a run resumed with more
+        steps) only while the saved ring has overwritten nothing, i.e. its rows are in insertion order."""
+        n, added = int(state["size"]), int(state["added"])
+        if self.capacity != int(state["capacity"]) and (added > int(state["capacity"]) or n > self.capacity):
+            raise ValueError(f"replay buffer state of capacity {state['capacity']} ({added} transitions added) "
+                             f"does not fit a buffer of capacity {self.capacity}")
+        for name in self._FIELDS:
+            getattr(self, name)[:n] = state[name]
+        self.size, self.added = n, added
+        self._next = int(state["next"]) if self.capacity == int(state["capacity"]) else n % self.capacity
 
     def sample(self, batch_size: int, *, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> Batch:
@@ -236,11 +257,21 @@ class SACAgent(nn.Module):
             raise ValueError(f"not a megamoe.rl SAC checkpoint (format={ckpt.get('format')!r})")
         agent = cls(ckpt["obs_dim"], ckpt["act_dim"], SACConfig(**ckpt["config"]),
                     action_low=ckpt["action_low"], action_high=ckpt["action_high"]).to(map_location)
-        agent.load_state_dict(ckpt["model"])
-        agent.actor_opt.load_state_dict(ckpt["actor_opt"])
-        agent.critic_opt.load_state_dict(ckpt["critic_opt"])
-        agent.alpha_opt.load_state_dict(ckpt["alpha_opt"])
+        agent.load_checkpoint(ckpt)
         return agent
+
+    def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        """Load networks, targets, temperature and optimizer states from ``checkpoint()`` into this agent."""
+        if ckpt.get("format") != "megamoe.rl.sac/1":
+            raise ValueError(f"not a megamoe.rl SAC checkpoint (format={ckpt.get('format')!r})")
+        if SACConfig(**ckpt["config"]) != self.cfg or (ckpt["obs_dim"], ckpt["act_dim"]) != (self.obs_dim, self.act_dim):
+            raise ValueError(f"checkpoint is for a different agent: config {ckpt['config']}, obs/act dims "
+                             f"{ckpt['obs_dim']}/{ckpt['act_dim']}; this agent has {self.cfg.to_dict()}, "
+                             f"{self.obs_dim}/{self.act_dim}")
+        self.load_state_dict(ckpt["model"])
+        self.actor_opt.load_state_dict(ckpt["actor_opt"])
+        self.critic_opt.load_state_dict(ckpt["critic_opt"])
+        self.alpha_opt.load_state_dict(ckpt["alpha_opt"])
 
 
 def make_agent(env: Any, cfg: SACConfig, *, device: str | torch.device = "cpu") -> SACAgent:
@@ -290,27 +321,78 @@ def evaluate(env: Any, agent: SACAgent, *, episodes: int, seed: int | None = Non
     return returns
 
 
+TRAIN_STATE_FORMAT = "megamoe.rl.train/1"
+
+
+def _np_rng_state(rng: Any) -> dict[str, Any]:
+    return copy.deepcopy(rng.bit_generator.state)
+
+
 def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_env: Any = None,
           eval_every: int = 0, eval_episodes: int = 5,
           on_episode: Callable[[EpisodeRecord], None] | None = None,
-          on_step: Callable[[int], None] | None = None) -> list[EpisodeRecord]:
+          on_step: Callable[[int], None] | None = None,
+          checkpoint_every: int = 0, on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+          resume: dict[str, Any] | None = None) -> list[EpisodeRecord]:
     """Run SAC for ``total_steps`` environment steps; returns every episode's record.
 
     ``on_episode`` sees each finished (train or eval) episode; ``on_step`` is called after every
     env step with the step count (progress bars, checkpoints). Only true terminations stop the
     bootstrap; time-limit truncations do not.
+
+    Resuming: at the first episode end at or after every multiple of ``checkpoint_every`` steps
+    (0: never) and at ``total_steps`` when that ends an episode, ``on_checkpoint(state)`` gets the
+    whole training state: agent (networks, targets, optimizers, temperature), replay buffer,
+    torch / sampler / env / action-space RNG states, counters and the records so far.
+    ``train(..., resume=state)`` continues from it and replays exactly what the uninterrupted run
+    would have done (CPU). Resume points are episode ends because gymnasium has no general way to
+    save an env mid-episode (MuJoCo envs pickle by re-construction); a fresh episode needs only
+    the env's RNG state, which every gymnasium env keeps in ``np_random``.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     cfg = agent.cfg
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    env.action_space.seed(seed)
-    buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, min(cfg.buffer_size, total_steps))
-    records: list[EpisodeRecord] = []
-    obs, _ = env.reset(seed=seed)
-    ep_ret, ep_len, episode, evals, losses = 0.0, 0, 0, 0, {}
-    for step in range(1, total_steps + 1):
+    gen = torch.Generator()
+    capacity = min(cfg.buffer_size, total_steps)
+    buffer = ReplayBuffer(agent.obs_dim, agent.act_dim, capacity)
+    if resume is None:
+        gen.manual_seed(seed)
+        torch.manual_seed(seed)
+        env.action_space.seed(seed)
+        records: list[EpisodeRecord] = []
+        obs, _ = env.reset(seed=seed)
+        first, episode, evals, losses = 1, 0, 0, {}
+    else:
+        if resume.get("format") != TRAIN_STATE_FORMAT:
+            raise ValueError(f"not a megamoe.rl training state (format={resume.get('format')!r})")
+        if resume["seed"] != seed:
+            raise ValueError(f"training state is from seed {resume['seed']}, not {seed}")
+        if resume["step"] > total_steps:
+            raise ValueError(f"training state is at step {resume['step']}, past total_steps={total_steps}")
+        agent.load_checkpoint(resume["agent"])
+        buffer.load_state_dict(resume["buffer"])
+        records = [EpisodeRecord(**r) for r in resume["records"]]
+        first, episode, evals, losses = resume["step"] + 1, resume["episode"], resume["evals"], dict(resume["losses"])
+        torch.set_rng_state(resume["torch_rng"])
+        if agent.device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], agent.device)
+        gen.set_state(resume["sampler_rng"])
+        env.action_space.np_random.bit_generator.state = resume["action_space_rng"]
+        env.unwrapped.np_random.bit_generator.state = resume["env_rng"]
+        obs, _ = env.reset()  # the reset the interrupted run made right after this episode end
+
+    def state(step: int, env_rng: dict[str, Any]) -> dict[str, Any]:
+        return {"format": TRAIN_STATE_FORMAT, "step": step, "total_steps": total_steps, "seed": seed,
+                "episode": episode, "evals": evals, "losses": dict(losses),
+                "records": [dataclasses.asdict(r) for r in records], "agent": copy.deepcopy(agent.checkpoint()),
+                "buffer": buffer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(agent.device) if agent.device.type == "cuda" else None,
+                "sampler_rng": gen.get_state(), "action_space_rng": _np_rng_state(env.action_space.np_random),
+                "env_rng": env_rng}
+
+    ep_ret, ep_len = 0.0, 0
+    next_save = (first - 1) // checkpoint_every * checkpoint_every + checkpoint_every if checkpoint_every else None
+    for step in range(first, total_steps + 1):
         if step <= cfg.start_steps:
             action = env.action_space.sample()
         else:
@@ -318,12 +400,14 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
         next_obs, rew, term, trunc, _ = env.step(action)
         buffer.add(obs, action, rew, next_obs, term)
         obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
+        episode_env_rng = None
         if term or trunc:
             episode += 1
             rec = EpisodeRecord(episode=episode, step=step, ret=ep_ret, length=ep_len, losses=losses)
             records.append(rec)
             if on_episode is not None:
                 on_episode(rec)
+            episode_env_rng = _np_rng_state(env.unwrapped.np_random)
             obs, _ = env.reset()
             ep_ret, ep_len = 0.0, 0
         if step > cfg.update_after:
@@ -337,6 +421,11 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
             records.append(rec)
             if on_episode is not None:
                 on_episode(rec)
+        if on_checkpoint is not None and episode_env_rng is not None and (
+                step == total_steps or (next_save is not None and step >= next_save)):
+            on_checkpoint(state(step, episode_env_rng))
+            if next_save is not None:
+                next_save = step // checkpoint_every * checkpoint_every + checkpoint_every
         if on_step is not None:
             on_step(step)
     return records

@@ -27,7 +27,8 @@ def test_rl_cli_short_pendulum_run_writes_all_outputs(tmp_path):
     assert "220/220" in proc.stderr  # the tqdm bar reached the end
     assert f"outputs in {out}" in proc.stdout
 
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "returns.jsonl", "returns.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "resume.pt", "returns.jsonl",
+                                                     "returns.png"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["env"] == "Pendulum-v1" and cfg["sac"]["components"] == 3 and cfg["sac"]["hidden"] == [16, 16]
 
@@ -86,3 +87,71 @@ def test_rl_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     (tmp_path / "returns.jsonl").write_text("{}\n")
     assert main(["rl", "--steps", "5", "--out", str(tmp_path)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_rl_cli_explains_missing_mujoco_when_its_import_fails(tmp_path, monkeypatch, capsys):
+    # a None entry in sys.modules makes `import mujoco` raise ImportError, as when it is not installed
+    monkeypatch.setitem(sys.modules, "mujoco", None)
+    assert not mujoco_available()
+    assert main(["rl", "--env", "HalfCheetah-v5", "--steps", "5", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "'HalfCheetah-v5' is a MuJoCo task but 'mujoco' cannot be imported" in err
+    assert "pip install 'megamoe[mujoco]'" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not mujoco_available(), reason="needs the mujoco extra (pip install 'megamoe[mujoco]')")
+def test_rl_cli_trains_on_a_mujoco_task(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory on warnings
+    out = tmp_path / "cheetah"
+    assert main(["rl", "--env", "HalfCheetah-v5", "--steps", "80", "--start-steps", "50", "--update-after", "50",
+                 "--batch-size", "16", "--hidden", "16,16", "--eval-every", "0", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "80 steps" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ckpt["obs_dim"], ckpt["act_dim"], ckpt["env"]) == (17, 6, "HalfCheetah-v5")
+    agent = SACAgent.from_checkpoint(ckpt)
+    a = agent.act(torch.zeros(17).numpy())
+    assert a.shape == (6,) and float(abs(a).max()) <= 1.0
+
+
+_SMALL = ["--components", "3", "--start-steps", "150", "--update-after", "150", "--batch-size", "16", "--hidden",
+          "16,16", "--eval-every", "250", "--eval-episodes", "1", "--checkpoint-every", "150", "--seed", "5",
+          "--no-progress"]
+
+
+def test_rl_cli_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["rl", *_SMALL, "--steps", "500", "--out", str(full)]) == 0
+    # a run stopped at step 300 (resume.pt at its first episode end after 150 steps: step 200) ...
+    assert main(["rl", *_SMALL, "--steps", "300", "--out", str(part)]) == 0
+    assert torch.load(part / "resume.pt", weights_only=False)["step"] == 200
+    # ... continued to 500 steps with the run's saved settings
+    assert main(["rl", "--resume", "--out", str(part), "--steps", "500", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert (part / "returns.jsonl").read_text() == (full / "returns.jsonl").read_text()
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 500
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for opt in ("actor_opt", "critic_opt", "alpha_opt"):
+        sa, sb = a[opt]["state"], b[opt]["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), opt
+    assert json.loads((part / "config.json").read_text())["steps"] == 500
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--hidden", "32"], "--hidden (32,) differs from the resumed run's (16, 16)"),
+    (["--steps", "100"], "--steps 100 is below the resumed run's step 200"),
+])
+def test_rl_cli_resume_refuses_conflicting_settings(extra, message, tmp_path, capsys):
+    assert main(["rl", *_SMALL, "--steps", "210", "--out", str(tmp_path)]) == 0
+    assert main(["rl", "--resume", "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rl_cli_resume_needs_a_resumable_run(tmp_path, capsys):
+    assert main(["rl", "--resume"]) == 2
+    assert "--resume needs --out DIR" in capsys.readouterr().err
+    assert main(["rl", "--resume", "--out", str(tmp_path)]) == 2
+    assert "holds no resumable run" in capsys.readouterr().err
