@@ -189,3 +189,27 @@ def counts_per_expert(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
     flat = expert_ids_TK.reshape(-1)
     # Shift by one so -1 lands in bin 0, which is discarded.
     return torch.bincount(flat + 1, minlength=num_experts + 1)[1:].to(torch.int64)
+
+
+class PrivateDrawsMixin:
+    """Random draws from a private generator (``set_draw_seed``) or torch's global RNG (None).
+
+    For routers that sample: a per-router, per-rank seed keeps ranks' draws independent and
+    reproducible. The generator's state is not part of the module's state_dict.
+    """
+
+    _draw_seed: int | None = None
+    _generator: torch.Generator | None = None
+
+    def set_draw_seed(self, seed: int | None) -> None:
+        """Draw from a private generator seeded with ``seed`` (None: torch's global RNG)."""
+        self._draw_seed = seed
+        self._generator = None
+
+    def _gen(self, device: torch.device) -> torch.Generator | None:
+        if self._draw_seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._draw_seed)
+        return self._generator

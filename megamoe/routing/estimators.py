@@ -80,7 +80,8 @@ import torch
 from torch import Tensor, nn
 
 from megamoe.config import ConfigError, RouterConfig
-from megamoe.routing.base import Router, RoutingContext, RoutingDecision, counts_per_expert, register_router
+from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
+                                  register_router)
 from megamoe.routing.capacity import apply_capacity, expert_capacity
 from megamoe.routing.losses import z_loss
 from megamoe.routing.topk import LinearRouterMixin
@@ -149,7 +150,7 @@ class BalancedOptions(EstimatorOptions):
             raise ConfigError(f"router.options.group_size={g!r} is invalid: must be a positive integer or null")
 
 
-class ScoreFunctionRouter(LinearRouterMixin, Router):
+class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
     """Shared machinery: softmax policy, eval routing, pending record, EMA baseline."""
 
     options: EstimatorOptions
@@ -198,19 +199,6 @@ class ScoreFunctionRouter(LinearRouterMixin, Router):
 
     def _couples_tokens(self) -> bool:
         return True
-
-    def set_draw_seed(self, seed: int | None) -> None:
-        """Draw from a private generator seeded with ``seed`` (None: torch's global RNG)."""
-        self._draw_seed = seed
-        self._generator = None
-
-    def _gen(self, device: torch.device) -> torch.Generator | None:
-        if self._draw_seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._draw_seed)
-        return self._generator
 
     def _sample(self, log_probs_TE: Tensor) -> tuple[Tensor, Tensor, ScoreFunctionRecord, dict[str, Tensor]]:
         raise NotImplementedError

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megamoe.config import ConfigError, RouterConfig
-from megamoe.routing.base import Router, RoutingContext, RoutingDecision, counts_per_expert, register_router
+from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
+                                  register_router)
 
 GRANULARITIES = ("batch", "token")
 EVAL_MODES = ("random", "ensemble")
@@ -60,7 +61,7 @@ class StochasticOptions:
 
 
 @register_router("stochastic", options=StochasticOptions)
-class StochasticRouter(Router):
+class StochasticRouter(PrivateDrawsMixin, Router):
     """Uniformly random expert assignment without a gate (see module docstring)."""
 
     options: StochasticOptions
@@ -73,19 +74,6 @@ class StochasticRouter(Router):
                          options=options or StochasticOptions())
         self._draw_seed: int | None = None
         self._generator: torch.Generator | None = None
-
-    def set_draw_seed(self, seed: int | None) -> None:
-        """Draw from a private generator seeded with ``seed`` (None: the global RNG)."""
-        self._draw_seed = seed
-        self._generator = None
-
-    def _gen(self, device: torch.device) -> torch.Generator | None:
-        if self._draw_seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._draw_seed)
-        return self._generator
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         num_tokens, num_experts, dev = x_TD.shape[0], self.num_experts, x_TD.device
