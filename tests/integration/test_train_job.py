@@ -129,26 +129,32 @@ def test_checkpoint_reloads_to_the_logged_held_out_loss(reference, cache_dir):
     assert total / tokens == pytest.approx(_records(out, "eval")[-1]["loss"], rel=1e-5)
 
 
+def _sigkill_after_step4_checkpoint(proc, out, *, timeout: float, kill) -> None:
+    """Wait until the step-4 checkpoint exists and step 6 is logged, then ``kill()`` (SIGKILL)."""
+    deadline = time.time() + timeout
+    try:
+        while True:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            steps = [r["step"] for r in _records(out, "train")] if (out / "metrics.jsonl").exists() else []
+            if os.path.isdir(out / "checkpoints" / "step_00000004") and steps and steps[-1] >= 6:
+                break
+            time.sleep(0.005)
+        kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            kill()
+            proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path, cache_dir, reference):
     ref, _ = reference
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(killed, cache_dir, *ARGS), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while True:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            steps = [r["step"] for r in _records(killed, "train")] if (killed / "metrics.jsonl").exists() else []
-            if os.path.isdir(killed / "checkpoints" / "step_00000004") and steps and steps[-1] >= 6:
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _sigkill_after_step4_checkpoint(proc, killed, timeout=240, kill=proc.kill)
     assert proc.returncode == -signal.SIGKILL
     logged_before = max(r["step"] for r in _records(killed, "train"))
     _run(killed, cache_dir, *ARGS, "--resume")
@@ -238,21 +244,8 @@ def test_deepspeed_ep2_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path
     # A session of its own, so the whole launcher tree (runner and both ranks) dies at once.
     proc = subprocess.Popen(_ds_cmd(killed, cache_dir), cwd=ROOT, env=_ds_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while True:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            steps = [r["step"] for r in _records(killed, "train")] if (killed / "metrics.jsonl").exists() else []
-            if os.path.isdir(killed / "checkpoints" / "step_00000004") and steps and steps[-1] >= 6:
-                break
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    _sigkill_after_step4_checkpoint(proc, killed, timeout=300,
+                                    kill=lambda: os.killpg(proc.pid, signal.SIGKILL))
     logged_before = max(r["step"] for r in _records(killed, "train"))
     assert 4 < logged_before < 12  # killed after a checkpoint, with steps past it to redo
     _ds_run(killed, cache_dir, flags=("--resume",))
