@@ -65,14 +65,14 @@ class Moeified:
 
 
 def is_moeified_model(model: Any) -> bool:
-    return isinstance(model, nn.Module) and hasattr(getattr(model, "config", None), "to_json_string") \
-        and any(isinstance(m, MoELayer) for m in model.modules())
+    """A live model :func:`~megamoe.integrations.hf.moeify` converted (it marks the config)."""
+    from megamoe.integrations.hf import is_moeified_config
+
+    return isinstance(model, nn.Module) and is_moeified_config(getattr(model, "config", None))
 
 
 def describe(model: nn.Module) -> Moeified:
     """Inspect a moeified model (raises ConversionError when it is not one we can read)."""
-    from megamoe.integrations.hf import BASE_TYPE_KEY
-
     config = model.config
     base_type = getattr(config, "model_type", None)
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -87,22 +87,13 @@ def describe(model: nn.Module) -> Moeified:
     if differ:
         raise ConversionError(f"MoE blocks {differ} are configured differently from {blocks[0][0]}: stock MoE "
                               "classes have one MoE configuration for all blocks")
-    base = json_config(config)
-    base.pop(BASE_TYPE_KEY, None)
+    base = config.to_dict()  # the live config: its real model_type (save_pretrained writes the refusing one)
     biased = any(getattr(m.router, "expert_bias", None) is not None and bool(m.router.expert_bias.abs().max() > 0)
                  for _, m in blocks)
     return Moeified(model=model, base_type=base_type, base=base, moe=first,
                     moe_indices=sorted(m.layer_index for _, m in blocks),
                     num_layers=int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)),
                     selection_bias=biased)
-
-
-def json_config(config: Any) -> dict[str, Any]:
-    """The base config as a dict, with its real model_type (not the refusing one
-    ``save_pretrained`` writes)."""
-    data = config.to_dict()
-    data["model_type"] = config.model_type
-    return data
 
 
 def _window(d: Moeified) -> tuple[int | None, list[str] | None]:
@@ -161,8 +152,9 @@ def moeified_problems(d: Moeified, fmt: str) -> list[str]:
 
 
 def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
-    if requested not in ("auto", "megamoe", "deepseek_v3", *MOEIFIED_FORMATS):
-        raise ConversionError(f"format={requested!r} is invalid")
+    allowed = ("auto", *MOEIFIED_FORMATS, "deepseek_v3", "megamoe")
+    if requested not in allowed:
+        raise ConversionError(f"format={requested!r} is invalid: allowed values are {', '.join(map(repr, allowed))}")
     if requested != "auto":
         probs = moeified_problems(d, requested)
         if probs:
@@ -191,7 +183,7 @@ def stock_config(d: Moeified, fmt: str, **token_ids: Any):
         kw["head_dim"] = b["head_dim"]
     kw.update(moe_hf_fields(fmt, d.moe, moe_indices=d.moe_indices, num_layers=d.num_layers,
                             dense_intermediate_size=b["intermediate_size"]))
-    kw.update({k: v for k, v in token_ids.items()})
+    kw.update(token_ids)
     bias = _qkv_bias(d) is not None
     window, types = _window(d)
     if fmt == "mixtral":

@@ -251,6 +251,11 @@ def _restore_moeified_config(base: type, state: dict) -> Any:
     return obj
 
 
+def is_moeified_config(config: Any) -> bool:
+    """True for the config of a model :func:`moeify` converted."""
+    return isinstance(config, _MoeifiedConfig)
+
+
 def _mark_moeified(config: Any) -> None:
     if not isinstance(config, _MoeifiedConfig):
         config.__class__ = _moeified_config_class(type(config))
@@ -518,5 +523,5 @@ def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: Dispatc
 
 
 __all__ = ["ADAPTERS", "MOEIFIED_MODEL_TYPE", "DenseMLPWeights", "DropoutAfter", "MLPAdapter", "MoETrainerCallback",
-           "adapter_for", "build_moeified", "is_moeified_dir", "load_moeified", "moe_layers", "moeify", "read_moeified_config",
+           "adapter_for", "build_moeified", "is_moeified_config", "is_moeified_dir", "load_moeified", "moe_layers", "moeify", "read_moeified_config",
            "swap_moe_blocks"]

@@ -73,7 +73,9 @@ def test_sliding_window_and_rope_settings_are_carried(tmp_path):
     model.config.sliding_window = None
     assert (_logits(model, ids) - _logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral"),
                                           ids)).abs().max() > 1e-3  # the window really matters here
-    # Qwen2 with sliding layers 0 and 2 only: Qwen2-MoE's layer_types hold that, Mixtral's one window cannot.
+    report, _, cfg = _export(_moe("mistral", layers="every_other", extra=dict(sliding_window=5)), tmp_path / "q")
+    assert report.format == "qwen2_moe" and set(cfg["layer_types"]) == {"sliding_attention"}
+    # Qwen2 with some sliding layers only: Qwen2-MoE's layer_types hold that, Mixtral's one window cannot.
     qwen = _moe("qwen2", layers="all", extra=dict(use_sliding_window=True, sliding_window=5, max_window_layers=3))
     report, _, cfg = _export(qwen, tmp_path / "qwen")
     assert report.format == "qwen2_moe" and cfg["layer_types"] == qwen.config.layer_types
