@@ -543,7 +543,7 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
     ``.model`` or a directory of HF tokenizer files to write beside the model (default: the
     one the source carries, see :mod:`megamoe.checkpoint.tokenizers`). Writes atomically.
     """
-    from megamoe.checkpoint.hf_moeified import is_moeified_model, moeified_to_hf
+    from megamoe.checkpoint.hf_moeified import is_moeified_model, moeified_to_hf, verify_moeified_reload
     from megamoe.checkpoint.tokenizers import hf_token_ids
     from megamoe.integrations.hf import is_moeified_dir, load_moeified
 
@@ -551,6 +551,9 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
     _check_atol(atol)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist (give a sentencepiece .model or a directory "
+                                "of Hugging Face tokenizer files)")
     tok = Path(tokenizer) if tokenizer is not None else source_tokenizer(source, tag=tag)
     token_ids = hf_token_ids(tok) if tok is not None and tok.is_file() else {}
     moeified = is_moeified_model(source) or (isinstance(source, (str, os.PathLike)) and is_moeified_dir(source))
@@ -564,6 +567,9 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
 
     def fill(tmp: Path) -> None:
         hf.save_pretrained(str(tmp))
+        if moeified and report.format == "megamoe":  # the moeified layout: verified by reloading it
+            checked = verify_moeified_reload(hf, tmp, atol=atol)
+            report.max_abs_diff, report.probe_shape = checked.max_abs_diff, checked.probe_shape
         report.notes.extend(_write_tokenizer(tok, tmp))
 
     report.out_dir = atomic_dir(out, fill, overwrite=overwrite)

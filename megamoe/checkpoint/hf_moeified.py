@@ -225,21 +225,34 @@ def moeified_to_hf(model: nn.Module, *, format: str = "auto", atol: float = DEFA
     layout, written with save_pretrained)."""
     d = describe(model)
     fmt = choose_moeified_format(d, format)
-    if fmt == "megamoe":
-        return model, ConversionReport(out_dir=Path(), format="megamoe", max_abs_diff=0.0, probe_shape=(0, 0),
-                                       notes=["wrote the moeified layout: load it with "
-                                              "megamoe.integrations.hf.load_moeified"])
+    if fmt == "megamoe":  # verified after writing, by reloading (verify_moeified_reload)
+        return model, ConversionReport(out_dir=Path(), format="megamoe", max_abs_diff=float("nan"),
+                                       probe_shape=(0, 0), notes=["wrote the moeified layout: load it with "
+                                                                  "megamoe.integrations.hf.load_moeified"])
     hf = build_hf_model(stock_config(d, fmt, **(token_ids or {})), stock_state_dict(d, fmt))
+    return hf, _verified_report(d, hf, fmt, atol)
+
+
+def _verified_report(d: Moeified, other: nn.Module, fmt: str, atol: float) -> ConversionReport:
     src = _fp32_reference(d)
-    ids = probe_batch(int(d.base["vocab_size"]), int(d.base.get("max_position_embeddings") or 16))
+    ids = probe_batch(int(d.base["vocab_size"]), int(d.base.get("max_position_embeddings")
+                                                      or d.base.get("n_positions") or 16))
     was = src.training
     src.eval()
     try:
-        diff = verify_equivalent(lambda x: src(input_ids=x).logits, hf, ids, atol=atol, what=fmt)
+        diff = verify_equivalent(lambda x: src(input_ids=x).logits, other, ids, atol=atol, what=fmt)
     finally:
         src.train(was)
-    return hf, ConversionReport(out_dir=Path(), format=fmt, max_abs_diff=diff, probe_shape=tuple(ids.shape))
+    return ConversionReport(out_dir=Path(), format=fmt, max_abs_diff=diff, probe_shape=tuple(ids.shape))
+
+
+def verify_moeified_reload(model: nn.Module, directory: str | Path, *, atol: float = DEFAULT_ATOL) -> ConversionReport:
+    """Check that ``load_moeified(directory)`` computes what ``model`` does (format megamoe)."""
+    from megamoe.integrations.hf import load_moeified
+
+    return _verified_report(describe(model), load_moeified(str(directory)), "megamoe", atol)
 
 
 __all__ = ["GQA_FAMILIES", "MOEIFIED_FORMATS", "Moeified", "choose_moeified_format", "describe",
-           "is_moeified_model", "moeified_problems", "moeified_to_hf", "stock_config", "stock_state_dict"]
+           "is_moeified_model", "moeified_problems", "moeified_to_hf", "stock_config", "stock_state_dict",
+           "verify_moeified_reload"]

@@ -135,7 +135,7 @@ def test_gpt2_has_no_stock_class_and_format_megamoe_writes_the_moeified_layout(t
         convert_to_hf(model, tmp_path / "auto")
     assert "learned absolute position embeddings" in str(err.value) and "--format megamoe" in str(err.value)
     report = convert_to_hf(model, tmp_path / "mm", format="megamoe")
-    assert report.format == "megamoe" and "load_moeified" in report.summary()
+    assert report.format == "megamoe" and "load_moeified" in report.summary() and report.max_abs_diff <= 1e-6
     ids = torch.randint(0, V, (2, 9))
     torch.testing.assert_close(_logits(load_moeified(str(tmp_path / "mm")), ids), _logits(model, ids),
                                rtol=0, atol=0)
@@ -193,6 +193,8 @@ def test_exported_tokenizer_encodes_and_decodes_like_training(tmp_path, spm_mode
     import sentencepiece as spm
 
     path, held_out = spm_model
+    with pytest.raises(FileNotFoundError, match="tokenizer .* does not exist"):
+        convert_to_hf(_moe("llama"), tmp_path / "x", tokenizer=tmp_path / "missing.model")
     report = convert_to_hf(_moe("llama", extra=dict(vocab_size=128)), tmp_path / "hf", tokenizer=path)
     assert any("tokenizer: wrote tokenizer.json" in n for n in report.notes)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
