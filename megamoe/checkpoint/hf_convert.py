@@ -418,19 +418,6 @@ def probe_batch(vocab_size: int, max_seq_len: int, *, batch: int = 2, seq: int =
     return torch.randint(0, vocab_size, (batch, min(seq, max_seq_len)), generator=gen)
 
 
-@torch.no_grad()
-def logits_max_abs_diff(megamoe_model, hf_model, ids_BL: Tensor) -> float:
-    """fp32 max |megamoe logits - HF logits| on ``ids_BL``."""
-    was = megamoe_model.training
-    megamoe_model.eval()
-    try:
-        a = megamoe_model(ids_BL).logits.float()
-    finally:
-        megamoe_model.train(was)
-    b = hf_model(input_ids=ids_BL).logits.float()
-    return float((a - b).abs().max())
-
-
 GREEDY_STEPS = 8
 
 
@@ -615,7 +602,7 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
         problems.append(f"sliding_window={sliding} (< max_position_embeddings={config.max_position_embeddings}): "
                         "megamoe attention is full causal")
     # Qwen2-MoE (qkv_bias) and GLM-4-MoE (attention_bias) put biases on q/k/v only: megamoe's qkv_bias.
-    qkv_bias = mt in ("qwen2_moe", "glm4_moe") and bool(getattr(config, _QKV_BIAS_FIELD.get(mt, ""), False))
+    qkv_bias = mt in _QKV_BIAS_FIELD and bool(getattr(config, _QKV_BIAS_FIELD[mt], False))
     biases = _ATTN_BIASES if not qkv_bias else tuple(b for b in _ATTN_BIASES if b not in _QKV_BIASES)
     if not _zero_or_absent(state, biases):
         problems.append("the attention projections have non-zero biases megamoe cannot hold (it has q/k/v "
@@ -802,5 +789,5 @@ def load_hf_model(path: str | os.PathLike):
 
 __all__ = ["FORMATS", "ConversionError", "ConversionReport", "choose_format", "convert_from_hf", "convert_to_hf",
            "format_problems", "greedy_tokens", "hf_config", "hf_to_megamoe", "hf_to_megamoe_verified", "is_deepspeed_checkpoint",
-           "load_hf_model", "load_megamoe_source", "logits_max_abs_diff", "megamoe_to_hf", "moe_blocks_to_hf",
+           "load_hf_model", "load_megamoe_source", "megamoe_to_hf", "moe_blocks_to_hf",
            "moe_hf_fields", "moe_problems", "source_tokenizer", "to_hf_state_dict", "verify_equivalent"]

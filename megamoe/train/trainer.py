@@ -433,7 +433,7 @@ def _build_balancer(cfg: TrainConfig, backend):
 def _init_weights(model, cfg: TrainConfig, tokenizer_path: str) -> None:
     """Load ``train.init_from``'s weights into the freshly built ``model`` (every rank)."""
     from megamoe.checkpoint.consolidated import load_state_dict_with_buffers
-    from megamoe.checkpoint.tokenizers import file_sha256
+    from megamoe.checkpoint.tokenizers import TOKENIZER_NAME, file_sha256
     from megamoe.train.init_from import load_init_model, model_differences
 
     path = cfg.train.init_from
@@ -444,7 +444,6 @@ def _init_weights(model, cfg: TrainConfig, tokenizer_path: str) -> None:
                           + ", ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diffs)
                           + "; build the config with megamoe.train.config.load_config, which takes the model from it")
     load_state_dict_with_buffers(model, init.state_dict())
-    from megamoe.checkpoint.tokenizers import TOKENIZER_NAME
     own = os.path.join(path, TOKENIZER_NAME)
     if not os.path.isfile(own):
         _log(f"warning: train.init_from={path!r} carries no tokenizer: training with a new one, so the token ids "
