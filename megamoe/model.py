@@ -20,6 +20,7 @@ torch's ``rms_norm`` otherwise (see :func:`rms_norm_backend`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -53,6 +54,8 @@ class ModelConfig:
         fields must be unset for GQA, and ``num_kv_heads``/``head_dim`` unset for MLA.
     allow_noncausal_drops: accept a router whose drops let later tokens affect earlier ones
         (top-k with a capacity and ``drop_policy: probs``), which a causal LM otherwise refuses.
+    qkv_bias: GQA query/key/value projections carry biases (Qwen2 / Qwen2-MoE style; the
+        output projection never does).
     """
 
     vocab_size: int = 4096
@@ -82,6 +85,7 @@ class ModelConfig:
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     allow_noncausal_drops: bool = False
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -92,8 +96,13 @@ class ModelConfig:
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"{n}.attention={self.attention!r} is invalid: allowed values are "
                               f"{', '.join(map(repr, ATTENTIONS))}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"{n}.qkv_bias={self.qkv_bias!r} is invalid: must be true or false")
         if self.attention == "mla":
             self._check_mla(n)
+            if self.qkv_bias:
+                raise ConfigError(f"{n}.qkv_bias=True is invalid with attention='mla': MLA projections have no "
+                                  "biases (set qkv_bias: false)")
         else:
             for name in MLA_FIELDS:
                 if getattr(self, name) is not None:
@@ -179,6 +188,21 @@ class ModelConfig:
             return index % 2 == 1
         return index in self.moe_layers
 
+    def moe_indices(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def canonical(self) -> "ModelConfig":
+        """The same model with every value that is derived when unset written out (key/value
+        heads, head dim, the MoE block indices, dense and shared widths), so two configs that
+        build the same model compare equal (``a.canonical() == b.canonical()``)."""
+        moe = self.moe_indices()
+        kw: dict = dict(moe_layers="all" if len(moe) == self.num_layers else moe,
+                        dense_intermediate_size=self.dense_intermediate_size if len(moe) < self.num_layers else None,
+                        shared_intermediate_size=self.moe_config().shared_size if self.num_shared_experts else None)
+        if self.attention == "gqa":
+            kw.update(num_kv_heads=self.kv_heads, head_dim=self.head_size)
+        return dataclasses.replace(self, **kw)
+
     def moe_config(self) -> MoEConfig:
         return MoEConfig(hidden_size=self.hidden_size, num_experts=self.num_experts, experts=self.experts,
                          router=self.router, num_shared_experts=self.num_shared_experts,
@@ -236,14 +260,15 @@ def apply_rotary(x_BNSH: Tensor, cos_SH: Tensor, sin_SH: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with RoPE (scaled_dot_product_attention)."""
+    """Grouped-query causal self-attention with RoPE (scaled_dot_product_attention); optional
+    q/k/v biases (``ModelConfig.qkv_bias``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x_BSD: Tensor, cos_SH: Tensor, sin_SH: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -86,8 +86,9 @@ def _contiguous_cpu(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
-                      overwrite: bool = False) -> Path:
-    """Write ``model`` (a single-process MoETransformerLM) as a consolidated directory."""
+                      overwrite: bool = False, extra_files: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``model`` (a single-process MoETransformerLM) as a consolidated directory;
+    ``extra_files`` (e.g. the tokenizer's) are copied into it in the same atomic step."""
     from safetensors.torch import save_file
 
     cfg = getattr(model, "config", None)
@@ -103,6 +104,8 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, ext
     meta["model"] = to_dict(cfg)
 
     def fill(tmp: Path) -> None:
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)

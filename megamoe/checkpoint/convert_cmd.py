@@ -1,8 +1,10 @@
 """``megamoe convert``: megamoe checkpoints to Hugging Face model directories and back.
 
-megamoe -> HF: SOURCE is a consolidated megamoe directory or a DeepSpeed training
-checkpoint (any EP size, ZeRO-sharded); OUT becomes an HF directory in safetensors that
-``AutoModelForCausalLM.from_pretrained`` loads. HF -> megamoe: SOURCE is an HF Mixtral,
+megamoe -> HF: SOURCE is a consolidated megamoe directory, a DeepSpeed training
+checkpoint (any EP size, ZeRO-sharded) or the ``save_pretrained`` directory of a model
+upcycled with ``megamoe.integrations.hf.moeify``; OUT becomes an HF directory in
+safetensors that ``AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer the
+source carries (``--tokenizer`` to give one). HF -> megamoe: SOURCE is an HF Mixtral,
 Qwen2-MoE, GLM-4-MoE, DeepSeek-V3 or megamoe-format directory; OUT becomes a consolidated megamoe
 directory. Either way the logits are checked on a probe batch before anything is written
 (the fp32 max abs diff is printed), and OUT is written atomically.
@@ -20,8 +22,9 @@ DEFAULT_ATOL = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="megamoe checkpoint directory (consolidated or DeepSpeed), or an HF model "
-                                       "directory with --direction from-hf")
+    parser.add_argument("source", help="megamoe checkpoint directory (consolidated or DeepSpeed), a moeified HF "
+                                       "model's save_pretrained directory, or an HF model directory with "
+                                       "--direction from-hf")
     parser.add_argument("out", help="output directory (created atomically)")
     parser.add_argument("--direction", choices=("auto", "to-hf", "from-hf"), default="auto",
                         help="auto: from-hf when SOURCE has an HF config.json and no megamoe_config.json")
@@ -32,13 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                         help="largest fp32 logits difference accepted by the verification")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--tokenizer", default=None,
+                        help="to-hf: sentencepiece .model or directory of HF tokenizer files to write with the model "
+                             "(default: the tokenizer SOURCE carries)")
 
 
 def _direction(source: Path, requested: str) -> str:
     if requested != "auto":
         return requested
     from megamoe.checkpoint.consolidated import CONFIG_NAME
-    if (source / "config.json").is_file() and not (source / CONFIG_NAME).is_file():
+    from megamoe.integrations.hf import is_moeified_dir
+    if (source / "config.json").is_file() and not (source / CONFIG_NAME).is_file() and not is_moeified_dir(source):
         return "from-hf"
     return "to-hf"
 
@@ -59,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if direction == "to-hf":
             report = convert_to_hf(source, args.out, format=args.format, tag=args.tag, atol=args.atol,
-                                   overwrite=args.overwrite, dtype=getattr(torch, args.dtype))
+                                   overwrite=args.overwrite, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer)
         else:
-            if args.format not in ("auto",):
-                print("error: --format applies to --direction to-hf only", file=sys.stderr)
+            if args.format not in ("auto",) or args.tokenizer is not None:
+                print("error: --format and --tokenizer apply to --direction to-hf only", file=sys.stderr)
                 return 2
             report = convert_from_hf(source, args.out, atol=args.atol, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:  # ConversionError, ConfigError, bad JSON

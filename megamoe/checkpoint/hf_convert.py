@@ -27,11 +27,22 @@ is needed whenever a stock class fits):
 - ``megamoe``: :class:`~megamoe.integrations.hf_model.MegaMoEForCausalLM`, registered with
   the Auto classes (any router).
 
-Before anything is written, the converted model's logits are compared with megamoe's on a
-probe batch (fp32 max abs diff reported); the directory is written atomically.
+A *moeified* Hugging Face model (a Llama / Mistral / Qwen2 model upcycled with
+:func:`megamoe.integrations.hf.moeify`, live or its ``save_pretrained`` directory) is a
+source too: :mod:`megamoe.checkpoint.hf_moeified` writes the stock class computing the
+same function (Mixtral, Qwen2-MoE or GLM-4-MoE) with the MoE-block helpers below
+(:func:`moe_problems`, :func:`moe_hf_fields`, :func:`moe_blocks_to_hf`), shared by both
+sources.
 
-HF -> megamoe (:func:`convert_from_hf`): Mixtral, Qwen2-MoE, GLM-4-MoE, DeepSeek-V3 (default
-RoPE, no group-limited routing) and megamoe-format checkpoints become a consolidated megamoe directory, with the same logits check.
+Before anything is written, the converted model is checked against the source
+(:func:`verify_equivalent`): fp32 logits on a probe batch within ``atol`` (max abs diff
+reported) and the same greedy tokens; the directory is written atomically, with the
+tokenizer the source carries (:mod:`megamoe.checkpoint.tokenizers`).
+
+HF -> megamoe (:func:`convert_from_hf`): Mixtral, Qwen2-MoE (q/k/v biases included),
+GLM-4-MoE, DeepSeek-V3 (default RoPE, no group-limited routing) and megamoe-format
+checkpoints become a consolidated megamoe directory, with the same check; tokenizer files
+are copied along, so ``train.init_from`` keeps the token ids.
 """
 from __future__ import annotations
 
@@ -39,14 +50,14 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
                                              load_state_dict_with_buffers, read_model_config, save_consolidated)
-from megamoe.config import ExpertConfig, RouterConfig
+from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
 STOCK_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
@@ -130,10 +141,6 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
 
 
 # ---------------------------------------------------------------------------------- expressibility
-def _moe_indices(cfg) -> list[int]:
-    return [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-
-
 def _bias_state(model) -> dict[int, Tensor]:
     out = {}
     for i, layer in enumerate(model.model.layers):
@@ -143,15 +150,69 @@ def _bias_state(model) -> dict[int, Tensor]:
     return out
 
 
-def format_problems(model, fmt: str) -> list[str]:
-    """Why ``model`` cannot be written as ``fmt`` exactly (empty list: it can)."""
+def _check_format(fmt: str) -> None:
     if fmt not in FORMATS or fmt == "auto":
         raise ConversionError(f"format={fmt!r} is invalid: allowed values are "
                               f"{', '.join(repr(f) for f in FORMATS if f != 'auto')}")
+
+
+def moe_problems(moe: MoEConfig, fmt: str, *, moe_indices: list[int], num_layers: int, layers_field: str,
+                 selection_bias: bool) -> list[str]:
+    """Why MoE blocks configured by ``moe`` at ``moe_indices`` (of ``num_layers`` blocks) cannot
+    be written as stock ``fmt`` blocks. ``layers_field`` names the setting that chose the
+    blocks (for messages); ``selection_bias``: some router carries a non-zero expert_bias.
+    Shared by megamoe models and moeified Hugging Face models."""
+    r = moe.router
+    probs: list[str] = []
+    if r.name != "topk":
+        probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
+    if r.capacity_factor_for(training=False) is not None:  # conversion is for inference: eval capacity
+        what = f"router.capacity_factor={r.capacity_factor}" if r.eval_capacity_factor is None \
+            else f"router.eval_capacity_factor={r.eval_capacity_factor}"
+        probs.append(f"{what} drops tokens at inference; {fmt} routing is dropless (set "
+                     "router.eval_capacity_factor: dropless)")
+    if moe.experts.activation not in _ACT_TO_HF:
+        probs.append(f"experts.activation={moe.experts.activation!r}: {fmt} experts are gated "
+                     f"(swiglu or geglu only)")
+    if moe.experts.bias:
+        probs.append(f"experts.bias=True: {fmt} experts have no biases")
+    if not moe_indices:
+        probs.append("the model has no MoE blocks")
+    if fmt in ("mixtral", "qwen2_moe"):
+        if r.score_func != "softmax":
+            probs.append(f"router.score_func={r.score_func!r}: {fmt} routers use softmax")
+        if selection_bias:
+            probs.append(f"the routers carry a non-zero selection bias (expert_bias); {fmt} has none")
+        if r.routed_scaling_factor != 1.0:
+            probs.append(f"router.routed_scaling_factor={r.routed_scaling_factor}: {fmt} does not scale the "
+                         "routed weights (glm4_moe and deepseek_v3 do)")
+    if fmt == "mixtral":
+        if not r.normalize_weights:
+            probs.append("router.normalize_weights=False: Mixtral always renormalises the top-k weights "
+                         "(qwen2_moe supports both)")
+        if len(moe_indices) != num_layers:
+            probs.append(f"{layers_field} has dense blocks: Mixtral has none (qwen2_moe does)")
+        if moe.num_shared_experts:
+            probs.append("a shared expert is used: Mixtral has none (qwen2_moe does)")
+    if fmt in ("glm4_moe", "deepseek_v3"):
+        name = {"glm4_moe": "GLM-4-MoE", "deepseek_v3": "DeepSeek-V3"}[fmt]
+        if r.score_func != "sigmoid":
+            probs.append(f"router.score_func={r.score_func!r}: {name} routers use sigmoid")
+        if moe_indices and moe_indices != list(range(moe_indices[0], num_layers)):
+            probs.append(f"{layers_field}: {name} only has dense blocks as a prefix (first_k_dense_replace)")
+        if moe.num_shared_experts and moe.shared_expert_gate:
+            probs.append(f"shared_expert_gate=True: {name} shared experts are ungated")
+        if moe.num_experts < 2:
+            probs.append(f"{name}'s group selection needs num_experts >= 2")
+    return probs
+
+
+def format_problems(model, fmt: str) -> list[str]:
+    """Why ``model`` cannot be written as ``fmt`` exactly (empty list: it can)."""
+    _check_format(fmt)
     if fmt == "megamoe":
         return []
     cfg = model.config
-    r = cfg.router
     probs: list[str] = []
     if fmt == "deepseek_v3" and cfg.attention != "mla":
         probs.append(f"attention={cfg.attention!r}: DeepSeek-V3 uses multi-head latent attention, which "
@@ -162,51 +223,11 @@ def format_problems(model, fmt: str) -> list[str]:
     if fmt != "deepseek_v3" and cfg.attention == "mla":
         probs.append(f"attention='mla': {fmt} uses grouped-query attention (multi-head latent attention is "
                      "format 'deepseek_v3')")
-    if r.name != "topk":
-        probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
-    if r.capacity_factor_for(training=False) is not None:  # conversion is for inference: eval capacity
-        what = f"router.capacity_factor={r.capacity_factor}" if r.eval_capacity_factor is None \
-            else f"router.eval_capacity_factor={r.eval_capacity_factor}"
-        probs.append(f"{what} drops tokens at inference; {fmt} routing is dropless (set "
-                     "router.eval_capacity_factor: dropless)")
-    if cfg.experts.activation not in _ACT_TO_HF:
-        probs.append(f"experts.activation={cfg.experts.activation!r}: {fmt} experts are gated "
-                     f"(swiglu or geglu only)")
-    if cfg.experts.bias:
-        probs.append(f"experts.bias=True: {fmt} experts have no biases")
-    moe = _moe_indices(cfg)
-    if not moe:
-        probs.append("the model has no MoE blocks")
-    biases = _bias_state(model)
-    nonzero_bias = any(bool(b.abs().max() > 0) for b in biases.values())
-    if fmt in ("mixtral", "qwen2_moe"):
-        if r.score_func != "softmax":
-            probs.append(f"router.score_func={r.score_func!r}: {fmt} routers use softmax")
-        if nonzero_bias:
-            probs.append(f"the routers carry a non-zero selection bias (expert_bias); {fmt} has none")
-        if r.routed_scaling_factor != 1.0:
-            probs.append(f"router.routed_scaling_factor={r.routed_scaling_factor}: {fmt} does not scale the "
-                         "routed weights (glm4_moe and deepseek_v3 do)")
-    if fmt == "mixtral":
-        if not r.normalize_weights:
-            probs.append("router.normalize_weights=False: Mixtral always renormalises the top-k weights "
-                         "(qwen2_moe supports both)")
-        if len(moe) != cfg.num_layers:
-            probs.append(f"moe_layers={cfg.moe_layers!r} has dense blocks: Mixtral has none (qwen2_moe does)")
-        if cfg.num_shared_experts:
-            probs.append("a shared expert is used: Mixtral has none (qwen2_moe does)")
-    if fmt in ("glm4_moe", "deepseek_v3"):
-        name = {"glm4_moe": "GLM-4-MoE", "deepseek_v3": "DeepSeek-V3"}[fmt]
-        if r.score_func != "sigmoid":
-            probs.append(f"router.score_func={r.score_func!r}: {name} routers use sigmoid")
-        if moe and moe != list(range(moe[0], cfg.num_layers)):
-            probs.append(f"moe_layers={cfg.moe_layers!r}: {name} only has dense blocks as a prefix "
-                         "(first_k_dense_replace)")
-        if cfg.num_shared_experts and cfg.shared_expert_gate:
-            probs.append(f"shared_expert_gate=True: {name} shared experts are ungated")
-        if cfg.num_experts < 2:
-            probs.append(f"{name}'s group selection needs num_experts >= 2")
-    return probs
+    if fmt == "mixtral" and cfg.qkv_bias:
+        probs.append("qkv_bias=True: Mixtral attention has no biases (qwen2_moe and glm4_moe do)")
+    nonzero_bias = any(bool(b.abs().max() > 0) for b in _bias_state(model).values())
+    return probs + moe_problems(cfg.moe_config(), fmt, moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
+                                layers_field=f"moe_layers={cfg.moe_layers!r}", selection_bias=nonzero_bias)
 
 
 def choose_format(model, requested: str = "auto") -> tuple[str, list[str]]:
@@ -236,106 +257,118 @@ def _rope(cfg) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
 
 
-def hf_config(model, fmt: str):
-    """The transformers config of ``fmt`` describing ``model``."""
+def moe_hf_fields(fmt: str, moe: MoEConfig, *, moe_indices: list[int], num_layers: int,
+                  dense_intermediate_size: int | None) -> dict[str, Any]:
+    """The MoE-block fields of ``fmt``'s transformers config (everything but attention,
+    norms, embeddings and RoPE). Shared by megamoe models and moeified HF models."""
+    r, inter = moe.router, moe.experts.intermediate_size
+    dense_inter = dense_intermediate_size or inter
+    kw: dict[str, Any] = dict(num_experts_per_tok=r.top_k, hidden_act=_ACT_TO_HF[moe.experts.activation])
+    if fmt == "mixtral":
+        return dict(kw, intermediate_size=inter, num_local_experts=moe.num_experts,
+                    router_aux_loss_coef=r.aux_loss_coef, router_jitter_noise=0.0)
+    if fmt == "qwen2_moe":
+        return dict(kw, intermediate_size=dense_inter, moe_intermediate_size=inter, num_experts=moe.num_experts,
+                    shared_expert_intermediate_size=moe.shared_size, norm_topk_prob=r.normalize_weights,
+                    decoder_sparse_step=1, mlp_only_layers=[i for i in range(num_layers) if i not in moe_indices],
+                    router_aux_loss_coef=r.aux_loss_coef)
+    # glm4_moe, deepseek_v3: n_group = topk_group = 1 is plain top-k over all experts.
+    return dict(kw, intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=moe.num_experts,
+                n_shared_experts=-(-moe.shared_size // inter), routed_scaling_factor=float(r.routed_scaling_factor),
+                n_group=1, topk_group=1, first_k_dense_replace=moe_indices[0], norm_topk_prob=r.normalize_weights)
+
+
+def hf_config(model, fmt: str, **token_ids: Any):
+    """The transformers config of ``fmt`` describing ``model``; ``token_ids`` (bos_token_id,
+    eos_token_id, pad_token_id) come from the tokenizer when one is known."""
     import transformers
 
     cfg = model.config
     if fmt == "megamoe":
         from megamoe.integrations.hf_model import MegaMoEConfig
-        return MegaMoEConfig.from_model_config(cfg, selection_bias_layers=sorted(_bias_state(model)))
-    if fmt == "deepseek_v3":
-        moe = _moe_indices(cfg)
-        inter = cfg.experts.intermediate_size
-        return transformers.DeepseekV3Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-            hidden_act=_ACT_TO_HF[cfg.experts.activation], max_position_embeddings=cfg.max_seq_len,
-            rms_norm_eps=cfg.rms_norm_eps, initializer_range=cfg.initializer_range,
-            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg), rope_interleave=True,
-            q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-            qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False,
-            intermediate_size=cfg.dense_intermediate_size or inter, moe_intermediate_size=inter,
-            n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.router.top_k,
-            n_shared_experts=-(-cfg.moe_config().shared_size // inter),
-            routed_scaling_factor=float(cfg.router.routed_scaling_factor), n_group=1, topk_group=1,
-            first_k_dense_replace=moe[0], norm_topk_prob=cfg.router.normalize_weights, num_mtp_layers=0)
+        return MegaMoEConfig.from_model_config(cfg, selection_bias_layers=sorted(_bias_state(model)), **token_ids)
+    moe = moe_hf_fields(fmt, cfg.moe_config(), moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
+                        dense_intermediate_size=cfg.dense_intermediate_size)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
-                  hidden_act=_ACT_TO_HF[cfg.experts.activation], max_position_embeddings=cfg.max_seq_len,
+                  num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
                   rms_norm_eps=cfg.rms_norm_eps, initializer_range=cfg.initializer_range,
-                  tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg),
-                  num_experts_per_tok=cfg.router.top_k)
-    inter = cfg.experts.intermediate_size
-    moe = _moe_indices(cfg)
-    dense_inter = cfg.dense_intermediate_size or inter
+                  tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg), **moe, **token_ids)
+    if fmt == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            num_key_value_heads=cfg.num_heads, rope_interleave=True, q_lora_rank=cfg.q_lora_rank,
+            kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False,
+            num_mtp_layers=0, **common)
+    common.update(num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size)
     if fmt == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=inter, num_local_experts=cfg.num_experts,
-                                          router_aux_loss_coef=cfg.router.aux_loss_coef, router_jitter_noise=0.0,
-                                          sliding_window=None, **common)
+        return transformers.MixtralConfig(sliding_window=None, **common)
     if fmt == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(
-            intermediate_size=dense_inter, moe_intermediate_size=inter, num_experts=cfg.num_experts,
-            shared_expert_intermediate_size=cfg.moe_config().shared_size, norm_topk_prob=cfg.router.normalize_weights,
-            decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe],
-            router_aux_loss_coef=cfg.router.aux_loss_coef, qkv_bias=False, use_sliding_window=False, **common)
+        return transformers.Qwen2MoeConfig(qkv_bias=cfg.qkv_bias, use_sliding_window=False, **common)
     if fmt == "glm4_moe":
         common["rope_parameters"] = dict(_rope(cfg), partial_rotary_factor=1.0)
-        shared = cfg.moe_config().shared_size
-        return transformers.Glm4MoeConfig(
-            intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=cfg.num_experts,
-            n_shared_experts=-(-shared // inter), routed_scaling_factor=float(cfg.router.routed_scaling_factor),
-            n_group=1, topk_group=1,
-            first_k_dense_replace=moe[0], norm_topk_prob=cfg.router.normalize_weights, use_qk_norm=False,
-            attention_bias=False, **common)
+        return transformers.Glm4MoeConfig(use_qk_norm=False, attention_bias=cfg.qkv_bias, **common)
     raise ConversionError(f"no HF config for format {fmt!r}")
 
 
-def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
-    """megamoe parameter names/layouts -> ``fmt``'s (the inverse is :func:`from_hf_state_dict`)."""
-    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
-    if fmt == "megamoe":
-        return state
-    cfg = model.config
+def moe_blocks_to_hf(state: Mapping[str, Tensor], fmt: str, *, moe: MoEConfig, moe_indices: list[int],
+                     hidden_size: int) -> dict[str, Tensor]:
+    """megamoe MoELayer tensors (``model.layers.{i}.mlp.router.weight``, ``...experts.*``,
+    ``...shared_expert.*``) -> ``fmt``'s; every other key passes through unchanged. Shared by
+    megamoe models and moeified HF models, whose MoE blocks have the same names."""
     out: dict[str, Tensor] = {}
     for key, v in state.items():
         if ".mlp.shared_expert." in key or key.endswith(".mlp.router.expert_bias"):
             continue  # handled per layer below
         out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = v
-    if fmt == "deepseek_v3":
-        _permute_mla_rope(out, cfg, to_interleaved=True)
-    for i in _moe_indices(cfg):
+    for i in moe_indices:
         p = f"model.layers.{i}.mlp."
         if fmt in ("glm4_moe", "deepseek_v3"):
             bias = state.get(p + "router.expert_bias")
-            out[p + "gate.e_score_correction_bias"] = bias if bias is not None else torch.zeros(cfg.num_experts)
+            out[p + "gate.e_score_correction_bias"] = bias if bias is not None else torch.zeros(moe.num_experts)
         if fmt == "qwen2_moe":
-            if cfg.num_shared_experts:
+            if moe.num_shared_experts:
                 down = state[p + "shared_expert.down_proj.weight"]
                 gate = state.get(p + "shared_expert.gate.weight")
                 if gate is None:  # ungated: sigmoid(0) * (2 * down) == down, exactly
-                    gate, down = torch.zeros(1, cfg.hidden_size), down * 2.0
+                    gate, down = torch.zeros(1, hidden_size), down * 2.0
                 out[p + "shared_expert_gate.weight"] = gate
                 out[p + "shared_expert.down_proj.weight"] = down
                 for n in ("gate_proj", "up_proj"):
                     out[p + f"shared_expert.{n}.weight"] = state[p + f"shared_expert.{n}.weight"]
             else:
-                out[p + "shared_expert_gate.weight"] = torch.zeros(1, cfg.hidden_size)
-        if not cfg.num_shared_experts and fmt in ("qwen2_moe", "glm4_moe", "deepseek_v3"):
-            # Both classes always build a shared MLP; a zero-width one adds exactly 0.
+                out[p + "shared_expert_gate.weight"] = torch.zeros(1, hidden_size)
+        if not moe.num_shared_experts and fmt in ("qwen2_moe", "glm4_moe", "deepseek_v3"):
+            # These classes always build a shared MLP; a zero-width one adds exactly 0.
             name = "shared_expert" if fmt == "qwen2_moe" else "shared_experts"
-            for n, shape in (("gate_proj", (0, cfg.hidden_size)), ("up_proj", (0, cfg.hidden_size)),
-                             ("down_proj", (cfg.hidden_size, 0))):
+            for n, shape in (("gate_proj", (0, hidden_size)), ("up_proj", (0, hidden_size)),
+                             ("down_proj", (hidden_size, 0))):
                 out[p + f"{name}.{n}.weight"] = torch.zeros(shape)
-        if fmt in ("glm4_moe", "deepseek_v3") and cfg.num_shared_experts:
-            inter = cfg.experts.intermediate_size
-            width = -(-cfg.moe_config().shared_size // inter) * inter
+        if fmt in ("glm4_moe", "deepseek_v3") and moe.num_shared_experts:
+            inter = moe.experts.intermediate_size
+            width = -(-moe.shared_size // inter) * inter
             # Zero-padded hidden units contribute act(0) * 0 = 0: the padded MLP is the same function.
             for n in ("gate_proj", "up_proj"):
                 w = state[p + f"shared_expert.{n}.weight"]
                 out[p + f"shared_experts.{n}.weight"] = torch.cat([w, w.new_zeros(width - w.shape[0], w.shape[1])])
             w = state[p + "shared_expert.down_proj.weight"]
             out[p + "shared_experts.down_proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], 1)
+    return out
+
+
+def _float_state(model) -> dict[str, Tensor]:
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+
+
+def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
+    """megamoe parameter names/layouts -> ``fmt``'s (the inverse is :func:`from_hf_state_dict`)."""
+    state = _float_state(model)
+    if fmt == "megamoe":
+        return state
+    cfg = model.config
+    out = moe_blocks_to_hf(state, fmt, moe=cfg.moe_config(), moe_indices=cfg.moe_indices(),
+                           hidden_size=cfg.hidden_size)
+    if fmt == "deepseek_v3":
+        _permute_mla_rope(out, cfg, to_interleaved=True)
     return out
 
 
@@ -385,51 +418,148 @@ def probe_batch(vocab_size: int, max_seq_len: int, *, batch: int = 2, seq: int =
     return torch.randint(0, vocab_size, (batch, min(seq, max_seq_len)), generator=gen)
 
 
+GREEDY_STEPS = 8
+
+
 @torch.no_grad()
-def logits_max_abs_diff(megamoe_model, hf_model, ids_BL: Tensor) -> float:
-    """fp32 max |megamoe logits - HF logits| on ``ids_BL``."""
-    was = megamoe_model.training
-    megamoe_model.eval()
-    try:
-        a = megamoe_model(ids_BL).logits.float()
-    finally:
-        megamoe_model.train(was)
+def greedy_tokens(logits_fn: Callable[[Tensor], Tensor], ids_BL: Tensor, steps: int) -> Tensor:
+    """``steps`` greedy tokens appended to ``ids_BL`` (whole prefix recomputed each step)."""
+    for _ in range(steps):
+        ids_BL = torch.cat([ids_BL, logits_fn(ids_BL)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids_BL
+
+
+@torch.no_grad()
+def verify_equivalent(reference: Callable[[Tensor], Tensor], hf_model, ids_BL: Tensor, *, atol: float, what: str,
+                      max_len: int | None = None) -> float:
+    """Check the converted ``hf_model`` against the source (``reference(ids) -> logits``, in
+    eval mode): fp32 logits on the probe batch within ``atol``, and the same greedy tokens
+    from a prompt (a differing token is accepted only at a near-tie of the source's two best
+    logits, within 2 * atol). Returns the max abs logits difference; raises ConversionError."""
+    a = reference(ids_BL).float()
     b = hf_model(input_ids=ids_BL).logits.float()
-    return float((a - b).abs().max())
+    diff = float((a - b).abs().max())
+    if not diff <= atol:
+        raise ConversionError(f"verification failed: {what} logits differ from the source's by {diff:.3e} "
+                              f"(tolerance {atol:.1e}) on the probe batch; nothing was written")
+    prompt = ids_BL[:1, :min(8, ids_BL.shape[1])]
+    steps = min(GREEDY_STEPS, (max_len or 10 ** 9) - prompt.shape[1])
+    ref = greedy_tokens(reference, prompt, steps)
+    out = greedy_tokens(lambda x: hf_model(input_ids=x).logits, prompt, steps)
+    if not torch.equal(ref, out):
+        k = int((ref[0] != out[0]).nonzero()[0])
+        top2 = reference(ref[:, :k])[0, -1].float().topk(2).values
+        if float(top2[0] - top2[1]) > 2 * atol:
+            raise ConversionError(f"verification failed: greedy generation differs from the source's at token "
+                                  f"{k - prompt.shape[1]} ({int(out[0, k])} instead of {int(ref[0, k])}); nothing "
+                                  "was written")
+    return diff
 
 
-def megamoe_to_hf(source: Any, *, format: str = "auto", tag: str | None = None, atol: float = DEFAULT_ATOL):
-    """Convert in memory: returns ``(hf_model, ConversionReport without out_dir)``."""
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
-        raise ConversionError(f"atol={atol!r} is invalid: must be a number >= 0")
+def megamoe_to_hf(source: Any, *, format: str = "auto", tag: str | None = None, atol: float = DEFAULT_ATOL,
+                  token_ids: Mapping[str, Any] | None = None):
+    """Convert in memory: returns ``(hf_model, ConversionReport without out_dir)``.
+    ``token_ids``: bos/eos/pad token ids for the HF config (from the tokenizer)."""
+    _check_atol(atol)
     model = load_megamoe_source(source, tag=tag)
     fmt, notes = choose_format(model, format)
-    cfg_hf = hf_config(model, fmt)
+    cfg_hf = hf_config(model, fmt, **dict(token_ids or {}))
     hf = build_hf_model(cfg_hf, to_hf_state_dict(model, fmt))
     ids = probe_batch(model.config.vocab_size, model.config.max_seq_len)
-    diff = logits_max_abs_diff(model, hf, ids)
-    if not diff <= atol:
-        raise ConversionError(f"verification failed: {fmt} logits differ from megamoe's by {diff:.3e} "
-                              f"(tolerance {atol:.1e}) on the probe batch; nothing was written")
+    was = model.training
+    model.eval()
+    try:
+        diff = verify_equivalent(lambda x: model(x).logits, hf, ids, atol=atol, what=fmt,
+                                 max_len=model.config.max_seq_len)
+    finally:
+        model.train(was)
     return hf, ConversionReport(out_dir=Path(), format=fmt, max_abs_diff=diff, probe_shape=tuple(ids.shape),
                                 notes=notes)
 
 
-def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "auto", tag: str | None = None,
-                  atol: float = DEFAULT_ATOL, overwrite: bool = False,
-                  dtype: torch.dtype | None = None) -> ConversionReport:
-    """megamoe (live model, consolidated dir or DeepSpeed checkpoint) -> HF model directory.
+def _check_atol(atol: Any) -> None:
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ConversionError(f"atol={atol!r} is invalid: must be a number >= 0")
 
-    Verifies logits before writing (see module docstring); ``dtype`` casts the written
-    weights (verification is always in fp32). Writes atomically.
+
+# Texts the exported tokenizer must encode exactly as the sentencepiece model does.
+_TOKENIZER_PROBES = ("def f(x):\n    return x  + 1  # two  spaces", " leading space and trailing  ",
+                     "Zahlen 12345, Ünïcödé, ＡＢＣ, 漢字, emoji 🙂.", "\n\nparagraph\tbreak")
+
+
+def source_tokenizer(source: Any, *, tag: str | None = None) -> Path | None:
+    """The tokenizer a source directory carries: a directory of HF tokenizer files, or a
+    sentencepiece ``tokenizer.model`` (None for live models and directories without one)."""
+    from megamoe.checkpoint.tokenizers import find_tokenizer, has_hf_tokenizer
+
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        return None
+    path = Path(source)
+    if is_deepspeed_checkpoint(path) and not (path / CONFIG_NAME).is_file():
+        path = _deepspeed_config_dir(path, tag)
+    if has_hf_tokenizer(path):
+        return path
+    return find_tokenizer(path)
+
+
+def _write_tokenizer(tokenizer: Path | None, out: Path) -> list[str]:
+    """Write ``tokenizer`` (sentencepiece file, or directory of HF files) into ``out``; notes."""
+    from megamoe.checkpoint.tokenizers import check_hf_tokenizer, copy_tokenizer_files, write_hf_tokenizer
+
+    if tokenizer is None:
+        return ["the source carries no tokenizer, so AutoTokenizer cannot load this directory (pass "
+                "--tokenizer PATH: a sentencepiece .model or a directory of tokenizer files)"]
+    if tokenizer.is_dir():
+        return [f"tokenizer: copied {', '.join(copy_tokenizer_files(tokenizer, out)) or 'nothing'} from {tokenizer}"]
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+    files = write_hf_tokenizer(tokenizer, out)
+    check_hf_tokenizer(tokenizer, out, list(_TOKENIZER_PROBES))
+    return [f"tokenizer: wrote {', '.join(files)} from {tokenizer} (encodes as the sentencepiece model: no BOS/EOS "
+            "added)"]
+
+
+def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "auto", tag: str | None = None,
+                  atol: float = DEFAULT_ATOL, overwrite: bool = False, dtype: torch.dtype | None = None,
+                  tokenizer: str | os.PathLike | None = None) -> ConversionReport:
+    """megamoe (live model, consolidated dir or DeepSpeed checkpoint) or a moeified HF model
+    (live, or its ``save_pretrained`` directory) -> HF model directory.
+
+    Verifies logits and greedy tokens before writing (see module docstring); ``dtype`` casts
+    the written weights (verification is always in fp32). ``tokenizer``: a sentencepiece
+    ``.model`` or a directory of HF tokenizer files to write beside the model (default: the
+    one the source carries, see :mod:`megamoe.checkpoint.tokenizers`). Writes atomically.
     """
+    from megamoe.checkpoint.hf_moeified import is_moeified_model, moeified_to_hf, verify_moeified_reload
+    from megamoe.checkpoint.tokenizers import hf_token_ids
+    from megamoe.integrations.hf import is_moeified_dir, load_moeified
+
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
-    hf, report = megamoe_to_hf(source, format=format, tag=tag, atol=atol)
-    if dtype is not None:
+    _check_atol(atol)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist (give a sentencepiece .model or a directory "
+                                "of Hugging Face tokenizer files)")
+    tok = Path(tokenizer) if tokenizer is not None else source_tokenizer(source, tag=tag)
+    token_ids = hf_token_ids(tok) if tok is not None and tok.is_file() else {}
+    moeified = is_moeified_model(source) or (isinstance(source, (str, os.PathLike)) and is_moeified_dir(source))
+    if moeified:
+        live = source if isinstance(source, torch.nn.Module) else load_moeified(str(source))
+        hf, report = moeified_to_hf(live, format=format, atol=atol, token_ids=token_ids)
+    else:
+        hf, report = megamoe_to_hf(source, format=format, tag=tag, atol=atol, token_ids=token_ids)
+    if dtype is not None and not (moeified and report.format == "megamoe"):  # never cast the caller's model
         hf = hf.to(dtype)
-    report.out_dir = atomic_dir(out, lambda tmp: hf.save_pretrained(str(tmp)), overwrite=overwrite)
+
+    def fill(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp))
+        if moeified and report.format == "megamoe":  # the moeified layout: verified by reloading it
+            checked = verify_moeified_reload(hf, tmp, atol=atol)
+            report.max_abs_diff, report.probe_shape = checked.max_abs_diff, checked.probe_shape
+        report.notes.extend(_write_tokenizer(tok, tmp))
+
+    report.out_dir = atomic_dir(out, fill, overwrite=overwrite)
     return report
 
 
@@ -466,11 +596,19 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
         problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']}: megamoe rotates the full head dim")
     sliding = getattr(config, "sliding_window", None) if mt == "mixtral" else (
         config.sliding_window if getattr(config, "use_sliding_window", False) else None)
-    if sliding:
-        problems.append(f"sliding_window={sliding}: megamoe attention is full causal")
-    if not _zero_or_absent(state, _ATTN_BIASES):
-        problems.append("the attention projections have non-zero biases (qkv_bias/attention_bias): megamoe "
-                        "attention is bias-free")
+    if sliding and sliding < config.max_position_embeddings:
+        # A window at least as long as the context never masks anything megamoe can run
+        # (megamoe refuses sequences longer than max_seq_len).
+        problems.append(f"sliding_window={sliding} (< max_position_embeddings={config.max_position_embeddings}): "
+                        "megamoe attention is full causal")
+    # Qwen2-MoE (qkv_bias) and GLM-4-MoE (attention_bias) put biases on q/k/v only: megamoe's qkv_bias.
+    qkv_bias = mt in _QKV_BIAS_FIELD and bool(getattr(config, _QKV_BIAS_FIELD[mt], False))
+    biases = _ATTN_BIASES if not qkv_bias else tuple(b for b in _ATTN_BIASES if b not in _QKV_BIASES)
+    if not _zero_or_absent(state, biases):
+        problems.append("the attention projections have non-zero biases megamoe cannot hold (it has q/k/v "
+                        "biases for qwen2_moe and glm4_moe only, via qkv_bias): "
+                        + ", ".join(sorted({k.split('.self_attn.')[1] for k, v in state.items()
+                                            if k.endswith(biases) and v.numel() and bool(v.abs().max() > 0)})))
     if getattr(config, "use_qk_norm", False):
         problems.append("use_qk_norm=True: megamoe attention has no q/k norm")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -482,7 +620,7 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
             problems.append(f"num_key_value_heads={config.num_key_value_heads} differs from num_attention_heads="
                             f"{config.num_attention_heads}: MLA expands keys/values to every head")
     else:
-        attn = dict(num_kv_heads=config.num_key_value_heads, head_dim=head_dim)
+        attn = dict(num_kv_heads=config.num_key_value_heads, head_dim=head_dim, qkv_bias=qkv_bias)
     kw: dict[str, Any] = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads, **attn,
@@ -528,6 +666,8 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
 
 _ATTN_BIASES = tuple(f".self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj",
                                                       "kv_a_proj_with_mqa"))
+_QKV_BIASES = tuple(f".self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj"))
+_QKV_BIAS_FIELD = {"qwen2_moe": "qkv_bias", "glm4_moe": "attention_bias"}
 
 
 def _used_shared_width(state: Mapping[str, Tensor]) -> int:
@@ -550,7 +690,7 @@ def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Te
     mt = config.model_type
     out: dict[str, Tensor] = {}
     for key, v in state.items():
-        if "rotary_emb" in key or key.endswith(_ATTN_BIASES):
+        if "rotary_emb" in key or (key.endswith(_ATTN_BIASES) and not (cfg.qkv_bias and key.endswith(_QKV_BIASES))):
             continue  # checked zero above; megamoe computes RoPE on the fly
         if mt != "megamoe":
             if key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_layers:
@@ -593,31 +733,61 @@ def hf_to_megamoe(hf_model):
 def convert_from_hf(hf_source: Any, out_dir: str | os.PathLike, *, atol: float = DEFAULT_ATOL,
                     overwrite: bool = False) -> ConversionReport:
     """HF checkpoint directory (or loaded model) -> consolidated megamoe directory, verified."""
+    from megamoe.checkpoint.hf_moeified import is_moeified_model
+    from megamoe.checkpoint.tokenizers import HF_TOKENIZER_FILES, TOKENIZER_NAME, tokenizer_record
+
+    _check_atol(atol)
+    files: list[Path] = []
+    if isinstance(hf_source, (str, os.PathLike)):
+        hf_model = load_hf_model(hf_source)
+        files = [Path(hf_source) / n for n in HF_TOKENIZER_FILES if (Path(hf_source) / n).is_file()]
+    elif is_moeified_model(hf_source):
+        raise ConversionError("this is a moeified model: it converts *to* a stock HF class (convert_to_hf / "
+                              "megamoe convert SRC OUT); convert that to megamoe if you need to")
+    else:
+        hf_model = hf_source
+    model, diff, shape = hf_to_megamoe_verified(hf_model, atol=atol)
+    extra: dict[str, Any] = {"converted_from": {"model_type": hf_model.config.model_type}}
+    spm_files = [f for f in files if f.name == TOKENIZER_NAME]
+    if spm_files:
+        extra["tokenizer"] = tokenizer_record(spm_files[0])
+    path = save_consolidated(model, out_dir, overwrite=overwrite, extra=extra, extra_files=files)
+    return ConversionReport(out_dir=path, format="megamoe-consolidated", max_abs_diff=diff, probe_shape=shape,
+                            notes=[f"tokenizer: copied {', '.join(f.name for f in files)}"] if files else [])
+
+
+def hf_to_megamoe_verified(hf_model, *, atol: float = DEFAULT_ATOL):
+    """:func:`hf_to_megamoe` followed by :func:`verify_equivalent`: ``(model, max abs
+    logits diff, probe shape)``."""
+    hf_model = hf_model.float().eval()
+    model = hf_to_megamoe(hf_model)
+    ids = probe_batch(model.config.vocab_size, model.config.max_seq_len)
+    diff = verify_equivalent(lambda x: model(x).logits, hf_model, ids, atol=atol, what="megamoe",
+                             max_len=model.config.max_seq_len)
+    return model, diff, tuple(ids.shape)
+
+
+def load_hf_model(path: str | os.PathLike):
+    """A stock (or megamoe-format) HF MoE model directory, loaded in fp32; a moeified
+    directory is refused with the command that exports it."""
+    import json
+
     import transformers
 
-    if isinstance(hf_source, (str, os.PathLike)):
-        cfg_json = Path(hf_source) / "config.json"
-        if not cfg_json.is_file():
-            raise FileNotFoundError(f"{cfg_json} not found: expected a Hugging Face model directory")
-        import json
-        if json.loads(cfg_json.read_text()).get("model_type") == "megamoe":
-            import megamoe.integrations.hf_model  # noqa: F401
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_source), dtype=torch.float32)
-    else:
-        hf = hf_source
-    hf = hf.float().eval()
-    model = hf_to_megamoe(hf)
-    ids = probe_batch(model.config.vocab_size, model.config.max_seq_len)
-    diff = logits_max_abs_diff(model, hf, ids)
-    if not diff <= atol:
-        raise ConversionError(f"verification failed: megamoe logits differ from the {hf.config.model_type} "
-                              f"model's by {diff:.3e} (tolerance {atol:.1e}); nothing was written")
-    path = save_consolidated(model, out_dir, overwrite=overwrite,
-                             extra={"converted_from": {"model_type": hf.config.model_type}})
-    return ConversionReport(out_dir=path, format="megamoe-consolidated", max_abs_diff=diff,
-                            probe_shape=tuple(ids.shape))
+    from megamoe.integrations.hf import is_moeified_dir
+
+    cfg_json = Path(path) / "config.json"
+    if not cfg_json.is_file():
+        raise FileNotFoundError(f"{cfg_json} not found: expected a Hugging Face model directory")
+    if is_moeified_dir(path):
+        raise ConversionError(f"{path} is a moeified model (save_pretrained after moeify): it converts *to* a stock "
+                              f"HF class: megamoe convert {path} OUT (--direction to-hf)")
+    if json.loads(cfg_json.read_text()).get("model_type") == "megamoe":
+        import megamoe.integrations.hf_model  # noqa: F401
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 __all__ = ["FORMATS", "ConversionError", "ConversionReport", "choose_format", "convert_from_hf", "convert_to_hf",
-           "format_problems", "hf_config", "hf_to_megamoe", "is_deepspeed_checkpoint", "load_megamoe_source",
-           "logits_max_abs_diff", "megamoe_to_hf", "to_hf_state_dict"]
+           "format_problems", "greedy_tokens", "hf_config", "hf_to_megamoe", "hf_to_megamoe_verified", "is_deepspeed_checkpoint",
+           "load_hf_model", "load_megamoe_source", "megamoe_to_hf", "moe_blocks_to_hf",
+           "moe_hf_fields", "moe_problems", "source_tokenizer", "to_hf_state_dict", "verify_equivalent"]

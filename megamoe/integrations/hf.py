@@ -20,9 +20,17 @@ expert width.
   accumulation factor.
 - :func:`load_moeified` reloads a ``save_pretrained`` directory of a moeified model: the
   moeify arguments are recorded in ``config.megamoe_moeify``.
+- ``save_pretrained`` of a moeified model keeps its own layout (so the HF ``Trainer``
+  resumes from it), but its ``config.json`` gets ``model_type`` :data:`MOEIFIED_MODEL_TYPE`
+  (the base type moves to ``megamoe_base_model_type``): stock ``from_pretrained``, the
+  Auto classes and tools built on them refuse it with a message naming ``load_moeified``
+  and ``megamoe convert``, instead of silently building the dense model without its
+  experts. ``megamoe convert`` (or :func:`megamoe.checkpoint.hf_convert.convert_to_hf`)
+  writes the stock Mixtral / Qwen2-MoE / GLM-4-MoE class computing the same function.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -208,6 +216,81 @@ def _place(layer: MoELayer, like: Tensor) -> MoELayer:
     return layer
 
 
+# ---------------------------------------------------------------------------------- save_pretrained
+MOEIFIED_MODEL_TYPE = ("megamoe-moeified: load with megamoe.integrations.hf.load_moeified, or export to a stock "
+                       "class with megamoe convert")
+BASE_TYPE_KEY = "megamoe_base_model_type"
+
+
+class _MoeifiedConfig:
+    """Mixed into a moeified model's config class: ``config.json`` is written with
+    :data:`MOEIFIED_MODEL_TYPE` (the live config keeps its model_type, so transformers'
+    own code paths are unchanged)."""
+
+    _moeified_base: type
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        data = json.loads(super().to_json_string(use_diff))  # type: ignore[misc]
+        data[BASE_TYPE_KEY] = self._moeified_base.model_type
+        data["model_type"] = MOEIFIED_MODEL_TYPE
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def __reduce__(self):
+        return _restore_moeified_config, (self._moeified_base, dict(self.__dict__))
+
+
+@functools.cache
+def _moeified_config_class(base: type) -> type:
+    return type(f"Moeified{base.__name__}", (_MoeifiedConfig, base), {"_moeified_base": base})
+
+
+def _restore_moeified_config(base: type, state: dict) -> Any:
+    cls = _moeified_config_class(base)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def is_moeified_config(config: Any) -> bool:
+    """True for the config of a model :func:`moeify` converted."""
+    return isinstance(config, _MoeifiedConfig)
+
+
+def _mark_moeified(config: Any) -> None:
+    if not isinstance(config, _MoeifiedConfig):
+        config.__class__ = _moeified_config_class(type(config))
+
+
+def read_moeified_config(path: str | Path) -> Any:
+    """The base transformers config of a moeified ``save_pretrained`` directory (holding
+    ``megamoe_moeify``); directories written before the model_type change load too."""
+    import transformers
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: expected a save_pretrained directory")
+    data = json.loads(cfg_file.read_text())
+    if data.get("model_type") == MOEIFIED_MODEL_TYPE:
+        base = data.pop(BASE_TYPE_KEY, None)
+        if base not in transformers.CONFIG_MAPPING:
+            raise ConfigError(f"{cfg_file}: {BASE_TYPE_KEY}={base!r} is not a transformers model type")
+        data["model_type"] = base
+        return transformers.CONFIG_MAPPING[base].from_dict(data)
+    return transformers.AutoConfig.from_pretrained(str(path))
+
+
+def is_moeified_dir(path: str | Path) -> bool:
+    """True for a ``save_pretrained`` directory of a moeified model."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return False
+    try:
+        data = json.loads(cfg_file.read_text())
+    except ValueError:
+        return False
+    return data.get("model_type") == MOEIFIED_MODEL_TYPE or bool(data.get("megamoe_moeify"))
+
+
 def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = None, layers: LayerSpec = "all",
            num_shared_experts: int = 0, shared_expert_gate: bool = False, upcycle: bool = True,
            upcycle_noise: float = 0.0, adapter: MLPAdapter | None = None, expert_impl: str = "auto",
@@ -226,6 +309,7 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
 
     With a built-in adapter the arguments are recorded in ``model.config.megamoe_moeify``
     so :func:`load_moeified` can rebuild the model from a ``save_pretrained`` directory.
+    ``save_pretrained`` then writes a config stock transformers refuses (module docstring).
     """
     if isinstance(upcycle_noise, bool) or not isinstance(upcycle_noise, (int, float)) or upcycle_noise < 0:
         raise ConfigError(f"upcycle_noise={upcycle_noise!r} is invalid: must be a number >= 0")
@@ -271,6 +355,8 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
                 num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate, expert_impl=expert_impl)
     if adapter is ADAPTERS.get(getattr(model.config, "model_type", None)):
         model.config.megamoe_moeify = spec
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_string"):
+        _mark_moeified(model.config)
     return replaced
 
 
@@ -391,19 +477,32 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 def load_moeified(path: str, *, dispatcher: DispatcherFactory | None = None, **from_config_kwargs: Any) -> nn.Module:
     """Reload a moeified model written by ``save_pretrained`` (its config holds
     ``megamoe_moeify``): builds the dense skeleton, re-applies moeify, loads the weights."""
+    p = Path(path)
+    return build_moeified(read_moeified_config(p), _read_weights(p), dispatcher=dispatcher, where=str(p),
+                          **from_config_kwargs)
+
+
+def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: DispatcherFactory | None = None,
+                   where: str = "state", **from_config_kwargs: Any) -> nn.Module:
+    """A moeified model from its config (holding ``megamoe_moeify``) and a state dict:
+    the dense skeleton, moeify without upcycling, then the weights (eval mode)."""
+    import copy
+
     import transformers
 
-    p = Path(path)
-    config = transformers.AutoConfig.from_pretrained(str(p))
     spec = getattr(config, "megamoe_moeify", None)
     if not spec:
-        raise ConfigError(f"{p}/config.json has no 'megamoe_moeify' entry: it was not saved from a model "
-                          "converted with megamoe.integrations.hf.moeify")
+        raise ConfigError(f"{where}/config.json has no 'megamoe_moeify' entry: it was not saved from a model "
+                          "converted with megamoe.integrations.hf.moeify with a built-in adapter (with a custom "
+                          "adapter, build the model, call moeify(..., adapter=...) and load_state_dict)")
+    if isinstance(config, _MoeifiedConfig):  # the Auto classes know the base config class only
+        config = copy.deepcopy(config)
+        config.__class__ = config._moeified_base
     model = transformers.AutoModelForCausalLM.from_config(config, **from_config_kwargs)
     spec = dict(spec)
     spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
     moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
-    state = _read_weights(p)
+    state = dict(state)
     for name, layer in model.named_modules():
         if isinstance(layer, MoELayer) and layer.dispatcher.num_local_experts != layer.config.num_experts:
             # An expert-parallel rank keeps its own slice of each stacked expert tensor.
@@ -418,10 +517,11 @@ def load_moeified(path: str, *, dispatcher: DispatcherFactory | None = None, **f
     # Tied weights (e.g. GPT-2's lm_head) are saved once; they are missing here by design.
     untied = [m for m in missing if not any(params.get(m) is params.get(k) for k in state if k in params)]
     if untied or unexpected:
-        raise ValueError(f"{p}: weights do not match the moeified model: missing {untied[:6]}, "
+        raise ValueError(f"{where}: weights do not match the moeified model: missing {untied[:6]}, "
                          f"unexpected {list(unexpected)[:6]}")
     return model.eval()
 
 
-__all__ = ["ADAPTERS", "DenseMLPWeights", "DropoutAfter", "MLPAdapter", "MoETrainerCallback", "adapter_for",
-           "load_moeified", "moe_layers", "moeify", "swap_moe_blocks"]
+__all__ = ["ADAPTERS", "MOEIFIED_MODEL_TYPE", "DenseMLPWeights", "DropoutAfter", "MLPAdapter", "MoETrainerCallback",
+           "adapter_for", "build_moeified", "is_moeified_config", "is_moeified_dir", "load_moeified", "moe_layers", "moeify", "read_moeified_config",
+           "swap_moe_blocks"]

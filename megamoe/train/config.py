@@ -134,6 +134,9 @@ class LoopConfig:
         ``lr * min_lr_ratio`` at ``steps``.
     eval_interval / save_interval: every N optimizer steps (0 disables; both also run at
         the end). keep_last: checkpoints kept on disk.
+    init_from: start from the weights (and model config, and tokenizer) of a consolidated
+        megamoe directory, a training checkpoint or an HF MoE model directory, with a fresh
+        optimizer at step 0 (see megamoe.train.init_from). ``--resume`` continues a run.
     """
 
     output_dir: str = "runs/tiny"
@@ -160,9 +163,12 @@ class LoopConfig:
     plots: bool = True
     progress: bool = True
     threads: int | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         n = "train"
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ConfigError(f"{n}.init_from={self.init_from!r} is invalid: must be a directory path or null")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError(f"{n}.output_dir={self.output_dir!r} is invalid: must be a directory path")
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_interval"):
@@ -301,7 +307,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None = all defaults), apply overrides, validate."""
     raw = read_yaml(path) if path else {}
-    cfg = config_from_mapping(apply_overrides(raw, overrides))
+    from megamoe.train.init_from import apply_init_from  # train.init_from supplies the model section
+    cfg = config_from_mapping(apply_init_from(apply_overrides(raw, overrides)))
     return cfg
 
 

@@ -14,9 +14,14 @@ Checkpoints live in ``<output_dir>/checkpoints/step_<N>``: every rank writes its
 a hidden temporary directory that rank 0 renames into place once all ranks are done, so a
 kill at any moment leaves either a complete checkpoint or none; only the newest
 ``keep_last`` are kept. Each holds ``megamoe_config.json`` = {"model": ModelConfig dict,
-"train_config": the whole TrainConfig, "step", "backend", "world_size"}, the backend's
-files, and one ``rng_rank<r>.pt`` per rank, so a resumed run repeats an uninterrupted run
-step for step.
+"train_config": the whole TrainConfig, "step", "backend", "world_size", "tokenizer"}, the
+backend's files, one ``rng_rank<r>.pt`` per rank, so a resumed run repeats an
+uninterrupted run step for step, and ``tokenizer.model``, the sentencepiece model the run
+tokenised with (so ``megamoe convert`` exports it; see megamoe.checkpoint.tokenizers).
+
+``train.init_from`` (megamoe.train.init_from) starts a run from other weights at step 0;
+``--resume`` only accepts the checkpoints of a run (weights-only directories are refused
+with a pointer to init_from).
 """
 from __future__ import annotations
 
@@ -119,11 +124,26 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+RUN_CHECKPOINT_FORMAT = "megamoe-train-v1"
+
+
 def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
-    """``resume`` = "latest" (newest checkpoint under output_dir, or None) or a checkpoint path."""
+    """``resume`` = "latest" (newest checkpoint under output_dir, or None) or a checkpoint path
+    (a training run's checkpoint: weights-only directories are refused, see init_from)."""
     if resume != "latest":
-        if not os.path.isfile(os.path.join(resume, "megamoe_config.json")):
-            raise ConfigError(f"--resume {resume!r}: not a megamoe checkpoint directory (no megamoe_config.json)")
+        meta_path = os.path.join(resume, "megamoe_config.json")
+        if not os.path.isfile(meta_path):
+            hint = (f"; to start training from these weights use train.init_from={resume}"
+                    if os.path.isfile(os.path.join(resume, "config.json")) else "")
+            raise ConfigError(f"--resume {resume!r}: not a megamoe checkpoint directory (no megamoe_config.json)"
+                              + hint)
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != RUN_CHECKPOINT_FORMAT:
+            raise ConfigError(f"--resume {resume!r}: this directory holds model weights only (no optimizer state, "
+                              "step or RNG state of a training run, e.g. a megamoe convert output); --resume continues "
+                              f"a run from its own checkpoints. To train from these weights start a run with "
+                              f"train.init_from={resume}")
         return resume
     found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
     return found[-1][1] if found else None
@@ -223,6 +243,7 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     t = cfg.train
     out_dir = os.path.abspath(t.output_dir)
     ckpt_root = os.path.join(out_dir, "checkpoints")
+    resume_from = find_resume_checkpoint(out_dir, resume) if resume else None  # before any slow setup
     stale = not resume and bool(list_checkpoints(ckpt_root))
     if stale and not overwrite:  # every rank sees the same files, so all of them stop here
         raise ConfigError(f"train.output_dir={t.output_dir!r} already holds checkpoints of an earlier run; pass "
@@ -274,6 +295,8 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     random.seed(t.seed)
     np.random.seed(t.seed)
     model = MoETransformerLM(cfg.model)
+    if t.init_from and not resume_from:
+        _init_weights(model, cfg, data.tokenizer_path)  # before the backend shards the experts
     for layer in model.moe_layers():
         layer.aux_loss_grad_scale = 1.0 / t.grad_accum_steps
     counts = count_parameters(model)
@@ -282,7 +305,6 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     balancer = _build_balancer(cfg, backend)
 
     start_step = 0
-    resume_from = find_resume_checkpoint(out_dir, resume) if resume else None
     if resume and resume_from is None:
         _log(f"--resume: no checkpoint under {ckpt_root}; starting from step 0")
     if resume_from:
@@ -331,7 +353,8 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
                 last_eval = _run_eval(backend, model, held_out, device, step, logger)
                 evaluated_step = step
             if t.save_interval and step % t.save_interval == 0:
-                last_ckpt = save_checkpoint(cfg, backend, balancer, step, world, ckpt_root)
+                last_ckpt = save_checkpoint(cfg, backend, balancer, step, world, ckpt_root,
+                                            tokenizer=data.tokenizer_path)
                 saved_step = step
         if start_step >= t.steps:
             _log(f"the checkpoint is at step {start_step}, train.steps={t.steps}: nothing left to train")
@@ -341,7 +364,8 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
         elif held_out and evaluated_step != t.steps:
             last_eval = _run_eval(backend, model, held_out, device, step, logger)
         if saved_step != t.steps and start_step < t.steps:
-            last_ckpt = save_checkpoint(cfg, backend, balancer, t.steps, world, ckpt_root)
+            last_ckpt = save_checkpoint(cfg, backend, balancer, t.steps, world, ckpt_root,
+                                        tokenizer=data.tokenizer_path)
     finally:
         bar.close()
         if logger is not None:
@@ -406,8 +430,34 @@ def _build_balancer(cfg: TrainConfig, backend):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, ckpt_root: str) -> str:
-    """Write ``step_<step>`` atomically (all ranks call this); prune to ``keep_last``."""
+def _init_weights(model, cfg: TrainConfig, tokenizer_path: str) -> None:
+    """Load ``train.init_from``'s weights into the freshly built ``model`` (every rank)."""
+    from megamoe.checkpoint.consolidated import load_state_dict_with_buffers
+    from megamoe.checkpoint.tokenizers import TOKENIZER_NAME, file_sha256
+    from megamoe.train.init_from import load_init_model, model_differences
+
+    path = cfg.train.init_from
+    init = load_init_model(path)
+    diffs = model_differences(init.config, cfg.model)
+    if diffs:  # load_config fills the model section from init_from; a hand-built TrainConfig may not
+        raise ConfigError(f"train.init_from={path!r}: its model differs from model.* in "
+                          + ", ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diffs)
+                          + "; build the config with megamoe.train.config.load_config, which takes the model from it")
+    load_state_dict_with_buffers(model, init.state_dict())
+    own = os.path.join(path, TOKENIZER_NAME)
+    if not os.path.isfile(own):
+        _log(f"warning: train.init_from={path!r} carries no tokenizer: training with a new one, so the token ids "
+             "differ from those its embeddings were trained on")
+    elif file_sha256(own) != file_sha256(tokenizer_path):
+        raise ConfigError(f"train.init_from={path!r}: the data pipeline tokenises with {tokenizer_path}, not its "
+                          f"{own}; leave data.tokenizer unset (init_from supplies it)")
+    _log(f"initialised the weights from {path} (fresh optimizer, step 0)")
+
+
+def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, ckpt_root: str, *,
+                    tokenizer: str | None = None) -> str:
+    """Write ``step_<step>`` atomically (all ranks call this); prune to ``keep_last``.
+    ``tokenizer``: the sentencepiece model the run tokenises with, stored in the checkpoint."""
     rank = _rank()
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_root, name)
@@ -423,7 +473,10 @@ def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, 
             torch.save(balancer.state_dict(), os.path.join(tmp, "balancer.pt"))
         meta = {"model": to_dict(cfg.model), "train_config": to_dict(cfg), "step": step,
                 "backend": backend.name, "world_size": world, "ep_size": cfg.parallel.ep_size,
-                "format": "megamoe-train-v1"}
+                "format": RUN_CHECKPOINT_FORMAT}
+        if tokenizer:
+            from megamoe.checkpoint.tokenizers import store_tokenizer
+            meta["tokenizer"] = store_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "megamoe_config.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     _barrier()
@@ -441,11 +494,13 @@ def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, 
 def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int) -> int:
     with open(os.path.join(path, "megamoe_config.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    if meta["model"] != to_dict(cfg.model):
-        diff = sorted(k for k in set(meta["model"]) | set(to_dict(cfg.model))
-                      if meta["model"].get(k) != to_dict(cfg.model).get(k))
+    from megamoe.config import from_dict
+    from megamoe.model import ModelConfig
+    from megamoe.train.init_from import model_differences
+    diff = model_differences(from_dict(ModelConfig, meta["model"], where="model"), cfg.model, ignore=())
+    if diff:  # compared in effect: num_kv_heads=None and an explicit equal head count build the same model
         raise ConfigError(f"checkpoint {path!r} was trained with a different model config (fields differ: "
-                          f"{', '.join(diff)}); resume with the original model section")
+                          f"{', '.join(k for k, _, _ in diff)}); resume with the original model section")
     if meta.get("backend") != backend.name:
         raise ConfigError(f"checkpoint {path!r} was written by the {meta.get('backend')!r} backend; resume it "
                           f"with parallel.backend={meta.get('backend')}")

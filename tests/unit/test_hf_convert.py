@@ -5,6 +5,7 @@ reloads it with stock ``AutoModelForCausalLM.from_pretrained``, compares logits 
 generation with megamoe's own, then converts back and compares the weights.
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -154,11 +155,14 @@ def _qwen2_moe(**kw):
 
 
 def test_from_hf_refuses_what_megamoe_cannot_compute(tmp_path):
-    hf = _qwen2_moe(qkv_bias=True)
-    with torch.no_grad():
-        hf.model.layers[0].self_attn.q_proj.bias.normal_()
-    with pytest.raises(ConversionError, match="non-zero biases"):
-        convert_from_hf(hf, tmp_path / "a")
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, sliding_window=8))
+    with pytest.raises(ConversionError, match="sliding_window=8"):
+        convert_from_hf(mixtral, tmp_path / "a")
+    mixtral.config.sliding_window = 64  # a window as long as the context masks nothing
+    assert convert_from_hf(mixtral, tmp_path / "a").max_abs_diff <= 1e-4
+    shutil.rmtree(tmp_path / "a")
     glm = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
         vocab_size=61, hidden_size=32, intermediate_size=16, moe_intermediate_size=8, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
@@ -169,16 +173,22 @@ def test_from_hf_refuses_what_megamoe_cannot_compute(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_from_hf_zero_qkv_bias_qwen2_moe(tmp_path):
-    hf = _qwen2_moe(qkv_bias=True)  # biases are zero-initialised: the same function as bias-free attention
+def test_from_hf_qwen2_moe_qkv_bias_round_trip(tmp_path):
+    hf = _qwen2_moe(qkv_bias=True)
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
+            p.normal_(0.0, 0.3) if p.dim() >= 2 or n.endswith("_proj.bias") else None
     report = convert_from_hf(hf, tmp_path / "mm")
     assert report.max_abs_diff <= 1e-4
     cfg = json.loads((tmp_path / "mm" / "megamoe_config.json").read_text())["model"]
-    assert cfg["shared_expert_gate"] is True and cfg["router"]["normalize_weights"] is False
+    assert cfg["shared_expert_gate"] is True and cfg["router"]["normalize_weights"] is False and cfg["qkv_bias"]
+    back = convert_to_hf(tmp_path / "mm", tmp_path / "hf")
+    assert back.format == "qwen2_moe"
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ConversionError, match="qkv_bias=True: Mixtral attention has no biases"):
+        convert_to_hf(tmp_path / "mm", tmp_path / "mx", format="mixtral")
 
 
 def test_bad_source_errors(tmp_path):
