@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig
+from megamoe.config import ConfigError, RouterConfig, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 
@@ -48,16 +48,11 @@ class StochasticOptions:
         experts (``ensemble``).
     """
 
-    granularity: str = "batch"
-    eval_mode: str = "random"
+    granularity: str = spec("batch", choices=GRANULARITIES)
+    eval_mode: str = spec("random", choices=EVAL_MODES)
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"router.options.granularity={self.granularity!r} is invalid: allowed values "
-                              f"are {', '.join(map(repr, GRANULARITIES))}")
-        if self.eval_mode not in EVAL_MODES:
-            raise ConfigError(f"router.options.eval_mode={self.eval_mode!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, EVAL_MODES))}")
+        check_fields(self)
 
 
 @register_router("stochastic", options=StochasticOptions)

@@ -35,6 +35,7 @@ from megamoe.train.config import DataConfig
 _EXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                 ".parquet": "parquet"}
 CACHE_VERSION = 1
+MIN_TOKENIZER_VOCAB = 32  # sentencepiece needs room for its special and byte pieces
 
 
 # ----------------------------------------------------------------------------- documents
@@ -116,8 +117,8 @@ def train_tokenizer(texts: Iterable[str], output_path: str, *, vocab_size: int, 
     """Train a sentencepiece BPE model on ``texts`` and write it atomically to ``output_path``."""
     import sentencepiece as spm
 
-    if vocab_size < 32:
-        raise ConfigError(f"vocab_size={vocab_size} is too small for a tokenizer: use at least 32")
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ConfigError(f"vocab_size={vocab_size} is too small for a tokenizer: use at least {MIN_TOKENIZER_VOCAB}")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     lines = [line for t in texts for line in t.splitlines() if line.strip()]
