@@ -11,7 +11,7 @@ layer costs a device-to-host sync per layer, so it is opt-in:
   naming the layer.
 - :func:`first_nonfinite_module` runs a function with a forward hook on every submodule and
   names the first module, in execution order, whose output holds NaN or inf.
-- :func:`first_nonfinite_grad` names the first parameter whose gradient does.
+- :func:`first_nonfinite_grad` names the parameter whose gradient went non-finite first.
 
 The trainer uses the last two only after a step has gone non-finite, so they cost nothing
 on healthy steps.
@@ -111,12 +111,16 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> str | No
 
 
 def first_nonfinite_grad(model: nn.Module) -> str | None:
-    """The first parameter (in ``named_parameters`` order) whose gradient holds NaN or inf,
-    described with the MoE layer it belongs to; None when every gradient is finite."""
-    for name, p in model.named_parameters():
-        if p.grad is not None and count_nonfinite(p.grad):
-            return "the gradient of " + describe_module(model, name)
-    return None
+    """The parameter whose gradient went NaN/inf first in the backward pass, as far as the
+    gradients tell: backward runs from the output towards the input and NaN spreads along it,
+    so it is the last parameter, in model order, with a non-finite gradient. Described with the
+    MoE layer it belongs to and how many gradients are affected; None when all are finite."""
+    bad = [name for name, p in model.named_parameters() if p.grad is not None and count_nonfinite(p.grad)]
+    if not bad:
+        return None
+    total = sum(1 for p in model.parameters() if p.grad is not None)
+    return (f"the gradient of {describe_module(model, bad[-1])} (the last of {len(bad)}/{total} parameters with "
+            "non-finite gradients in model order, so the first reached by backward)")
 
 
 __all__ = ["NonFiniteError", "require_finite", "set_finite_checks", "first_nonfinite_module",

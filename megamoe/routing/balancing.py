@@ -289,6 +289,10 @@ class AuxFreeBalancer:
         finally:
             self.counter.enabled = before
 
+    def discard_pending(self) -> None:
+        """Drop the counts accumulated since the last update (a training step that was not applied)."""
+        self.counter.take()
+
     def pending_counts(self) -> dict[str, Tensor]:
         """This rank's counts accumulated since the last update (layer name -> [E])."""
         return dict(zip(self.layer_names, (c.clone() for c in self.counter.per_layer())))

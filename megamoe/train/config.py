@@ -201,6 +201,11 @@ class TrainConfig:
             raise ConfigError(f"train.precision='fp16' is invalid with parallel.backend={self.parallel.backend!r} and "
                               f"parallel.zero_stage={self.parallel.zero_stage}: fp16 (dynamic loss scaling) needs "
                               "parallel.backend=deepspeed with zero_stage 1, 2 or 3; use precision bf16 or fp32 otherwise")
+        if (self.train.nonfinite == "skip" and self.parallel.backend == "deepspeed" and self.parallel.zero_stage == 0
+                and self.train.precision == "fp32"):
+            raise ConfigError("train.nonfinite='skip' is invalid with parallel.backend='deepspeed', zero_stage=0 and "
+                              "precision fp32: that DeepSpeed optimizer applies a non-finite step instead of dropping "
+                              "it; use zero_stage 1, 2 or 3, precision bf16, or parallel.backend=torch")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is invalid: must be <= "
                               f"model.max_seq_len={self.model.max_seq_len}")
@@ -334,6 +339,49 @@ def deepspeed_mapping(cfg: TrainConfig) -> dict[str, Any]:
     return dict(ds)
 
 
+# What a run may change when it resumes a checkpoint; each takes effect from the resumed step
+# on (the LR schedule is rebuilt from train.lr, warmup_steps, min_lr_ratio and steps). Every
+# other difference from the checkpoint's config is refused by name: it would not apply (Adam's
+# state keeps the old betas and eps, the RNG streams the old seed) or would make the resumed run
+# another experiment (other data, tokenizer, precision or balancer) under the same name.
+RESUME_CHANGEABLE = (
+    "train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.grad_clip",
+    "train.micro_batch_size", "train.grad_accum_steps", "train.eval_interval", "train.eval_max_batches",
+    "train.save_interval", "train.keep_last", "train.log_interval", "train.tensorboard", "train.plots",
+    "train.progress", "train.threads", "train.device", "train.nonfinite", "train.output_dir", "data.cache_dir",
+    "parallel.ep_size", "parallel.zero_stage", "parallel.dist_backend")
+LR_SCHEDULE_FIELDS = ("train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.steps")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def resume_changes(saved: Mapping[str, Any] | None, cfg: TrainConfig, *,
+                   checkpoint: str) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (checkpoint's value, this run's value)}`` for every setting ``cfg``
+    changes relative to the config saved in ``checkpoint`` (the model section is compared on
+    its own); ConfigError naming each change outside RESUME_CHANGEABLE. Fields one of the two
+    configs does not know (written by another megamoe version) are not compared."""
+    if not saved:
+        return {}
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    changed = {k: (old[k], new[k]) for k in old if k in new and not k.startswith("model.") and old[k] != new[k]}
+    refused = [k for k in changed if k not in RESUME_CHANGEABLE]
+    if refused:
+        raise ConfigError(
+            f"--resume: {', '.join(f'{k}={changed[k][1]!r}' for k in refused)} cannot change on resume (checkpoint "
+            f"{checkpoint!r} was trained with {', '.join(f'{k}={changed[k][0]!r}' for k in refused)}); resume with "
+            f"the checkpoint's values or start a new run. Settings that may change on resume: "
+            f"{', '.join(RESUME_CHANGEABLE)}")
+    return changed
+
+
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
     """Raise ConfigError if ``cfg`` cannot run on ``world_size`` processes."""
     p, m = cfg.parallel, cfg.model
@@ -366,4 +414,4 @@ def dump_config(cfg: TrainConfig) -> str:
 
 __all__ = ["TrainConfig", "DataConfig", "LoopConfig", "ParallelConfig", "load_config", "apply_overrides",
            "parse_overrides", "check_world_size", "config_from_mapping", "deepspeed_mapping", "dump_config",
-           "world_size_from_env"]
+           "world_size_from_env", "resume_changes", "RESUME_CHANGEABLE"]
