@@ -386,7 +386,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     refuse (its ``ClassName.field`` messages are re-addressed to ``where.field``).
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__} " + ("is empty (null)" if data is None else f"={data!r} is invalid")
+        raise ConfigError(f"{where or cls.__name__}" + (" is empty (null)" if data is None else f"={data!r} is invalid")
                           + f": it must be a mapping of {cls.__name__} fields")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

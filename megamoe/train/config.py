@@ -282,8 +282,13 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None = all defaults), apply overrides, validate."""
     raw = read_yaml(path) if path else {}
-    cfg = config_from_mapping(apply_overrides(raw, overrides))
-    return cfg
+    try:
+        return config_from_mapping(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        if not path:
+            raise
+        source = f"config file {path!r}" + (" with its overrides" if overrides else "")
+        raise ConfigError(f"{exc} [{source}]") from None
 
 
 def _check_data_files(data: DataConfig) -> None:

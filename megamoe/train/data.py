@@ -78,8 +78,8 @@ def _column(ds, field: str, where: str) -> list[str]:
     texts = ds[field]
     for row, t in enumerate(texts):
         if t is not None and not isinstance(t, str):
-            raise ConfigError(f"data.text_field={field!r}: row {row} of {where} holds a {type(t).__name__} "
-                              f"({str(t)[:60]!r}), not text; point data.text_field at a column of strings")
+            raise ConfigError(f"data.text_field={field!r}: row {row} of {where} holds {type(t).__name__} "
+                              f"{str(t)[:60]!r}, not text; point data.text_field at a column of strings")
     return [t for t in texts if t is not None]
 
 
@@ -143,8 +143,8 @@ def _json_texts(path: str, text: str, field: str) -> list[str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ConfigError(f"data.files: {path!r} {unit} {n}: {field!r} holds a {type(value).__name__} "
-                              f"({json.dumps(value)[:60]}), not text; data.text_field must name a string field")
+            raise ConfigError(f"data.files: {path!r} {unit} {n}: {field!r} holds {type(value).__name__} "
+                              f"{json.dumps(value)[:60]}, not text; data.text_field must name a string field")
         texts.append(value)
     if numbered and not seen_field:
         keys = sorted({k for _, row in numbered for k in row})

@@ -491,8 +491,9 @@ def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int)
     backend.load(path)
     if any(k in changes for k in LR_SCHEDULE_FIELDS):
         backend.set_lr_schedule(cfg.train.lr)
-    if changes:
-        _log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    told = {k: v for k, v in changes.items() if k not in ("train.output_dir", "data.cache_dir")}  # where, not how
+    if told:
+        _log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in told.items()))
     old_t = (meta.get("train_config") or {}).get("train", {})
     old_batch = old_t.get("micro_batch_size", 0) * old_t.get("grad_accum_steps", 0) * meta.get("world_size", 0)
     new_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
