@@ -82,7 +82,7 @@ CONSTRUCTORS = [
 ]
 CONSTRUCTORS += [
     (lambda name=name: router_class(RouterConfig(name=name, top_k=1))({"top_k": 1}, hidden_size=H, num_experts=2),
-     TypeError, rf"\(config\) needs a megamoe\.RouterConfig, got dict")
+     TypeError, r"\(config\) needs a megamoe\.RouterConfig, got dict")
     for name in known_routers()]
 CONSTRUCTORS += [
     (lambda name=name: router_class(RouterConfig(name=name, top_k=1))(RouterConfig(name=name, top_k=1),
