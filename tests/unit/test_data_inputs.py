@@ -80,3 +80,12 @@ def test_good_files_still_read_as_before(tmp_path):
     docs = load_documents(DataConfig(source="files", files=files))
     assert [t for _, t in docs] == ["first\nstill first", "second\n", "j1", "j2", "arr1", "arr2", "p1", "p2"]
     assert [d for d, _ in docs] == ["a", "a", "b", "b", "c", "c", "d", "d"]
+
+
+def test_hub_dataset_columns_must_hold_text():
+    import datasets
+
+    from megamoe.train.data import _column
+    with pytest.raises(ConfigError, match=r"row 0 of hub dataset 'x' holds list '\[1\]', not text"):
+        _column(datasets.Dataset.from_list([{"text": [1]}, {"text": [2]}]), "text", "hub dataset 'x'")
+    assert _column(datasets.Dataset.from_list([{"text": "a"}, {"text": None}]), "text", "x") == ["a"]
