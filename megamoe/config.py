@@ -7,11 +7,17 @@ validated by the options dataclass the router registered (see ``megamoe.routing.
 """
 from __future__ import annotations
 
+import argparse
+import collections.abc
 import dataclasses
 import difflib
+import functools
+import math
+import re
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
@@ -24,23 +30,235 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what is allowed."""
 
 
-def _fail(cls_name: str, field_name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{cls_name}.{field_name}={value!r} is invalid: {allowed}")
+# ----------------------------------------------------------------------------- field constraints
+# Every config dataclass declares what each field accepts where the field is defined: the type
+# hint says the kind (strictly: bools are only true/false, ints only ints, floats only finite
+# numbers, None only where the hint has ``| None``) and ``spec(...)`` adds bounds, choices or
+# non-emptiness. ``check_fields(self)``, first thing in every ``__post_init__``, enforces both,
+# so constructing from Python and loading YAML through :func:`from_dict` share one path.
+_SPEC_KEY = "megamoe.spec"
 
 
-def _check_choice(cls_name: str, field_name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(cls_name, field_name, value, f"allowed values are {', '.join(map(repr, choices))}")
+@dataclass(frozen=True)
+class Spec:
+    """What a field accepts beyond its type hint.
+
+    ge/gt/le/lt: bounds for every number the field holds (a scalar, or each list element).
+    choices: the allowed values of the hint's kind they match (strings or integers); a field
+        typed ``float | str`` with ``choices=("dropless",)`` takes numbers or that string.
+    nonempty: strings must hold a non-blank character, lists at least one element.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nonempty: bool = False
+
+    def in_bounds(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def bounds_text(self) -> str:
+        low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None
+               else None)
+        high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None
+                else None)
+        if low and high:
+            return f" in {low}, {high}"
+        if low:
+            return f" {'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f" {'<=' if self.le is not None else '<'} {high[:-1]}"
+        return ""
 
 
-def _check_positive_int(cls_name: str, field_name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(cls_name, field_name, value, "must be a positive integer")
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
 
 
-def _check_nonneg_float(cls_name: str, field_name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        _fail(cls_name, field_name, value, "must be a number >= 0")
+def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+         ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+         choices: typing.Sequence[Any] | None = None, nonempty: bool = False) -> Any:
+    """A dataclass field with a :class:`Spec` (see the section comment above)."""
+    meta = {_SPEC_KEY: Spec(ge=ge, gt=gt, le=le, lt=lt, choices=tuple(choices) if choices is not None else None,
+                            nonempty=nonempty)}
+    return field(default=default, default_factory=default_factory, metadata=meta)  # type: ignore[call-overload]
+
+
+_NO_SPEC = Spec()
+
+
+@functools.lru_cache(maxsize=None)
+def _field_table(cls: type) -> dict[str, tuple[Any, Spec]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata.get(_SPEC_KEY, _NO_SPEC)) for f in dataclasses.fields(cls)}
+
+
+def field_spec(cls: type, name: str) -> tuple[Any, Spec]:
+    """(type hint, Spec) of field ``name`` of config dataclass ``cls``."""
+    return _field_table(cls)[name]
+
+
+def check_fields(cfg: Any) -> None:
+    """Check every field of the config dataclass instance ``cfg`` against its type hint and
+    :class:`Spec`; raise ConfigError naming ``ClassName.field`` and what it accepts."""
+    cls = type(cfg)
+    for name in _field_table(cls):
+        check_field(cls, name, getattr(cfg, name))
+
+
+def check_field(cls: type, name: str, value: Any, *, where: str | None = None) -> None:
+    """Check one value for field ``name`` of ``cls`` (``where``: the dotted path of the field's
+    owner in messages, default the class name)."""
+    hint, sp = field_spec(cls, name)
+    if not _accepts(hint, value, sp):
+        raise ConfigError(f"{where if where is not None else cls.__name__}.{name}={value!r} is invalid: "
+                          f"{describe(hint, sp)}")
+
+
+def _alternatives(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _sequence_item(hint: Any) -> Any | None:
+    """The element type of a list-like hint (``Sequence[X]``, ``tuple[X, ...]``), else None."""
+    origin = typing.get_origin(hint)
+    if origin in (collections.abc.Sequence, list, tuple):
+        args = typing.get_args(hint)
+        return args[0] if args else Any
+    return None
+
+
+def _choice_applies(sp: Spec, value: Any) -> bool:
+    return sp.choices is not None and any(type(c) is type(value) for c in sp.choices)
+
+
+def _accepts(hint: Any, value: Any, sp: Spec) -> bool:
+    for alt in _alternatives(hint):
+        if alt is Any:
+            return True
+        if alt is type(None):
+            if value is None:
+                return True
+        elif alt is bool:
+            if isinstance(value, bool):
+                return True
+        elif alt in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int if alt is int else (int, float)):
+                continue
+            if _choice_applies(sp, value):
+                if value in sp.choices:  # type: ignore[operator]
+                    return True
+                continue
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if finite and sp.in_bounds(value):
+                return True
+        elif alt is str:
+            if not isinstance(value, str):
+                continue
+            if _choice_applies(sp, value):
+                if value in sp.choices:  # type: ignore[operator]
+                    return True
+            elif not sp.nonempty or value.strip():
+                return True
+        elif _sequence_item(alt) is not None:
+            if isinstance(value, (list, tuple)) and (value or not sp.nonempty) and all(
+                    _accepts(_sequence_item(alt), v, dataclasses.replace(sp, choices=None, nonempty=False))
+                    for v in value):
+                return True
+        elif typing.get_origin(alt) in (collections.abc.Mapping, dict) or alt in (collections.abc.Mapping, dict):
+            if isinstance(value, collections.abc.Mapping):
+                return True
+        elif isinstance(alt, type):
+            if isinstance(value, alt):
+                return True
+        else:  # pragma: no cover - a hint this checker does not know: a programming error
+            raise TypeError(f"config field type {alt!r} is not supported by megamoe.config.check_field")
+    return False
+
+
+def describe(hint: Any, sp: Spec = _NO_SPEC) -> str:
+    """What a field with this hint and Spec accepts, in words (used in error messages)."""
+    alts = _alternatives(hint)
+    choice_only = sp.choices is not None and all(
+        a is type(None) or any(type(c) is a for c in sp.choices) for a in alts)
+    if choice_only:
+        text = "allowed values are " + ", ".join(map(repr, sp.choices))  # type: ignore[arg-type]
+        return text + (", or null" if type(None) in alts else "")
+    words = [_describe_one(a, sp) for a in alts if a is not type(None)]
+    if type(None) in alts:
+        words.append("null")
+    joined = words[0] if len(words) == 1 else ", ".join(words[:-1]) + ", or " + words[-1]
+    return "must be " + joined
+
+
+def _describe_one(alt: Any, sp: Spec, plural: bool = False) -> str:
+    if alt is Any:
+        return "anything"
+    if alt is bool:
+        return "true or false"
+    if alt in (int, float):
+        if _choice_applies(sp, 0 if alt is int else 0.0):
+            return "one of " + ", ".join(repr(c) for c in sp.choices if type(c) is alt)  # type: ignore[union-attr]
+        noun = ("integers" if plural else "an integer") if alt is int else ("finite numbers" if plural
+                                                                           else "a finite number")
+        return noun + sp.bounds_text()
+    if alt is str:
+        if _choice_applies(sp, ""):
+            return ", ".join(repr(c) for c in sp.choices if isinstance(c, str))  # type: ignore[union-attr]
+        return ("non-empty strings" if plural else "a non-empty string") if sp.nonempty else (
+            "strings" if plural else "a string")
+    item = _sequence_item(alt)
+    if item is not None:
+        inner = " or ".join(_describe_one(a, dataclasses.replace(sp, choices=None, nonempty=False), plural=True)
+                            for a in _alternatives(item))
+        return f"{'a non-empty list' if sp.nonempty else 'a list'} of {inner}"
+    if typing.get_origin(alt) in (collections.abc.Mapping, dict) or alt in (collections.abc.Mapping, dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(alt):
+        return f"a mapping of {alt.__name__} fields"
+    return getattr(alt, "__name__", repr(alt))
+
+
+def check_arg(owner: str, name: str, value: Any, hint: Any, **bounds: Any) -> None:
+    """Check a constructor argument by the rules of a config field typed ``hint`` and declared
+    ``spec(**bounds)``; ValueError naming ``owner`` and the argument."""
+    sp = Spec(**bounds)
+    if not _accepts(hint, value, sp):
+        raise ValueError(f"{owner}: {name}={value!r} is invalid: {describe(hint, sp)}")
+
+
+def require_config(owner: str, config: Any, cls: type) -> None:
+    """TypeError unless ``config`` is a ``cls`` instance, saying how to build one from a mapping."""
+    if not isinstance(config, cls):
+        raise TypeError(f"{owner} needs a megamoe.{cls.__name__}, got {type(config).__name__}; build one with "
+                        f"{cls.__name__}(...) or, from a mapping, megamoe.from_dict({cls.__name__}, {{...}})")
+
+
+def arg_type(kind: type, **bounds: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a command-line option: parse the text as ``kind`` (``int`` or
+    ``float``) and check it by the same rules as a config field declared ``spec(**bounds)``,
+    so options and config fields share one constraint language and one wording."""
+    sp = Spec(**bounds)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            value = text
+        if not _accepts(kind, value, sp):
+            raise argparse.ArgumentTypeError(f"{describe(kind, sp)}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 @dataclass(frozen=True)
@@ -66,48 +284,24 @@ class RouterConfig:
         ``topk`` router only.
     """
 
-    name: str = "topk"
-    top_k: int = 2
-    score_func: str = "softmax"
+    name: str = spec("topk", nonempty=True)
+    top_k: int = spec(2, ge=1)
+    score_func: str = spec("softmax", choices=SCORE_FUNCS)
     normalize_weights: bool = True
-    jitter_eps: float = 0.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    capacity_factor: float | None = None
-    drop_policy: str = "probs"
+    jitter_eps: float = spec(0.0, ge=0, lt=1)
+    aux_loss_coef: float = spec(0.01, ge=0)
+    z_loss_coef: float = spec(0.0, ge=0)
+    capacity_factor: float | None = spec(None, gt=0)
+    drop_policy: str = spec("probs", choices=DROP_POLICIES)
     options: Mapping[str, Any] = field(default_factory=dict)
-    routed_scaling_factor: float = 1.0
-    eval_capacity_factor: float | str | None = None
+    routed_scaling_factor: float = spec(1.0, gt=0)
+    eval_capacity_factor: float | str | None = spec(None, gt=0, choices=("dropless",))
 
     def __post_init__(self) -> None:
-        n = type(self).__name__
-        if not isinstance(self.name, str) or not self.name:
-            _fail(n, "name", self.name, "must be a non-empty router name")
-        _check_positive_int(n, "top_k", self.top_k)
-        _check_choice(n, "score_func", self.score_func, SCORE_FUNCS)
-        _check_choice(n, "drop_policy", self.drop_policy, DROP_POLICIES)
-        _check_nonneg_float(n, "aux_loss_coef", self.aux_loss_coef)
-        _check_nonneg_float(n, "z_loss_coef", self.z_loss_coef)
-        _check_nonneg_float(n, "jitter_eps", self.jitter_eps)
-        if self.jitter_eps >= 1:
-            _fail(n, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
-        if self.capacity_factor is not None:
-            cf = self.capacity_factor
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0:
-                _fail(n, "capacity_factor", cf, "must be > 0, or null for dropless routing")
-        if not isinstance(self.options, Mapping):
-            _fail(n, "options", self.options, "must be a mapping of router-specific settings")
-        rsf = self.routed_scaling_factor
-        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not rsf > 0 or rsf == float("inf"):
-            _fail(n, "routed_scaling_factor", rsf, "must be a finite number > 0")
-        if rsf != 1.0 and self.name != "topk":
-            _fail(n, "routed_scaling_factor", rsf, f"only the 'topk' router scales its weights (router "
-                  f"{self.name!r} needs 1.0)")
-        ecf = self.eval_capacity_factor
-        if ecf is not None and ecf != "dropless" and (
-                isinstance(ecf, bool) or not isinstance(ecf, (int, float)) or ecf <= 0):
-            _fail(n, "eval_capacity_factor", ecf, "must be a number > 0, 'dropless', or null (same as "
-                  "capacity_factor)")
+        check_fields(self)
+        if self.routed_scaling_factor != 1.0 and self.name != "topk":
+            raise ConfigError(f"RouterConfig.routed_scaling_factor={self.routed_scaling_factor!r} is invalid: only "
+                              f"the 'topk' router scales its weights (router {self.name!r} needs 1.0)")
 
     def capacity_factor_for(self, training: bool) -> float | None:
         """The capacity factor in force in training or eval mode (None: dropless)."""
@@ -128,18 +322,13 @@ class ExpertConfig:
         (grouped on CUDA where shapes allow, loop otherwise: measured faster on CPU).
     """
 
-    intermediate_size: int
-    activation: str = "swiglu"
+    intermediate_size: int = spec(ge=1)
+    activation: str = spec("swiglu", choices=ACTIVATIONS)
     bias: bool = False
-    impl: str = "auto"
+    impl: str = spec("auto", choices=EXPERT_IMPLS)
 
     def __post_init__(self) -> None:
-        n = type(self).__name__
-        _check_positive_int(n, "intermediate_size", self.intermediate_size)
-        _check_choice(n, "activation", self.activation, ACTIVATIONS)
-        _check_choice(n, "impl", self.impl, EXPERT_IMPLS)
-        if not isinstance(self.bias, bool):
-            _fail(n, "bias", self.bias, "must be true or false")
+        check_fields(self)
 
     @property
     def gated(self) -> bool:
@@ -158,27 +347,16 @@ class MoEConfig:
     shared_expert_gate: scale the shared expert by sigmoid(x w) (Qwen2-MoE style).
     """
 
-    hidden_size: int
-    num_experts: int
+    hidden_size: int = spec(ge=1)
+    num_experts: int = spec(ge=1)
     experts: ExpertConfig
     router: RouterConfig = field(default_factory=RouterConfig)
-    num_shared_experts: int = 0
-    shared_intermediate_size: int | None = None
+    num_shared_experts: int = spec(0, ge=0)
+    shared_intermediate_size: int | None = spec(None, ge=1)
     shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        n = type(self).__name__
-        _check_positive_int(n, "hidden_size", self.hidden_size)
-        _check_positive_int(n, "num_experts", self.num_experts)
-        if not isinstance(self.experts, ExpertConfig):
-            _fail(n, "experts", self.experts, "must be an ExpertConfig")
-        if not isinstance(self.router, RouterConfig):
-            _fail(n, "router", self.router, "must be a RouterConfig")
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
-                or self.num_shared_experts < 0:
-            _fail(n, "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
-        if self.shared_intermediate_size is not None:
-            _check_positive_int(n, "shared_intermediate_size", self.shared_intermediate_size)
+        check_fields(self)
         if self.router.top_k > self.num_experts:
             raise ConfigError(
                 f"RouterConfig.top_k={self.router.top_k} is invalid: must be <= "
@@ -202,31 +380,53 @@ def _suggest(key: str, known: typing.Iterable[str]) -> str:
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested config dataclasses.
 
-    Unknown keys raise ConfigError naming the key, a did-you-mean, and the known keys.
+    ``where`` is the dotted path of ``data`` in the whole config (``"model.router"``); every
+    error names the offending key by that path: unknown keys (with a did-you-mean and the
+    known keys), a section that is not a mapping, and the values the class's own checks
+    refuse (its ``ClassName.field`` messages are re-addressed to ``where.field``).
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or cls.__name__}" + (" is empty (null)" if data is None else f"={data!r} is invalid")
+                          + f": it must be a mapping of {cls.__name__} fields")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            path = f"{where}.{key}" if where else key
             raise ConfigError(
-                f"unknown config key {path!r}{_suggest(key, fields)}; "
+                f"unknown config key {path!r}{_suggest(str(key), fields)}; "
                 f"known keys of {cls.__name__}: {', '.join(sorted(fields))}")
         hint = hints[key]
         sub = _dataclass_in(hint)
         if sub is not None and isinstance(value, Mapping):
-            value = from_dict(sub, value, where=f"{where}.{key}" if where else key)
+            value = from_dict(sub, value, where=path)
+        elif sub is not None and not isinstance(value, sub) and not (value is None and type(None) in _alternatives(hint)):
+            has_default = (fields[key].default is not dataclasses.MISSING
+                           or fields[key].default_factory is not dataclasses.MISSING)  # type: ignore[misc]
+            raise ConfigError((f"{path} is empty (null)" if value is None else f"{path}={value!r} is invalid")
+                              + f": it must be a section (a mapping of {sub.__name__} fields)"
+                              + ("; leave it out for the defaults" if has_default else ""))
         kwargs[key] = value
     try:
         return cls(**kwargs)
+    except ConfigError as exc:
+        raise _readdressed(exc, cls, where) from None
     except TypeError as exc:  # missing required fields
         missing = [f.name for f in fields.values()
                    if f.name not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         raise ConfigError(f"{where or cls.__name__}: missing required keys {missing}") from exc
+
+
+def _readdressed(exc: ConfigError, cls: type, where: str) -> ConfigError:
+    """``exc`` with ``ClassName.`` (fields of the instance being built) replaced by the dotted
+    path ``where.``."""
+    msg = str(exc)
+    own = re.compile(rf"\b{re.escape(cls.__name__)}\.")
+    if not own.search(msg):
+        return exc
+    return ConfigError(own.sub(f"{where}." if where else "", msg))
 
 
 def _dataclass_in(hint: Any) -> type | None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megamoe.config import ExpertConfig
+from megamoe.config import ExpertConfig, check_arg, require_config
 
 
 def activation_fn(name: str):
@@ -40,6 +40,9 @@ class ExpertBank(nn.Module):
     """E expert MLPs stored as stacked weights (see module docstring)."""
 
     def __init__(self, config: ExpertConfig, *, hidden_size: int, num_experts: int) -> None:
+        require_config("ExpertBank(config)", config, ExpertConfig)
+        check_arg("ExpertBank", "hidden_size", hidden_size, int, ge=1)
+        check_arg("ExpertBank", "num_experts", num_experts, int, ge=1)
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size

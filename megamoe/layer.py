@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import MoEConfig
+from megamoe.config import MoEConfig, require_config
 from megamoe.dispatch.base import Dispatcher
 from megamoe.dispatch.local import LocalDispatcher
 from megamoe.experts import ExpertBank, activation_fn
+from megamoe.finite import require_finite
 from megamoe.routing.base import RoutingContext, RoutingDecision, build_router
 from megamoe.routing.losses import attach_aux_loss
 
@@ -99,10 +100,14 @@ class MoELayer(nn.Module):
     Attributes set by trainers: ``step`` (optimizer step, for routers with schedules) and
     ``aux_loss_grad_scale`` (weight of the aux loss in the total loss, e.g.
     1/gradient_accumulation_steps). ``last_stats`` holds the most recent call's MoEStats.
+    ``check_finite`` (off by default; ``megamoe.finite.set_finite_checks(model)`` sets it on
+    every layer) raises NonFiniteError naming the layer when its input or output holds NaN or
+    inf, at the cost of a host sync per call. Inputs are checked by :func:`checked_input`.
     """
 
     def __init__(self, config: MoEConfig, *, dispatcher: Dispatcher | None = None, layer_index: int = -1,
                  causal: bool = False) -> None:
+        require_config("MoELayer(config)", config, MoEConfig)
         super().__init__()
         self.config = config
         self.layer_index = layer_index
@@ -120,6 +125,7 @@ class MoELayer(nn.Module):
                                               config.experts.bias, config.shared_expert_gate)
         self.step = 0
         self.aux_loss_grad_scale = 1.0
+        self.check_finite = False
         self.last_stats: MoEStats | None = None
 
     # Experts as seen by routers that need every expert's output (competition routing).
@@ -138,6 +144,9 @@ class MoELayer(nn.Module):
         y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E)
         return self.dispatcher.unpermute(y_RD, handle).transpose(0, 1)
 
+    def _name(self) -> str:
+        return f"MoE layer {self.layer_index}" if self.layer_index >= 0 else "MoELayer"
+
     def routing_context(self, sequence_length: int | None = None) -> RoutingContext:
         return RoutingContext(layer_index=self.layer_index, step=self.step,
                               compute_all_experts=self._compute_all_experts, causal=self.causal,
@@ -145,9 +154,8 @@ class MoELayer(nn.Module):
 
     def compute(self, hidden_states: Tensor) -> MoEOutput:
         """Run the layer and return output, aux loss and statistics (aux not attached)."""
-        if hidden_states.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"MoELayer expects inputs with last dimension hidden_size="
-                             f"{self.config.hidden_size}, got shape {tuple(hidden_states.shape)}")
+        checked = checked_input(self, hidden_states)
+        out_dtype, hidden_states = hidden_states.dtype, checked  # the output keeps the caller's dtype
         lead = hidden_states.shape[:-1]
         x_TD = hidden_states.reshape(-1, self.config.hidden_size)
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 3 else None
@@ -161,11 +169,13 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         stats = self._stats(decision)
-        return MoEOutput(out=out_TD.reshape(*lead, self.config.hidden_size).to(hidden_states.dtype), aux_loss=decision.aux_loss,
+        return MoEOutput(out=out_TD.reshape(*lead, self.config.hidden_size).to(out_dtype), aux_loss=decision.aux_loss,
                          stats=stats, decision=decision)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         result = self.compute(hidden_states)
+        if self.check_finite:
+            require_finite(result.out, f"the output of {self._name()} (its input was finite)")
         self.last_stats = result.stats
         return attach_aux_loss(result.out, result.aux_loss, grad_scale=self.aux_loss_grad_scale)
 
@@ -181,9 +191,42 @@ class MoELayer(nn.Module):
                         extra={k: v.detach() for k, v in decision.stats.items()})
 
 
+def checked_input(layer: MoELayer, hidden_states: Tensor) -> Tensor:
+    """``hidden_states`` validated for ``layer``: a clear error instead of a failure deep in
+    routing or the expert GEMMs.
+
+    dtype: without autocast the input must have the parameters' dtype, as for ``nn.Linear``.
+    Under ``torch.autocast`` any floating dtype is accepted and the output comes back in the
+    input's dtype. On CUDA the input passes through (the expert kernels cast the weights to
+    it, as autocast would); on CPU it is cast to the parameters' dtype, because the CPU expert
+    loop multiplies in one dtype.
+    """
+    name = layer._name()
+    if not isinstance(hidden_states, Tensor):
+        raise TypeError(f"{name} expects a tensor of hidden states [..., {layer.config.hidden_size}], got "
+                        f"{type(hidden_states).__name__}")
+    if hidden_states.dim() == 0 or hidden_states.shape[-1] != layer.config.hidden_size:
+        raise ValueError(f"{name} expects inputs with last dimension hidden_size={layer.config.hidden_size} "
+                         f"([..., {layer.config.hidden_size}]), got shape {tuple(hidden_states.shape)}")
+    if not hidden_states.is_floating_point():
+        raise ValueError(f"{name} expects floating-point hidden states, got dtype {hidden_states.dtype} (token ids "
+                         "go through an embedding first)")
+    param_dtype = layer.experts.first_weight.dtype
+    if hidden_states.dtype != param_dtype:
+        if not torch.is_autocast_enabled(hidden_states.device.type):
+            raise ValueError(f"{name} got {hidden_states.dtype} input but its parameters are {param_dtype}: cast "
+                             f"the input (x.to({param_dtype})), convert the layer (layer.to({hidden_states.dtype})), "
+                             "or run under torch.autocast")
+        if hidden_states.device.type == "cpu":
+            hidden_states = hidden_states.to(param_dtype)
+    if layer.check_finite:
+        require_finite(hidden_states, f"the input of {name}")
+    return hidden_states
+
+
 def dense_mlp_reference(layer: MoELayer, x: Tensor, expert: int = 0) -> Tensor:
     """The dense MLP that expert ``expert`` of ``layer`` computes (for equivalence tests)."""
     return layer.experts.expert_forward(x.reshape(-1, x.shape[-1]), expert).reshape(x.shape)
 
 
-__all__ = ["MoELayer", "MoEOutput", "MoEStats", "SharedExpert", "max_violation", "dense_mlp_reference"]
+__all__ = ["MoELayer", "MoEOutput", "MoEStats", "SharedExpert", "max_violation", "dense_mlp_reference", "checked_input"]

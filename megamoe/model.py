@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig
+from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, check_fields, spec
 from megamoe.layer import MoELayer
 
 ATTENTIONS = ("gqa", "mla")
+MOE_LAYER_PATTERNS = ("all", "every_other", "none")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -58,46 +59,38 @@ class ModelConfig:
         output projection never does).
     """
 
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    vocab_size: int = spec(4096, ge=1)
+    hidden_size: int = spec(128, ge=1)
+    num_layers: int = spec(2, ge=1)
+    num_heads: int = spec(4, ge=1)
+    num_kv_heads: int | None = spec(None, ge=1)
+    head_dim: int | None = spec(None, ge=1)
+    max_seq_len: int = spec(2048, ge=1)
+    rope_theta: float = spec(10000.0, gt=0)
+    rms_norm_eps: float = spec(1e-5, gt=0)
+    initializer_range: float = spec(0.02, gt=0)
     tie_embeddings: bool = False
-    num_experts: int = 8
+    num_experts: int = spec(8, ge=1)
     experts: ExpertConfig = field(default_factory=lambda: ExpertConfig(intermediate_size=256))
     router: RouterConfig = field(default_factory=RouterConfig)
-    num_shared_experts: int = 0
-    shared_intermediate_size: int | None = None
+    num_shared_experts: int = spec(0, ge=0)
+    shared_intermediate_size: int | None = spec(None, ge=1)
     shared_expert_gate: bool = False
-    moe_layers: str | Sequence[int] = "all"
-    dense_intermediate_size: int | None = None
+    moe_layers: str | Sequence[int] = spec("all", choices=MOE_LAYER_PATTERNS, ge=0)
+    dense_intermediate_size: int | None = spec(None, ge=1)
     gradient_checkpointing: bool = False
-    attention: str = "gqa"
-    q_lora_rank: int | None = None
-    kv_lora_rank: int | None = None
-    qk_nope_head_dim: int | None = None
-    qk_rope_head_dim: int | None = None
-    v_head_dim: int | None = None
+    attention: str = spec("gqa", choices=ATTENTIONS)
+    q_lora_rank: int | None = spec(None, ge=1)
+    kv_lora_rank: int | None = spec(None, ge=1)
+    qk_nope_head_dim: int | None = spec(None, ge=1)
+    qk_rope_head_dim: int | None = spec(None, ge=1)
+    v_head_dim: int | None = spec(None, ge=1)
     allow_noncausal_drops: bool = False
     qkv_bias: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         n = type(self).__name__
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer")
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"{n}.attention={self.attention!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, ATTENTIONS))}")
-        if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"{n}.qkv_bias={self.qkv_bias!r} is invalid: must be true or false")
         if self.attention == "mla":
             self._check_mla(n)
             if self.qkv_bias:
@@ -117,12 +110,8 @@ class ModelConfig:
             if self.head_size % 2 != 0:
                 raise ConfigError(f"{n}.head_dim={self.head_size} is invalid: rotary embeddings need an even "
                                   "head dim")
-        if isinstance(self.moe_layers, str):
-            if self.moe_layers not in ("all", "every_other", "none"):
-                raise ConfigError(f"{n}.moe_layers={self.moe_layers!r} is invalid: use 'all', 'every_other', "
-                                  "'none' or a list of block indices")
-        else:
-            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if not isinstance(self.moe_layers, str):
+            bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             if bad:
                 raise ConfigError(f"{n}.moe_layers={list(self.moe_layers)!r} is invalid: indices must be in "
                                   f"[0, {self.num_layers})")
@@ -134,9 +123,6 @@ class ModelConfig:
     def _check_router_causal(self) -> None:
         from megamoe.routing.base import router_class, router_options
         n = type(self).__name__
-        if not isinstance(self.allow_noncausal_drops, bool):
-            raise ConfigError(f"{n}.allow_noncausal_drops={self.allow_noncausal_drops!r} is invalid: must be true "
-                              "or false")
         if self.moe_layers == "none" or self.allow_noncausal_drops:
             return
         router_options(self.router)
@@ -159,9 +145,6 @@ class ModelConfig:
                 continue
             if v is None:
                 raise ConfigError(f"{n}.{name} is required with attention='mla' (a positive integer)")
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer"
-                                  + (" or null (no query compression)" if name == "q_lora_rank" else ""))
         if self.qk_rope_head_dim % 2 != 0:
             raise ConfigError(f"{n}.qk_rope_head_dim={self.qk_rope_head_dim} is invalid: rotary embeddings need "
                               "an even dimension")

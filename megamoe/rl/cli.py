@@ -16,44 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from megamoe.config import arg_type
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    if text.strip() == "0":
-        return 0
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    return value
+_positive_int = arg_type(int, ge=1)
+_non_negative_int = arg_type(int, ge=0)
+_positive_float = arg_type(float, gt=0)
+_unit_float = arg_type(float, ge=0, le=1)
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -71,14 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mixture components K of the PMOE policy; 1 = unimodal SAC (default 4)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="environment steps (default 20000; with --resume, the run's saved total)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/rl/<env>-k<K>-s<seed>-<time>); must not hold a run")
     p.add_argument("--hidden", type=_hidden, default=(256, 256), help="MLP sizes, e.g. 256,256 (default)")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="actor, critic and temperature learning rate")
     p.add_argument("--gamma", type=_unit_float, default=0.99, help="discount (default 0.99)")
-    p.add_argument("--tau", type=_unit_float, default=0.005, help="target-network averaging rate (default 0.005)")
+    p.add_argument("--tau", type=arg_type(float, gt=0, le=1), default=0.005, help="target-network averaging rate (default 0.005)")
     p.add_argument("--alpha", type=_positive_float, default=0.2, help="initial entropy temperature (default 0.2)")
     p.add_argument("--fixed-alpha", action="store_true", help="keep the temperature fixed at --alpha")
     p.add_argument("--start-steps", type=_non_negative_int, default=1000,

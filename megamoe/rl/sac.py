@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megamoe.config import ConfigError
+from megamoe.config import ConfigError, check_fields, spec
 from megamoe.rl.policy import MixtureGaussianPolicy, mlp
 
 
@@ -31,46 +31,30 @@ from megamoe.rl.policy import MixtureGaussianPolicy, mlp
 class SACConfig:
     """Hyper-parameters of the SAC/PMOE trainer (defaults: the usual SAC values)."""
 
-    components: int = 4
-    hidden: tuple[int, ...] = (256, 256)
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    gamma: float = 0.99
-    tau: float = 0.005
-    batch_size: int = 256
-    buffer_size: int = 1_000_000
-    start_steps: int = 1000  # uniform random actions before the policy acts
-    update_after: int = 1000  # env steps before the first gradient update
-    updates_per_step: int = 1
-    init_alpha: float = 0.2
+    components: int = spec(4, ge=1)
+    hidden: tuple[int, ...] = spec((256, 256), ge=1, nonempty=True)
+    actor_lr: float = spec(3e-4, gt=0)
+    critic_lr: float = spec(3e-4, gt=0)
+    alpha_lr: float = spec(3e-4, gt=0)
+    gamma: float = spec(0.99, ge=0, le=1)
+    tau: float = spec(0.005, gt=0, le=1)
+    batch_size: int = spec(256, ge=1)
+    buffer_size: int = spec(1_000_000, ge=1)
+    start_steps: int = spec(1000, ge=0)  # uniform random actions before the policy acts
+    update_after: int = spec(1000, ge=0)  # env steps before the first gradient update
+    updates_per_step: int = spec(1, ge=1)
+    init_alpha: float = spec(0.2, gt=0)
     autotune_alpha: bool = True
     target_entropy: float | None = None  # None: -action_dims
-    mixing_coef: float = 1.0
-    init_log_std: float = -1.0  # initial pre-tanh log std of every component
+    mixing_coef: float = spec(1.0, ge=0)
+    init_log_std: float = spec(-1.0, ge=-20, le=2)  # initial pre-tanh log std of every component
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        positive_ints = ("components", "batch_size", "buffer_size", "updates_per_step")
-        for name in positive_ints:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"SACConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("start_steps", "update_after"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"SACConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ConfigError(f"SACConfig.hidden must be a non-empty list of positive sizes, got {self.hidden!r}")
-        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"SACConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"SACConfig.gamma must be in [0, 1], got {self.gamma!r}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ConfigError(f"SACConfig.tau must be in (0, 1], got {self.tau!r}")
-        if not -20.0 <= self.init_log_std <= 2.0:
-            raise ConfigError(f"SACConfig.init_log_std must lie in [-20, 2], got {self.init_log_std!r}")
-        if self.mixing_coef < 0:
-            raise ConfigError(f"SACConfig.mixing_coef must be >= 0, got {self.mixing_coef!r}")
+        check_fields(self)
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        if self.buffer_size < self.batch_size:
+            raise ConfigError(f"SACConfig.buffer_size={self.buffer_size} is invalid: must be >= batch_size="
+                              f"{self.batch_size} (each update samples a batch from the replay buffer)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

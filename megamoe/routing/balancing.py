@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, from_dict, to_dict
+from megamoe.config import check_fields, from_dict, spec, to_dict
 
 UPDATES = ("sign", "linear")
 SCHEDULES = ("constant", "inv_sqrt", "inv")
@@ -60,24 +60,13 @@ class AuxFreeBalancingConfig:
     center: subtract the mean bias after each update (keeps b bounded; selection unchanged).
     """
 
-    update: str = "sign"
-    step_size: float = 1e-3
-    schedule: str = "constant"
+    update: str = spec("sign", choices=UPDATES)
+    step_size: float = spec(1e-3, gt=0)
+    schedule: str = spec("constant", choices=SCHEDULES)
     center: bool = False
 
     def __post_init__(self) -> None:
-        n = type(self).__name__
-        if self.update not in UPDATES:
-            raise ConfigError(f"{n}.update={self.update!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, UPDATES))}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{n}.schedule={self.schedule!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, SCHEDULES))}")
-        u = self.step_size
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or u <= 0:
-            raise ConfigError(f"{n}.step_size={u!r} is invalid: must be a finite number > 0 (e.g. 1e-3)")
-        if not isinstance(self.center, bool):
-            raise ConfigError(f"{n}.center={self.center!r} is invalid: must be true or false")
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> "AuxFreeBalancingConfig":
@@ -299,6 +288,10 @@ class AuxFreeBalancer:
             yield
         finally:
             self.counter.enabled = before
+
+    def discard_pending(self) -> None:
+        """Drop the counts accumulated since the last update (a training step that was not applied)."""
+        self.counter.take()
 
     def pending_counts(self) -> dict[str, Tensor]:
         """This rank's counts accumulated since the last update (layer name -> [E])."""

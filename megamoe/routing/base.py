@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig, from_dict
+from megamoe.config import ConfigError, RouterConfig, check_arg, from_dict, require_config
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,10 @@ class Router(nn.Module):
 
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
                  options: Any = None) -> None:
+        owner = f"{type(self).__name__}"
+        require_config(f"{owner}(config)", config, RouterConfig)
+        check_arg(owner, "hidden_size", hidden_size, int, ge=1)
+        check_arg(owner, "num_experts", num_experts, int, ge=1)
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
@@ -165,6 +169,7 @@ def router_class(config: RouterConfig) -> type[Router]:
 
 def build_router(config: RouterConfig, *, hidden_size: int, num_experts: int) -> Router:
     """Build the registered router ``config.name``. Raises ConfigError naming known routers."""
+    require_config("build_router(config)", config, RouterConfig)
     entry = _lookup(config.name)
     opts = router_options(config)
     return entry.cls(config, hidden_size=hidden_size, num_experts=num_experts, options=opts)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megamoe.config import ConfigError, RouterConfig
+from megamoe.config import ConfigError, RouterConfig, check_fields, spec
 from megamoe.routing.base import RoutingContext, RoutingDecision, counts_per_expert, register_router
 from megamoe.routing.topk import TopKRouter
 
@@ -65,40 +65,23 @@ class CompeteOptions:
     compete_in_eval: also compete in eval mode (off: inference uses the router).
     """
 
-    affinity: str = "softplus_mean"
-    warmup_steps: int = 0
-    compete_prob: float = 0.05
-    num_layers: int | None = None
-    max_compete_layers: int | None = None
-    seed: int = 0
-    mse_coef: float = 0.01
-    winners_coef: float = 0.0
-    diversity_coef: float = 0.0
+    affinity: str = spec("softplus_mean", choices=AFFINITIES)
+    warmup_steps: int = spec(0, ge=0)
+    compete_prob: float = spec(0.05, ge=0, le=1)
+    num_layers: int | None = spec(None, ge=1)
+    max_compete_layers: int | None = spec(None, ge=1)
+    seed: int = spec(0, ge=0)
+    mse_coef: float = spec(0.01, ge=0)
+    winners_coef: float = spec(0.0, ge=0)
+    diversity_coef: float = spec(0.0, ge=0)
     compete_in_eval: bool = False
 
     def __post_init__(self) -> None:
-        n = "router.options"
-        if self.affinity not in AFFINITIES:
-            raise ConfigError(f"{n}.affinity={self.affinity!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, AFFINITIES))}")
-        for name in ("warmup_steps", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be an integer >= 0")
-        p = self.compete_prob
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ConfigError(f"{n}.compete_prob={p!r} is invalid: must be a probability in [0, 1]")
-        for name in ("num_layers", "max_compete_layers"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a positive integer or null")
+        check_fields(self)
         if self.max_compete_layers is not None and self.num_layers is None:
-            raise ConfigError(f"{n}.max_compete_layers={self.max_compete_layers} needs {n}.num_layers "
-                              "(the number of MoE layers in the model) to pick which layers compete")
-        for name in ("mse_coef", "winners_coef", "diversity_coef"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{n}.{name}={v!r} is invalid: must be a number >= 0")
+            raise ConfigError(f"CompeteOptions.max_compete_layers={self.max_compete_layers} needs "
+                              "CompeteOptions.num_layers (the number of MoE layers in the model) to pick which "
+                              "layers compete")
 
 
 class CompetitionSchedule:

@@ -79,7 +79,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig
+from megamoe.config import ConfigError, RouterConfig, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 from megamoe.routing.capacity import apply_capacity, expert_capacity
@@ -118,20 +118,12 @@ class EstimatorOptions:
     baseline_momentum: EMA momentum in [0, 1).
     """
 
-    eval_mode: str = "argmax"
-    baseline: str = "ema"
-    baseline_momentum: float = 0.9
+    eval_mode: str = spec("argmax", choices=EVAL_MODES)
+    baseline: str = spec("ema", choices=BASELINES)
+    baseline_momentum: float = spec(0.9, ge=0, lt=1)
 
     def __post_init__(self) -> None:
-        if self.eval_mode not in EVAL_MODES:
-            raise ConfigError(f"router.options.eval_mode={self.eval_mode!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, EVAL_MODES))}")
-        if self.baseline not in BASELINES:
-            raise ConfigError(f"router.options.baseline={self.baseline!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, BASELINES))}")
-        m = self.baseline_momentum
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-            raise ConfigError(f"router.options.baseline_momentum={m!r} is invalid: must be in [0, 1)")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -141,13 +133,7 @@ class BalancedOptions(EstimatorOptions):
     256 keeps it a small share of a layer step (tools/bench_routers.py); the gradient is
     unbiased for whichever grouping is used."""
 
-    group_size: int | None = 256
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
-            raise ConfigError(f"router.options.group_size={g!r} is invalid: must be a positive integer or null")
+    group_size: int | None = spec(256, ge=1)
 
 
 class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megamoe.config import ConfigError, RouterConfig
+from megamoe.config import ConfigError, RouterConfig, check_fields, spec
 from megamoe.routing.base import Router, RoutingContext, RoutingDecision, counts_per_expert, register_router
 from megamoe.routing.losses import z_loss
 from megamoe.routing.topk import LinearRouterMixin, score
@@ -80,34 +80,15 @@ class ExpertChoiceOptions:
     causal_mode: ``off`` (plain EC, refused in causal models) or ``prefix`` (causal-safe).
     """
 
-    max_experts_per_token: int | None = None
-    lp_solver: str = "exact"
-    lp_entropy: float = 1e-3
-    lp_iterations: int = 100
-    lp_tolerance: float = 1e-3
-    causal_mode: str = "off"
+    max_experts_per_token: int | None = spec(None, ge=1)
+    lp_solver: str = spec("exact", choices=LP_SOLVERS)
+    lp_entropy: float = spec(1e-3, gt=0)
+    lp_iterations: int = spec(100, ge=1)
+    lp_tolerance: float = spec(1e-3, ge=0)
+    causal_mode: str = spec("off", choices=CAUSAL_MODES)
 
     def __post_init__(self) -> None:
-        b = self.max_experts_per_token
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b <= 0):
-            raise ConfigError(f"router.options.max_experts_per_token={b!r} is invalid: must be a positive "
-                              "integer or null")
-        if isinstance(self.lp_entropy, bool) or not isinstance(self.lp_entropy, (int, float)) \
-                or self.lp_entropy <= 0:
-            raise ConfigError(f"router.options.lp_entropy={self.lp_entropy!r} is invalid: must be > 0")
-        if isinstance(self.lp_iterations, bool) or not isinstance(self.lp_iterations, int) \
-                or self.lp_iterations <= 0:
-            raise ConfigError(f"router.options.lp_iterations={self.lp_iterations!r} is invalid: must be a "
-                              "positive integer")
-        if self.lp_solver not in LP_SOLVERS:
-            raise ConfigError(f"router.options.lp_solver={self.lp_solver!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, LP_SOLVERS))}")
-        if isinstance(self.lp_tolerance, bool) or not isinstance(self.lp_tolerance, (int, float)) \
-                or self.lp_tolerance < 0:
-            raise ConfigError(f"router.options.lp_tolerance={self.lp_tolerance!r} is invalid: must be >= 0")
-        if self.causal_mode not in CAUSAL_MODES:
-            raise ConfigError(f"router.options.causal_mode={self.causal_mode!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, CAUSAL_MODES))}")
+        check_fields(self)
 
 
 def expert_choice_capacity(num_tokens: int, *, num_experts: int, capacity_factor: float) -> int:

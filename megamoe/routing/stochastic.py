@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig
+from megamoe.config import ConfigError, RouterConfig, check_arg, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 
@@ -48,16 +48,11 @@ class StochasticOptions:
         experts (``ensemble``).
     """
 
-    granularity: str = "batch"
-    eval_mode: str = "random"
+    granularity: str = spec("batch", choices=GRANULARITIES)
+    eval_mode: str = spec("random", choices=EVAL_MODES)
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"router.options.granularity={self.granularity!r} is invalid: allowed values "
-                              f"are {', '.join(map(repr, GRANULARITIES))}")
-        if self.eval_mode not in EVAL_MODES:
-            raise ConfigError(f"router.options.eval_mode={self.eval_mode!r} is invalid: allowed values are "
-                              f"{', '.join(map(repr, EVAL_MODES))}")
+        check_fields(self)
 
 
 @register_router("stochastic", options=StochasticOptions)
@@ -67,11 +62,11 @@ class StochasticRouter(PrivateDrawsMixin, Router):
     options: StochasticOptions
 
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int, options=None) -> None:
+        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts,
+                         options=options or StochasticOptions())
         if config.top_k != 1:
             raise ConfigError(f"RouterConfig.top_k={config.top_k} is invalid for router 'stochastic': it sends "
                               "each token to exactly one random expert; set top_k: 1")
-        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts,
-                         options=options or StochasticOptions())
         self._draw_seed: int | None = None
         self._generator: torch.Generator | None = None
 
@@ -149,8 +144,7 @@ def thor_loss(forward: Callable[[], Tensor], labels: Tensor, *, alpha: float = 1
     labels: [...] class ids; ``ignore_index`` positions (padding) are left out of both the
     cross-entropies and the consistency term. shift_labels: causal-LM alignment.
     """
-    if alpha < 0:
-        raise ValueError(f"thor_loss: alpha={alpha} must be >= 0")
+    check_arg("thor_loss", "alpha", alpha, float, ge=0)
     logits1 = forward()
     logits2 = forward()
     l1, y = _flatten(logits1, labels, shift=shift_labels, ignore_index=ignore_index)
@@ -184,10 +178,13 @@ class ConsistencyObjective:
     shift_labels: True for causal LMs whose logits at s predict token s+1.
     """
 
-    alpha: float = 1.0
+    alpha: float = spec(1.0, ge=0)
     ignore_index: int = -100
-    labels_key: str = "labels"
+    labels_key: str = spec("labels", nonempty=True)
     shift_labels: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> ThorLoss:
         if self.labels_key not in batch:

@@ -4,10 +4,13 @@ Shape legend: B micro batch, S sequence length.
 
 A backend owns the optimizer step: ``train_step(micro_batches_BS, on_forward)`` runs forward
 and backward on each micro batch (calling ``on_forward()`` after each forward so the trainer
-can read the MoE layers' statistics) and one optimizer step, and returns the mean loss over
-the micro batches on this rank and the gradient norm. ``forward`` runs the model for
-evaluation; ``save(dir)`` / ``load(dir)`` write and read the backend's share of a
-checkpoint (every rank calls them).
+can read the MoE layers' statistics) and one optimizer step, and returns a :class:`StepResult`:
+the mean loss over the micro batches on this rank, the gradient norm, and whether the step
+was non-finite (a NaN/inf loss on any rank or gradient norm; such a step is not applied) and
+where the first non-finite value appeared. ``forward`` runs the model for evaluation;
+``save(dir)`` / ``load(dir)`` write and read the backend's share of a checkpoint (every rank
+calls them); ``set_lr_schedule(lr)`` makes a resumed run follow a changed ``train.lr`` or
+schedule.
 
 - :class:`TorchBackend`: one process, or data parallel over torch.distributed with all
   experts on every rank (gradients averaged by a flat all-reduce, so experts a rank did not
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -85,6 +89,71 @@ def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
     return fn
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did.
+
+    loss: mean loss over this rank's micro batches. grad_norm: global gradient norm (before
+    clipping; NaN when the backend does not report it).
+    nonfinite: the loss (on any rank) or the gradient norm is NaN or inf; the step's update
+        was not applied (DeepSpeed ZeRO stage 0 in fp32, which has no such check, excepted).
+    overflow: DeepSpeed fp16 dynamic loss scaling skipped the step (by design, not an error).
+    where: the first non-finite value found (a module output or a parameter's gradient).
+    """
+
+    loss: float
+    grad_norm: float
+    nonfinite: bool = False
+    overflow: bool = False
+    where: str | None = None
+
+
+def _reduce(value: float, op) -> float:
+    """``value`` reduced over all ranks with ``op`` (every rank must take the same branch)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def _any_rank(flag: bool) -> bool:
+    return _reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _locate_nonfinite(model: nn.Module, micro_batches: Sequence[Tensor], losses: Sequence[Tensor],
+                      forward: Callable[[Tensor], Any]) -> str | None:
+    """Where the first NaN/inf of a bad step appeared: the first module whose output was
+    non-finite when the first micro batch with a non-finite loss (on any rank) is run again
+    (no gradient, RNG untouched), else the first non-finite gradient. Collective: every rank
+    calls it and re-runs the same micro batch, since expert-parallel forwards communicate."""
+    from megamoe.finite import first_nonfinite_grad, first_nonfinite_module
+
+    first_bad = next((i for i, loss in enumerate(losses) if not torch.isfinite(loss).all()), len(losses))
+    first_bad = int(_reduce(first_bad, dist.ReduceOp.MIN))
+    if first_bad < len(micro_batches):
+        x_BS = micro_batches[first_bad]
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_BS.device] if x_BS.is_cuda else []):
+            where = first_nonfinite_module(model, lambda: forward(x_BS))
+        if where:
+            return "the output of " + where
+    return first_nonfinite_grad(model)
+
+
+def set_lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make a LambdaLR restored from a checkpoint follow peak ``lr`` and its (current) lambda
+    from its current step on, instead of the checkpoint's peak."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -109,12 +178,15 @@ class TorchBackend:
                                                               device_type=device.type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
 
-    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> tuple[float, float]:
+    def _loss(self, x_BS: Tensor) -> Tensor:
+        with _autocast(self.device, self.cfg.train.precision):
+            return self.model(x_BS, labels=x_BS).loss
+
+    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> StepResult:
         self.model.train()
         losses = []
         for x_BS in micro_batches:
-            with _autocast(self.device, self.cfg.train.precision):
-                loss = self.model(x_BS, labels=x_BS).loss
+            loss = self._loss(x_BS)
             on_forward()
             (loss / len(micro_batches)).backward()
             losses.append(loss.detach().float())
@@ -122,11 +194,16 @@ class TorchBackend:
             self._average_gradients()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        loss = float(torch.stack(losses).mean())
+        result = StepResult(loss, grad_norm, nonfinite=_any_rank(not (_finite(loss) and _finite(grad_norm))))
+        if result.nonfinite:  # drop the step: weights, optimizer state and schedule stay as they were
+            result.where = _locate_nonfinite(self.model, micro_batches, losses, self._loss)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(torch.stack(losses).mean()), float(grad_norm)
+        return result
 
     def _average_gradients(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -146,6 +223,9 @@ class TorchBackend:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr_schedule(self, lr: float) -> None:
+        set_lr_schedule(self.scheduler, lr)
 
     def save(self, directory: str) -> None:
         if self.rank == 0:
@@ -223,9 +303,10 @@ class DeepSpeedBackend:
         kw["model_parameters"] = mds.moe_param_groups(self.model, weight_decay=cfg.train.weight_decay)
         self.engine = mds.initialize(self.model, ds_cfg, self.groups, **kw)
 
-    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> tuple[float, float]:
+    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> StepResult:
         self.engine.train()
         losses = []
+        skipped_before = self.engine.skipped_steps
         for x_BS in micro_batches:
             loss = self.engine(x_BS, labels=x_BS).loss
             on_forward()
@@ -233,7 +314,20 @@ class DeepSpeedBackend:
             self.engine.step()
             losses.append(loss.detach().float())
         norm = self.engine.get_global_grad_norm()
-        return float(torch.stack(losses).mean()), float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        loss = float(torch.stack(losses).mean())
+        # ZeRO 1-3 and the bf16 optimizer drop a step whose gradients hold NaN/inf (reporting an
+        # inf norm); under fp16 that is the loss scaler's overflow, which it handles by design.
+        dropped = self.engine.skipped_steps > skipped_before
+        if self.cfg.train.precision == "fp16" and dropped:
+            return StepResult(loss, norm, overflow=True)
+        bad = _any_rank(not _finite(loss)) or dropped or (self.engine.get_global_grad_norm() is not None
+                                                          and not _finite(norm))
+        result = StepResult(loss, norm, nonfinite=bad)
+        if bad:
+            result.where = _locate_nonfinite(self.model, micro_batches, losses,
+                                             lambda x_BS: self.engine(x_BS, labels=x_BS).loss)
+        return result
 
     @torch.no_grad()
     def forward(self, x_BS: Tensor) -> Tensor:
@@ -243,6 +337,12 @@ class DeepSpeedBackend:
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def set_lr_schedule(self, lr: float) -> None:
+        if not isinstance(self.engine.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise ConfigError("train.lr and the schedule cannot change on resume when the deepspeed section "
+                              "defines its own scheduler; resume with the checkpoint's values")
+        set_lr_schedule(self.engine.lr_scheduler, lr)
 
     def save(self, directory: str) -> None:
         self._mds.save_checkpoint(self.engine, directory, tag="engine")

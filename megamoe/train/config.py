@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from megamoe.config import ConfigError, from_dict, to_dict
+from megamoe.config import ConfigError, check_fields, from_dict, spec, to_dict
 from megamoe.model import ModelConfig
 
 DATA_SOURCES = ("embedded", "files", "hub")
@@ -30,12 +30,32 @@ BACKENDS = ("deepspeed", "torch")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: deepspeed backend, ZeRO 1-3 (dynamic loss scaling)
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("error", "skip")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string; learning rates are written that way."""
+    """Strict YAML for configs: only ``true``/``false`` are booleans (YAML 1.1 would read ``yes``,
+    ``no``, ``on``, ``off`` as booleans too, so ``tie_embeddings: maybe`` and ``yes`` looked
+    alike), ``3e-4`` is a float (YAML 1.1 reads it as a string without a dot), and a key given
+    twice in one mapping is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -48,25 +68,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _positive_int(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{owner}.{name}={value!r} is invalid: must be an integer >= {low}")
-
-
-def _number(owner: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
-            or (high is not None and value > high):
-        rng = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{owner}.{name}={value!r} is invalid: must be a number {rng}")
-
-
-def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{owner}.{name}={value!r} is invalid: allowed values are "
-                          f"{', '.join(map(repr, choices))}")
 
 
 @dataclass(frozen=True)
@@ -88,40 +89,30 @@ class DataConfig:
     cache_dir: where tokenizer and token arrays are cached (null: ``<output_dir>/data``).
     """
 
-    source: str = "embedded"
+    source: str = spec("embedded", choices=DATA_SOURCES)
     files: Sequence[str] = ()
-    format: str = "auto"
-    text_field: str = "text"
-    hub_name: str | None = None
+    format: str = spec("auto", choices=FILE_FORMATS)
+    text_field: str = spec("text", nonempty=True)
+    hub_name: str | None = spec(None, nonempty=True)
     hub_config: str | None = None
-    hub_split: str = "train"
-    tokenizer: str | None = None
-    seq_len: int = 128
-    eval_fraction: float = 0.05
-    seed: int = 1234
-    embedded_docs: int = 3000
-    max_documents: int | None = None
-    cache_dir: str | None = None
+    hub_split: str = spec("train", nonempty=True)
+    tokenizer: str | None = spec(None, nonempty=True)
+    seq_len: int = spec(128, ge=1)
+    eval_fraction: float = spec(0.05, ge=0, le=0.5)
+    seed: int = spec(1234, ge=0)
+    embedded_docs: int = spec(3000, ge=1)
+    max_documents: int | None = spec(None, ge=1)
+    cache_dir: str | None = spec(None, nonempty=True)
 
     def __post_init__(self) -> None:
-        n = "data"
-        _choice(n, "source", self.source, DATA_SOURCES)
-        _choice(n, "format", self.format, FILE_FORMATS)
-        _positive_int(n, "seq_len", self.seq_len)
-        _number(n, "eval_fraction", self.eval_fraction, low=0.0, high=0.5)
-        _positive_int(n, "embedded_docs", self.embedded_docs)
-        _positive_int(n, "seed", self.seed, allow_zero=True)
-        if self.max_documents is not None:
-            _positive_int(n, "max_documents", self.max_documents)
-        if isinstance(self.files, str):
+        if isinstance(self.files, str):  # one path written without a list
             object.__setattr__(self, "files", (self.files,))
-        if not all(isinstance(f, str) for f in self.files):
-            raise ConfigError(f"{n}.files={self.files!r} is invalid: must be a list of paths")
+        check_fields(self)
         object.__setattr__(self, "files", tuple(self.files))
         if self.source == "files" and not self.files:
-            raise ConfigError(f"{n}.files is empty: source 'files' needs at least one local file")
+            raise ConfigError("DataConfig.files is empty: source 'files' needs at least one local file")
         if self.source == "hub" and not self.hub_name:
-            raise ConfigError(f"{n}.hub_name is missing: source 'hub' needs a dataset name")
+            raise ConfigError("DataConfig.hub_name is missing: source 'hub' needs a dataset name")
 
 
 @dataclass(frozen=True)
@@ -134,63 +125,46 @@ class LoopConfig:
         ``lr * min_lr_ratio`` at ``steps``.
     eval_interval / save_interval: every N optimizer steps (0 disables; both also run at
         the end). keep_last: checkpoints kept on disk.
+    grad_clip: clip the global gradient norm to this value (0 disables clipping).
+    nonfinite: what a step whose loss or gradient norm is NaN or inf does: ``error`` (stop
+        the run naming the step, keep the checkpoints written so far, and say so in
+        ``summary.json``) or ``skip`` (leave weights, optimizer state and LR schedule untouched,
+        count the step in the log and ``summary.json``, and go on). DeepSpeed fp16 loss-scale
+        overflows are skipped by DeepSpeed in both modes and counted apart, not as errors.
     init_from: start from the weights (and model config, and tokenizer) of a consolidated
         megamoe directory, a training checkpoint or an HF MoE model directory, with a fresh
         optimizer at step 0 (see megamoe.train.init_from). ``--resume`` continues a run.
     """
 
-    output_dir: str = "runs/tiny"
-    steps: int = 200
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"
-    device: str = "auto"
-    eval_interval: int = 100
-    eval_max_batches: int | None = None
-    save_interval: int = 100
-    keep_last: int = 2
-    log_interval: int = 1
+    output_dir: str = spec("runs/tiny", nonempty=True)
+    steps: int = spec(200, ge=1)
+    micro_batch_size: int = spec(8, ge=1)
+    grad_accum_steps: int = spec(1, ge=1)
+    lr: float = spec(3e-3, gt=0)
+    min_lr_ratio: float = spec(0.1, ge=0, le=1)
+    warmup_steps: int = spec(20, ge=0)
+    weight_decay: float = spec(0.1, ge=0)
+    beta1: float = spec(0.9, ge=0, lt=1)
+    beta2: float = spec(0.95, ge=0, lt=1)
+    adam_eps: float = spec(1e-8, gt=0)
+    grad_clip: float = spec(1.0, ge=0)
+    seed: int = spec(0, ge=0)
+    precision: str = spec("fp32", choices=PRECISIONS)
+    device: str = spec("auto", choices=DEVICES)
+    eval_interval: int = spec(100, ge=0)
+    eval_max_batches: int | None = spec(None, ge=1)
+    save_interval: int = spec(100, ge=0)
+    keep_last: int = spec(2, ge=1)
+    log_interval: int = spec(1, ge=1)
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
-    threads: int | None = None
-    init_from: str | None = None
+    threads: int | None = spec(None, ge=1)
+    nonfinite: str = spec("error", choices=NONFINITE_POLICIES)
+    init_from: str | None = spec(None, nonempty=True)
 
     def __post_init__(self) -> None:
-        n = "train"
-        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
-            raise ConfigError(f"{n}.init_from={self.init_from!r} is invalid: must be a directory path or null")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ConfigError(f"{n}.output_dir={self.output_dir!r} is invalid: must be a directory path")
-        for name in ("steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_interval"):
-            _positive_int(n, name, getattr(self, name))
-        for name in ("warmup_steps", "eval_interval", "save_interval", "seed"):
-            _positive_int(n, name, getattr(self, name), allow_zero=True)
-        _number(n, "lr", self.lr)
-        _number(n, "min_lr_ratio", self.min_lr_ratio, high=1.0)
-        _number(n, "weight_decay", self.weight_decay)
-        _number(n, "beta1", self.beta1, high=1.0)
-        _number(n, "beta2", self.beta2, high=1.0)
-        _number(n, "adam_eps", self.adam_eps)
-        _number(n, "grad_clip", self.grad_clip)
-        _choice(n, "precision", self.precision, PRECISIONS)
-        _choice(n, "device", self.device, DEVICES)
-        if self.eval_max_batches is not None:
-            _positive_int(n, "eval_max_batches", self.eval_max_batches)
-        if self.threads is not None:
-            _positive_int(n, "threads", self.threads)
-        for name in ("tensorboard", "plots", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{n}.{name}={getattr(self, name)!r} is invalid: must be true or false")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -205,18 +179,13 @@ class ParallelConfig:
     dist_backend: process-group backend (``auto``: nccl on CUDA, gloo otherwise).
     """
 
-    backend: str = "deepspeed"
-    ep_size: int = 1
-    zero_stage: int = 1
-    dist_backend: str = "auto"
+    backend: str = spec("deepspeed", choices=BACKENDS)
+    ep_size: int = spec(1, ge=1)
+    zero_stage: int = spec(1, choices=(0, 1, 2, 3))
+    dist_backend: str = spec("auto", choices=DIST_BACKENDS)
 
     def __post_init__(self) -> None:
-        n = "parallel"
-        _choice(n, "backend", self.backend, BACKENDS)
-        _positive_int(n, "ep_size", self.ep_size)
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{n}.zero_stage={self.zero_stage!r} is invalid: allowed values are 0, 1, 2, 3")
-        _choice(n, "dist_backend", self.dist_backend, DIST_BACKENDS)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -227,20 +196,20 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    deepspeed: Mapping[str, Any] | str | None = None
+    deepspeed: Mapping[str, Any] | str | None = spec(None, nonempty=True)
     balancing: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.deepspeed is not None and not isinstance(self.deepspeed, (Mapping, str)):
-            raise ConfigError(f"deepspeed={self.deepspeed!r} is invalid: must be a mapping (a DeepSpeed "
-                              "config) or the path of a JSON/YAML file holding one")
-        if self.balancing is not None and not isinstance(self.balancing, Mapping):
-            raise ConfigError(f"balancing={self.balancing!r} is invalid: must be a mapping of balancer "
-                              "options or null")
+        check_fields(self)
         if self.train.precision == "fp16" and (self.parallel.backend != "deepspeed" or self.parallel.zero_stage == 0):
             raise ConfigError(f"train.precision='fp16' is invalid with parallel.backend={self.parallel.backend!r} and "
                               f"parallel.zero_stage={self.parallel.zero_stage}: fp16 (dynamic loss scaling) needs "
                               "parallel.backend=deepspeed with zero_stage 1, 2 or 3; use precision bf16 or fp32 otherwise")
+        if (self.train.nonfinite == "skip" and self.parallel.backend == "deepspeed" and self.parallel.zero_stage == 0
+                and self.train.precision == "fp32"):
+            raise ConfigError("train.nonfinite='skip' is invalid with parallel.backend='deepspeed', zero_stage=0 and "
+                              "precision fp32: that DeepSpeed optimizer applies a non-finite step instead of dropping "
+                              "it; use zero_stage 1, 2 or 3, precision bf16, or parallel.backend=torch")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is invalid: must be <= "
                               f"model.max_seq_len={self.model.max_seq_len}")
@@ -280,15 +249,25 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    """The mapping of sections in config file ``path`` (ConfigError naming the file for a
+    missing, non-UTF-8, malformed or empty file, or one not holding a mapping)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = _yaml_load(f)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        with open(path, "rb") as f:
+            line = f.read()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {exc.start}, line {line}); save it as "
+                          "UTF-8 YAML") from None
+    try:
+        data = _yaml_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {path!r} holds no settings (it is empty or only comments); write the "
+                          "sections to set, or leave out --config to use all defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
@@ -308,8 +287,13 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None = all defaults), apply overrides, validate."""
     raw = read_yaml(path) if path else {}
     from megamoe.train.init_from import apply_init_from  # train.init_from supplies the model section
-    cfg = config_from_mapping(apply_init_from(apply_overrides(raw, overrides)))
-    return cfg
+    try:
+        return config_from_mapping(apply_init_from(apply_overrides(raw, overrides)))
+    except ConfigError as exc:
+        if not path:
+            raise
+        source = f"config file {path!r}" + (" with its overrides" if overrides else "")
+        raise ConfigError(f"{exc} [{source}]") from None
 
 
 def _check_data_files(data: DataConfig) -> None:
@@ -365,6 +349,49 @@ def deepspeed_mapping(cfg: TrainConfig) -> dict[str, Any]:
     return dict(ds)
 
 
+# What a run may change when it resumes a checkpoint; each takes effect from the resumed step
+# on (the LR schedule is rebuilt from train.lr, warmup_steps, min_lr_ratio and steps). Every
+# other difference from the checkpoint's config is refused by name: it would not apply (Adam's
+# state keeps the old betas and eps, the RNG streams the old seed) or would make the resumed run
+# another experiment (other data, tokenizer, precision or balancer) under the same name.
+RESUME_CHANGEABLE = (
+    "train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.grad_clip",
+    "train.micro_batch_size", "train.grad_accum_steps", "train.eval_interval", "train.eval_max_batches",
+    "train.save_interval", "train.keep_last", "train.log_interval", "train.tensorboard", "train.plots",
+    "train.progress", "train.threads", "train.device", "train.nonfinite", "train.output_dir", "data.cache_dir",
+    "parallel.ep_size", "parallel.zero_stage", "parallel.dist_backend")
+LR_SCHEDULE_FIELDS = ("train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.steps")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def resume_changes(saved: Mapping[str, Any] | None, cfg: TrainConfig, *,
+                   checkpoint: str) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (checkpoint's value, this run's value)}`` for every setting ``cfg``
+    changes relative to the config saved in ``checkpoint`` (the model section is compared on
+    its own); ConfigError naming each change outside RESUME_CHANGEABLE. Fields one of the two
+    configs does not know (written by another megamoe version) are not compared."""
+    if not saved:
+        return {}
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    changed = {k: (old[k], new[k]) for k in old if k in new and not k.startswith("model.") and old[k] != new[k]}
+    refused = [k for k in changed if k not in RESUME_CHANGEABLE]
+    if refused:
+        raise ConfigError(
+            f"--resume: {', '.join(f'{k}={changed[k][1]!r}' for k in refused)} cannot change on resume (checkpoint "
+            f"{checkpoint!r} was trained with {', '.join(f'{k}={changed[k][0]!r}' for k in refused)}); resume with "
+            f"the checkpoint's values or start a new run. Settings that may change on resume: "
+            f"{', '.join(RESUME_CHANGEABLE)}")
+    return changed
+
+
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
     """Raise ConfigError if ``cfg`` cannot run on ``world_size`` processes."""
     p, m = cfg.parallel, cfg.model
@@ -397,4 +424,4 @@ def dump_config(cfg: TrainConfig) -> str:
 
 __all__ = ["TrainConfig", "DataConfig", "LoopConfig", "ParallelConfig", "load_config", "apply_overrides",
            "parse_overrides", "check_world_size", "config_from_mapping", "deepspeed_mapping", "dump_config",
-           "world_size_from_env"]
+           "world_size_from_env", "resume_changes", "RESUME_CHANGEABLE"]

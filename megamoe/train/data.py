@@ -4,8 +4,10 @@ Shape legend: N packed sequences, S sequence length (``data.seq_len``), G global
 B micro batch per process.
 
 1. Documents come from the embedded corpus (megamoe.train.corpus), local text / JSONL /
-   Parquet files, or a hub dataset, all through ``datasets`` except the embedded one. Each
-   document has a domain label (the embedded domain, or the file's name).
+   Parquet files (read here, so a bad file is a ConfigError naming it and the line or row:
+   not UTF-8, NUL bytes, malformed JSON, a text field holding a list or number, an unreadable
+   Parquet file, no documents), or a hub dataset through ``datasets``. Each document has a
+   domain label (the embedded domain, or the file's name).
 2. A deterministic, seeded split holds out ``eval_fraction`` of the documents.
 3. A sentencepiece model (trained on the training split, or loaded) tokenises them; each
    document ends with EOS and the stream is cut into sequences of S tokens (packing).
@@ -34,7 +36,8 @@ from megamoe.train.config import DataConfig
 
 _EXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                 ".parquet": "parquet"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: local files read by megamoe (1: through datasets)
+MIN_TOKENIZER_VOCAB = 32  # sentencepiece needs room for its special and byte pieces
 
 
 # ----------------------------------------------------------------------------- documents
@@ -72,18 +75,106 @@ def _column(ds, field: str, where: str) -> list[str]:
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field={field!r}: {where} has no such column; columns are "
                           f"{', '.join(ds.column_names)}")
-    return [str(t) for t in ds[field] if t is not None]
+    texts = ds[field]
+    for row, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise ConfigError(f"data.text_field={field!r}: row {row} of {where} holds {type(t).__name__} "
+                              f"{str(t)[:60]!r}, not text; point data.text_field at a column of strings")
+    return [t for t in texts if t is not None]
 
 
 def _load_file_texts(path: str, fmt: str, field: str) -> list[str]:
-    import datasets
+    """The documents of one local file; ConfigError naming the file (and line or row) when it
+    cannot be read as ``fmt``, holds no document, or a document is not text."""
+    if fmt == "parquet":
+        texts = _parquet_texts(path, field)
+    else:
+        text = _utf8_text(path, fmt)
+        # text: one document per blank-line-separated paragraph (as `datasets`' paragraph mode).
+        texts = [p for p in text.split("\n\n") if p] if fmt == "text" else _json_texts(path, text, field)
+    if not any(t.strip() for t in texts):
+        what = "it is empty" if fmt == "text" else f"it is empty, or every {field!r} is null or blank"
+        raise ConfigError(f"data.files: {path!r} holds no documents ({what}); remove it from data.files")
+    return texts
 
-    if fmt == "text":
-        # One document per blank-line-separated paragraph.
-        ds = datasets.load_dataset("text", data_files=[path], split="train", sample_by="paragraph")
-        return _column(ds, "text", path)
-    ds = datasets.load_dataset(fmt, data_files=[path], split="train")
-    return _column(ds, field, path)
+
+def _utf8_text(path: str, fmt: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"data.files: {path!r} is not UTF-8 text (byte {exc.start}, line {line}; read as {fmt!r}): "
+                          "a binary file, or another encoding? Convert it to UTF-8, or set data.format to its "
+                          "format") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ConfigError(f"data.files: {path!r} holds NUL bytes (line {line}; read as {fmt!r}): a binary file? "
+                          "Set data.format to its format, or fix its extension")
+    return text.replace("\r\n", "\n")
+
+
+def _json_texts(path: str, text: str, field: str) -> list[str]:
+    """Documents of JSON Lines (one object per line) or of one JSON list of objects."""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"data.files: {path!r} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        numbered, unit = list(enumerate(rows, start=1)), "item"
+    else:
+        numbered, unit = [], "line"
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"data.files: {path!r} line {lineno}: not valid JSON ({exc.msg}); each line of a "
+                                  "JSONL file holds one JSON object") from None
+    texts, seen_field = [], False
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise ConfigError(f"data.files: {path!r} {unit} {n} holds a JSON {type(row).__name__}, not an object "
+                              f"with a {field!r} field")
+        seen_field = seen_field or field in row
+        value = row.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"data.files: {path!r} {unit} {n}: {field!r} holds {type(value).__name__} "
+                              f"{json.dumps(value)[:60]}, not text; data.text_field must name a string field")
+        texts.append(value)
+    if numbered and not seen_field:
+        keys = sorted({k for _, row in numbered for k in row})
+        raise ConfigError(f"data.text_field={field!r}: {path!r} has no such field; its objects have "
+                          f"{', '.join(map(repr, keys))}")
+    return texts
+
+
+def _parquet_texts(path: str, field: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"data.files: {path!r} is not a readable Parquet file ({exc}); is it truncated, or "
+                          "another format under a .parquet name (set data.format)?") from None
+    if field not in table.column_names:
+        raise ConfigError(f"data.text_field={field!r}: {path!r} has no such column; columns are "
+                          f"{', '.join(table.column_names)}")
+    column = table.column(field)
+    if pa.types.is_dictionary(column.type) and pa.types.is_string(column.type.value_type):
+        column = column.cast(pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_null(column.type)):
+        values = column.to_pylist()
+        row = next((i for i, v in enumerate(values) if v is not None), 0)
+        raise ConfigError(f"data.text_field={field!r}: {path!r} column {field!r} holds {column.type} values (row "
+                          f"{row}: {str(values[row])[:60]!r}), not text; point data.text_field at a string column")
+    return [t for t in column.to_pylist() if t is not None]
 
 
 def _load_hub_texts(cfg: DataConfig) -> list[str]:
@@ -116,8 +207,8 @@ def train_tokenizer(texts: Iterable[str], output_path: str, *, vocab_size: int, 
     """Train a sentencepiece BPE model on ``texts`` and write it atomically to ``output_path``."""
     import sentencepiece as spm
 
-    if vocab_size < 32:
-        raise ConfigError(f"vocab_size={vocab_size} is too small for a tokenizer: use at least 32")
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ConfigError(f"vocab_size={vocab_size} is too small for a tokenizer: use at least {MIN_TOKENIZER_VOCAB}")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     lines = [line for t in texts for line in t.splitlines() if line.strip()]

@@ -4,7 +4,9 @@ Shape legend: L MoE layers, E experts, D held-out domains.
 
 Each line of ``metrics.jsonl`` is one record: ``{"kind": "train", "step", "loss", "aux_loss",
 "lr", "grad_norm", "max_vio", "max_vio_layers" [L], "load" [L][E] (share of routed slots per
-expert), "tokens", "tokens_per_s", "time"}`` or ``{"kind": "eval", "step", "loss", "ppl",
+expert), "tokens", "tokens_per_s", "time", "nonfinite" (the step's loss or gradient norm was
+NaN/inf), and on a step that was not applied "skipped" ("nonfinite" or "overflow") with the
+running counts "nonfinite_steps_skipped", "overflow_steps_skipped"}`` or ``{"kind": "eval", "step", "loss", "ppl",
 "max_vio_global", "max_vio_global_layers" [L], "domain_loss" {domain: loss},
 "domain_load" {domain: [L][E]}}``. On resume, records after the checkpoint's step are
 dropped (atomically) so the file reads as one uninterrupted run.

@@ -16,7 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config")
     p.add_argument("--files", nargs="+", help="local text / JSONL / Parquet files (instead of --config)")
     p.add_argument("--text-field", default="text", help="column holding the text (JSONL, Parquet)")
-    p.add_argument("--vocab-size", type=int, default=None,
+    from megamoe.config import arg_type
+    from megamoe.train.data import MIN_TOKENIZER_VOCAB
+
+    p.add_argument("--vocab-size", type=arg_type(int, ge=MIN_TOKENIZER_VOCAB), default=None,
                    help="pieces (default: model.vocab_size of the config, else 4096)")
 
 
@@ -35,14 +38,18 @@ def run(args: argparse.Namespace) -> int:
             missing = [f for f in args.files if not __import__("os").path.isfile(f)]
             if missing:
                 raise ConfigError(f"--files: no such file(s): {', '.join(missing)}")
-            vocab = args.vocab_size or 4096
+            vocab = args.vocab_size if args.vocab_size is not None else 4096
         else:
             if not args.config:
                 raise ConfigError("give --config CFG (its data section) or --files")
             # Only the data section matters here, so a deepspeed-only config works on any machine.
             raw = apply_overrides(read_yaml(args.config), args.overrides)
-            data = from_dict(DataConfig, raw.get("data") or {}, where="data")
-            vocab = args.vocab_size or int((raw.get("model") or {}).get("vocab_size", 4096))
+            data = from_dict(DataConfig, raw.get("data", {}), where="data")
+            if args.vocab_size is not None:
+                vocab = args.vocab_size
+            else:
+                from megamoe.model import ModelConfig
+                vocab = from_dict(ModelConfig, raw.get("model", {}), where="model").vocab_size
         docs = load_documents(data)
         train_docs, _ = split_documents(docs, eval_fraction=data.eval_fraction, seed=data.seed)
         path = train_tokenizer((t for _, t in train_docs), args.output, vocab_size=vocab)

@@ -2,7 +2,8 @@
 
 Run it directly (one process), or under torchrun / the deepspeed launcher (launch/), which
 set RANK / WORLD_SIZE; the config is checked against the world size before any process
-group starts. Ends by printing where the metrics, plots and checkpoint are.
+group starts. Ends by printing where the metrics, plots and checkpoint are. Exit status: 0
+done, 2 a config error, 1 training went non-finite (``train.nonfinite: error``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. train.steps=50 model.router.top_k=1 parallel.backend=torch")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="resume from the newest checkpoint in train.output_dir (or from CKPT); starts fresh "
-                        "when there is none")
+                        "when there is none. Overrides may change only the settings listed in "
+                        "megamoe.train.config.RESUME_CHANGEABLE (steps, lr and schedule, intervals, batch layout, "
+                        "...); any other difference from the checkpoint's config is refused by name")
     p.add_argument("--overwrite", action="store_true",
                    help="without --resume: delete an earlier run's checkpoints and logs in train.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -43,12 +46,16 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    from megamoe.finite import NonFiniteError
     from megamoe.train.trainer import run_training
     try:
         result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"megamoe train: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"megamoe train: error: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_eval
         print(f"\ntraining done: {result.final_step} steps"
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tb')}")
         for path in result.plots:
             print(f"  plot:        {path}")
+        if result.nonfinite_steps_skipped:
+            print(f"  skipped:     {result.nonfinite_steps_skipped} non-finite steps (train.nonfinite=skip)")
         print(f"  checkpoint:  {result.checkpoint}")
         print(f"  export to HF: megamoe convert {result.checkpoint} {os.path.join(result.output_dir, 'hf')}")
     return 0

@@ -8,7 +8,11 @@ prepares (or reuses) the cached data while the others wait; every rank builds th
 from the same seed; the backend (torch or deepspeed) wraps it; ``--resume`` restores the
 newest complete checkpoint; the loop then runs optimizer steps, logging per step the
 all-reduced loss and per-layer expert load (MaxVio), evaluating on the held-out split and
-checkpointing every N steps.
+checkpointing every N steps. A step whose loss or gradient norm is NaN or inf is never applied:
+``train.nonfinite: error`` stops the run there (NonFiniteError naming the step and, where it
+can tell, the module or gradient where the first NaN/inf appeared; the checkpoints written so
+far are kept and ``summary.json`` records ``status: nonfinite``), ``skip`` drops the step and
+counts it (``skipped`` in its metrics record, ``nonfinite_steps_skipped`` in the summary).
 
 Checkpoints live in ``<output_dir>/checkpoints/step_<N>``: every rank writes its share into
 a hidden temporary directory that rank 0 renames into place once all ranks are done, so a
@@ -42,8 +46,10 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import ConfigError, to_dict
+from megamoe.finite import NonFiniteError
 from megamoe.layer import max_violation
-from megamoe.train.config import TrainConfig, check_world_size, dump_config, world_size_from_env
+from megamoe.train.config import (LR_SCHEDULE_FIELDS, TrainConfig, check_world_size, dump_config, resume_changes,
+                                  world_size_from_env)
 from megamoe.train.metrics import MetricsLogger, atomic_write_text, write_plots
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
@@ -56,6 +62,7 @@ class RunResult:
     checkpoint: str | None
     final_eval: dict[str, Any] | None
     plots: list[str]
+    nonfinite_steps_skipped: int = 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -331,6 +338,22 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     saved_step, evaluated_step = start_step if resume_from else -1, -1
     run_start = time.time()
     step = start_step
+    skipped = {"nonfinite": 0, "overflow": 0}  # steps not applied: NaN/inf, DeepSpeed fp16 loss-scale overflow
+
+    def write_summary(final_step: int, **status: Any) -> list[str]:
+        if rank != 0:
+            return []
+        plots = write_plots(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "plots")) if t.plots else []
+        summary = {"output_dir": out_dir, "final_step": final_step, "checkpoint": last_ckpt,
+                   "metrics": os.path.join(out_dir, "metrics.jsonl"), "tensorboard": os.path.join(out_dir, "tb"),
+                   "plots": plots, "final_eval": last_eval, "tokenizer": data.tokenizer_path,
+                   "parameters": counts, "wall_s": time.time() - run_start,
+                   "nonfinite_steps_skipped": skipped["nonfinite"], "overflow_steps_skipped": skipped["overflow"],
+                   **status}
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+        return plots
+
+    failure: NonFiniteError | None = None
     try:
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.time()
@@ -340,12 +363,28 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
                      for m in range(t.grad_accum_steps)]
             batches = [torch.from_numpy(data.train_NS[idx.numpy()].astype(np.int64)).to(device) for idx in micro]
             stats.reset()
-            loss, grad_norm = backend.train_step(batches, stats.collect)
-            bal_metrics = balancer.update() if balancer is not None else None
-            record = _train_record(step, loss, grad_norm, stats, backend, world, tokens_per_step,
+            result = backend.train_step(batches, stats.collect)
+            if result.nonfinite and balancer is not None:
+                balancer.discard_pending()  # the step is not applied, so neither is its load
+            bal_metrics = balancer.update() if balancer is not None and not result.nonfinite else None
+            record = _train_record(step, result.loss, result.grad_norm, stats, backend, world, tokens_per_step,
                                    time.time() - t0, time.time() - run_start, bal_metrics)
-            if logger is not None and (step % t.log_interval == 0 or step == t.steps):
+            if result.overflow or (result.nonfinite and t.nonfinite == "skip"):
+                kind = "nonfinite" if result.nonfinite else "overflow"
+                skipped[kind] += 1
+                record.update(skipped=kind, **{f"{k}_steps_skipped": v for k, v in skipped.items()})
+            record["nonfinite"] = result.nonfinite
+            if logger is not None and (step % t.log_interval == 0 or step == t.steps or result.nonfinite):
                 logger.log(record)
+            if result.nonfinite:
+                what = (f"step {step} is non-finite (loss {result.loss}, gradient norm {result.grad_norm}"
+                        + (f"; first NaN/inf in {result.where})" if result.where else ")"))
+                if t.nonfinite == "error":
+                    raise NonFiniteError(
+                        f"{what}. The run stops here without applying it; the last good checkpoint is "
+                        f"{last_ckpt or 'none (no checkpoint was written)'}. Resume from it with a lower train.lr or "
+                        "train.grad_clip (--resume train.lr=...), or set train.nonfinite=skip to drop such steps")
+                _log(f"warning: {what}: skipped (train.nonfinite=skip; {skipped['nonfinite']} so far)")
             bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['max_vio']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
@@ -366,21 +405,20 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
         if saved_step != t.steps and start_step < t.steps:
             last_ckpt = save_checkpoint(cfg, backend, balancer, t.steps, world, ckpt_root,
                                         tokenizer=data.tokenizer_path)
+    except NonFiniteError as exc:  # every rank raises it at the same step (the check is all-reduced)
+        failure = exc
     finally:
         bar.close()
         if logger is not None:
             logger.close()
-    plots: list[str] = []
-    if rank == 0 and t.plots:
-        plots = write_plots(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "plots"))
-    if rank == 0:
-        summary = {"output_dir": out_dir, "final_step": t.steps, "checkpoint": last_ckpt,
-                   "metrics": os.path.join(out_dir, "metrics.jsonl"), "tensorboard": os.path.join(out_dir, "tb"),
-                   "plots": plots, "final_eval": last_eval, "tokenizer": data.tokenizer_path,
-                   "parameters": counts, "wall_s": time.time() - run_start}
-        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    if failure is not None:
+        write_summary(step - 1, status="nonfinite", failed_step=step, error=str(failure))
+        raise failure
+    if skipped["nonfinite"]:
+        _log(f"{skipped['nonfinite']} non-finite step(s) were skipped (see 'skipped' in metrics.jsonl)")
+    plots = write_summary(t.steps, status="completed")
     _barrier()
-    return RunResult(out_dir, t.steps, last_ckpt, last_eval, plots)
+    return RunResult(out_dir, t.steps, last_ckpt, last_eval, plots, skipped["nonfinite"])
 
 
 def _set_step(model, step: int) -> None:
@@ -504,7 +542,19 @@ def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int)
     if meta.get("backend") != backend.name:
         raise ConfigError(f"checkpoint {path!r} was written by the {meta.get('backend')!r} backend; resume it "
                           f"with parallel.backend={meta.get('backend')}")
+    changes = resume_changes(meta.get("train_config"), cfg, checkpoint=path)
     backend.load(path)
+    if any(k in changes for k in LR_SCHEDULE_FIELDS):
+        backend.set_lr_schedule(cfg.train.lr)
+    told = {k: v for k, v in changes.items() if k not in ("train.output_dir", "data.cache_dir")}  # where, not how
+    if told:
+        _log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in told.items()))
+    old_t = (meta.get("train_config") or {}).get("train", {})
+    old_batch = old_t.get("micro_batch_size", 0) * old_t.get("grad_accum_steps", 0) * meta.get("world_size", 0)
+    new_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    if old_batch and old_batch != new_batch:
+        _log(f"warning: the global batch changes from {old_batch} to {new_batch} sequences on resume, so the data "
+             "order differs from an uninterrupted run")
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file) and meta.get("world_size") == world:
         set_rng_state(torch.load(rng_file, weights_only=False))

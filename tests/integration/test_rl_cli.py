@@ -54,11 +54,11 @@ def test_rl_cli_short_pendulum_run_writes_all_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--components", "0"], "argument --components: must be a positive integer, got '0'"),
-    (["--steps", "ten"], "argument --steps: must be a positive integer, got 'ten'"),
+    (["--components", "0"], "argument --components: must be an integer >= 1, got '0'"),
+    (["--steps", "ten"], "argument --steps: must be an integer >= 1, got 'ten'"),
     (["--hidden", "64,x"], "argument --hidden: must be comma-separated positive layer sizes"),
-    (["--gamma", "1.5"], "argument --gamma: must be a number in [0, 1]"),
-    (["--lr=-1e-3"], "argument --lr: must be a positive number"),
+    (["--gamma", "1.5"], "argument --gamma: must be a finite number in [0, 1], got '1.5'"),
+    (["--lr=-1e-3"], "argument --lr: must be a finite number > 0"),
 ])
 def test_rl_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -120,7 +120,7 @@ def test_local_text_jsonl_and_parquet_files(tmp_path):
     docs = load_documents(DataConfig(source="files", files=files, text_field="body"))
     assert [d for d, _ in docs] == ["notes"] * 2 + ["web"] * 3 + ["shard"] * 2
     assert docs[0][1].startswith("first paragraph") and docs[2][1] == "json doc 0" and docs[-1][1] == "parquet two"
-    with pytest.raises(ConfigError, match="data.text_field='text'.*columns are body"):
+    with pytest.raises(ConfigError, match=r"data.text_field='text'.*web\.jsonl' has no such field.*'body'"):
         load_documents(DataConfig(source="files", files=files[1:2]))
     (tmp_path / "x.csv").write_text("a\n")
     with pytest.raises(ConfigError, match="cannot tell the format"):
