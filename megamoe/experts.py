@@ -191,7 +191,7 @@ class ExpertBank(nn.Module):
                                  self.first_bias, self.down_proj, self.down_proj_bias, row_weights_R)
 
     def _forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         h = torch._grouped_mm(x_RD, self.first_weight.to(x_RD.dtype).transpose(-2, -1), offs=offs)
         if self.first_bias is not None:
             h = h + self._row_bias(self.first_bias, tokens_per_expert_E, x_RD.shape[0])
@@ -208,7 +208,7 @@ class ExpertBank(nn.Module):
         from megamoe.kernels.activation import expert_act
 
         num_rows = x_RD.shape[0]
-        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         h = torch._grouped_mm(x_RD, self.first_weight.to(x_RD.dtype).transpose(-2, -1), offs=offs)
         if self.first_bias is not None:
             h = h + self._row_bias(self.first_bias, tokens_per_expert_E, num_rows).to(h.dtype)
