@@ -35,6 +35,9 @@ setup(
         "test": ["pytest>=8.0"],
         # MuJoCo tasks for `megamoe rl` (HalfCheetah-v5, ...); Pendulum-v1 needs nothing extra.
         "mujoco": ["gymnasium[mujoco]>=1.0"],  # mujoco + imageio
+        # The GPU kernels (megamoe.kernels, ExpertConfig.impl="triton"); CUDA builds of torch
+        # already bring triton. On CPU it only runs the kernels' tests under its interpreter.
+        "triton": ["triton>=3.0"],
         # NVIDIA apex is not on PyPI; build it from source to enable fused optimizers/norms.
         # megamoe imports it when present and falls back to torch's fused paths otherwise.
     },

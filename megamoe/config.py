@@ -23,7 +23,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
-EXPERT_IMPLS = ("auto", "grouped", "loop")
+EXPERT_IMPLS = ("auto", "triton", "grouped", "loop")
 
 
 class ConfigError(ValueError):
@@ -318,8 +318,11 @@ class ExpertConfig:
     activation: ``swiglu``/``geglu`` (gated: gate_up_proj [E, 2I, H]) or ``gelu``,
         ``gelu_tanh``, ``relu`` (plain: up_proj [E, I, H]).
     bias: add biases to both projections.
-    impl: ``grouped`` (torch._grouped_mm), ``loop`` (one GEMM per expert), or ``auto``
-        (grouped on CUDA where shapes allow, loop otherwise: measured faster on CPU).
+    impl: ``triton`` (torch._grouped_mm with the Triton kernels of ``megamoe.kernels`` for
+        permute, weighted activation and combine; needs ``pip install megamoe[triton]``),
+        ``grouped`` (torch._grouped_mm, plain torch glue), ``loop`` (one GEMM per expert), or
+        ``auto`` (triton, else grouped, on CUDA where shapes allow; loop otherwise: measured
+        faster on CPU).
     """
 
     intermediate_size: int = spec(ge=1)

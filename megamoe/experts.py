@@ -9,11 +9,16 @@ activations use ``up_proj`` [E, I, D] and ``down_proj`` [E, D, I]. Optional bias
 ``*_bias`` [E, out].
 
 Paths, all computing the same function:
-- ``grouped``: one ``torch._grouped_mm`` per projection over the variable-size groups.
+- ``triton``: ``torch._grouped_mm`` for both projections, the activation and the per-row
+  combine weight fused into one Triton kernel (``megamoe.kernels``; the dispatcher then also
+  permutes and combines with Triton kernels). No host synchronisation when dropless.
+- ``grouped``: one ``torch._grouped_mm`` per projection over the variable-size groups, the
+  activation in plain torch ops.
 - ``loop``: one GEMM per expert on its contiguous slice of rows.
 - :func:`reference_moe`: a deliberately plain per-(token, slot) reference for tests.
-``auto`` picks grouped on CUDA when the shapes are aligned, loop otherwise (on CPU the
-per-expert loop measured faster than grouped_mm in torch 2.13; see tools/bench_layer.py).
+``auto`` picks triton (grouped without triton installed) on CUDA when the shapes are
+aligned, loop otherwise (on CPU the per-expert loop measured faster than grouped_mm in torch
+2.13; see tools/bench_layer.py). :meth:`ExpertBank.impl_for` is where that choice is made.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megamoe.config import ExpertConfig, check_arg, require_config
+from megamoe.kernels import available as _triton_available
 
 
 def activation_fn(name: str):
@@ -113,51 +119,72 @@ class ExpertBank(nn.Module):
         return torch.stack([self._mlp(x_TD, *w) for w in self._per_expert()])
 
     # ------------------------------------------------------------------ grouped rows
-    def forward(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None = None) -> Tensor:
+    def impl_for(self, x: Tensor) -> str:
+        """The implementation that serves input ``x``: ``loop``, ``grouped`` or ``triton``.
+
+        The one place ``ExpertConfig.impl='auto'`` is resolved (the dispatcher asks once per
+        call): on CUDA with 16-byte aligned rows, ``triton`` when triton is installed, else
+        ``grouped``; ``loop`` otherwise (on CPU the per-expert loop measured faster than
+        grouped_mm). A forced impl the input cannot use raises ValueError / ImportError.
+        """
+        impl = self.config.impl
+        aligned = self._grouped_ok(self.compute_dtype(x))
+        if impl == "auto":
+            if x.device.type != "cuda" or not aligned:
+                return "loop"
+            return "triton" if _triton_available() else "grouped"
+        if impl in ("grouped", "triton") and not aligned:
+            raise ValueError(
+                f"ExpertConfig.impl={impl!r} needs float32/bfloat16/float16 tensors and hidden and "
+                f"intermediate sizes whose rows are 16-byte aligned (got dtype {self.compute_dtype(x)}, "
+                f"hidden {self.hidden_size}, intermediate {self.intermediate_size}); use impl='auto'")
+        if impl == "triton" and not _triton_available():
+            raise ImportError("ExpertConfig.impl='triton' needs the triton package: pip install 'megamoe[triton]' "
+                              "(or use impl='auto', which falls back to 'grouped' / 'loop')")
+        return impl
+
+    def forward(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None = None, *,
+                impl: str | None = None) -> Tensor:
         """Apply expert e to its contiguous group of rows; groups are in expert order.
 
         tokens_per_expert_E: int64 [E] group sizes, summing to R.
-        row_weights_R: optional combine weight per row; the output rows are then scaled by
-            it (applied inside the MLP on its narrower side, which saves memory traffic).
+        row_weights_R: the combine weight of each row (the experts own applying it; None:
+            unweighted). It is applied on the MLP's narrow side: fused into the activation
+            (``triton``), or on the hidden activation or the output, whichever is narrower.
+        impl: the implementation resolved by :meth:`impl_for` (None: resolve it here).
         """
         if x_RD.shape[-1] != self.hidden_size:
             raise ValueError(f"expert input has hidden size {x_RD.shape[-1]}, expected {self.hidden_size}")
-        impl = self.config.impl
-        if impl == "auto":
-            impl = "grouped" if self._grouped_ok(x_RD) else "loop"
-        elif impl == "grouped" and not self._grouped_ok(x_RD):
-            raise ValueError(
-                "ExpertConfig.impl='grouped' needs float32/bfloat16/float16 tensors and hidden and "
-                f"intermediate sizes whose rows are 16-byte aligned (got dtype {x_RD.dtype}, "
-                f"hidden {self.hidden_size}, intermediate {self.intermediate_size}); use impl='auto'")
+        impl = impl or self.impl_for(x_RD)
+        if impl == "triton":
+            return self._forward_triton(x_RD.to(self.compute_dtype(x_RD)), tokens_per_expert_E, row_weights_R)
         if impl == "grouped":
-            y = self._forward_grouped(x_RD, tokens_per_expert_E)
+            y = self._forward_grouped(x_RD.to(self.compute_dtype(x_RD)), tokens_per_expert_E)
             return y if row_weights_R is None else y * row_weights_R.to(y.dtype).unsqueeze(1)
         return self._forward_loop(x_RD, tokens_per_expert_E, row_weights_R)
 
-    def _grouped_ok(self, x: Tensor) -> bool:
-        if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the grouped GEMMs run in: autocast's for float32 input under autocast
+        (``torch._grouped_mm`` is not on autocast's cast list), else the input's. On CUDA only
+        bfloat16 takes grouped_mm's fast path without a host synchronisation."""
+        device = x.device.type
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return x.dtype
+
+    def _grouped_ok(self, dtype: torch.dtype) -> bool:
+        if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
-        if self.config.impl == "auto" and x.device.type != "cuda":
-            return False
-        elem = x.element_size()
-        return all((n * elem) % 16 == 0 for n in (self.hidden_size, self.intermediate_size))
+        return all((n * dtype.itemsize) % 16 == 0 for n in (self.hidden_size, self.intermediate_size))
 
     def _forward_loop(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None) -> Tensor:
         sizes = tokens_per_expert_E.tolist()
         return _SegmentMLP.apply(x_RD, None, sizes, self._hidden, self.config.activation, self.first_weight,
                                  self.first_bias, self.down_proj, self.down_proj_bias, row_weights_R)
 
-    def supports_token_forward(self, x_TD: Tensor) -> bool:
-        """Whether :meth:`forward_tokens` can serve ``x_TD`` (the CPU loop path)."""
-        if x_TD.device.type != "cpu":
-            return False
-        impl = self.config.impl
-        return impl == "loop" or (impl == "auto" and not self._grouped_ok(x_TD))
-
     def forward_tokens(self, x_TD: Tensor, token_idx_R: Tensor, tokens_per_expert_E: Tensor,
                        row_weights_R: Tensor) -> Tensor:
-        """Fused gather, experts and weighted combine on one process (CPU loop path):
+        """Fused gather, experts and weighted combine on one process (the CPU ``loop`` path):
         out_t = sum over rows r with token_idx_R[r] == t of row_weights_R[r] * expert(x_t),
         rows grouped by expert (tokens_per_expert_E sizes), accumulated in row order."""
         if x_TD.shape[-1] != self.hidden_size:
@@ -167,7 +194,7 @@ class ExpertBank(nn.Module):
                                  self.first_bias, self.down_proj, self.down_proj_bias, row_weights_R)
 
     def _forward_grouped(self, x_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         h = torch._grouped_mm(x_RD, self.first_weight.to(x_RD.dtype).transpose(-2, -1), offs=offs)
         if self.first_bias is not None:
             h = h + self._row_bias(self.first_bias, tokens_per_expert_E, x_RD.shape[0])
@@ -175,6 +202,25 @@ class ExpertBank(nn.Module):
         y = torch._grouped_mm(a, self.down_proj.to(a.dtype).transpose(-2, -1), offs=offs)
         if self.down_proj_bias is not None:
             y = y + self._row_bias(self.down_proj_bias, tokens_per_expert_E, x_RD.shape[0])
+        return y
+
+    def _forward_triton(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None) -> Tensor:
+        """grouped_mm -> fused weighted activation kernel -> grouped_mm. Saved for backward:
+        the GEMM inputs x_RD and a_RI, and the pre-activation h (the activation kernel
+        recomputes act(h) in its backward). No host synchronisation."""
+        from megamoe.kernels.activation import expert_act
+
+        num_rows = x_RD.shape[0]
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x_RD, self.first_weight.to(x_RD.dtype).transpose(-2, -1), offs=offs)
+        if self.first_bias is not None:
+            h = h + self._row_bias(self.first_bias, tokens_per_expert_E, num_rows).to(h.dtype)
+        a = expert_act(h, row_weights_R, self.config.activation)
+        y = torch._grouped_mm(a, self.down_proj.to(a.dtype).transpose(-2, -1), offs=offs)
+        if self.down_proj_bias is not None:
+            b = self._row_bias(self.down_proj_bias, tokens_per_expert_E, num_rows)
+            # The bias is part of each expert's output, so the row weight scales it too.
+            y = y + (b if row_weights_R is None else b * row_weights_R.unsqueeze(1)).to(y.dtype)
         return y
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""MoELayer: route, dispatch, run experts, combine.
+"""MoELayer: route, run the experts through the dispatcher, add the shared expert.
 
 Shape legend: T tokens (all leading dims flattened), D hidden size, E experts, K slots
 per token, R routed rows on this rank.
@@ -8,7 +8,8 @@ MLP block: the auxiliary loss is attached to the output's autograd graph, so the
 model needs no change to its forward or loss. ``MoELayer.compute(x)`` returns the full
 :class:`MoEOutput` (output, aux loss, statistics) for callers that want them.
 Parallelism is whatever dispatcher the layer holds (local by default; see
-``megamoe.parallel`` for expert parallelism).
+``megamoe.parallel`` for expert parallelism): ``Dispatcher.run(x_TD, decision, experts)``
+owns dispatch -> experts -> combine (see ``megamoe.dispatch.base``).
 """
 from __future__ import annotations
 
@@ -32,18 +33,29 @@ class MoEStats:
 
     tokens_per_expert_E: kept slots per expert (after capacity drops), local to this rank.
     selected_per_expert_E: slots selected before drops.
-    dropped_fraction: dropped slots / selected slots.
-    max_vio: (max_e load_e - mean load) / mean load, on selected slots.
     aux_loss: the scaled auxiliary loss (0 if none).
     extra: router-specific statistics.
+    dropped_fraction, max_vio: derived on access (every layer call records stats, few read
+    them: computing them eagerly cost ~20 small kernel launches per call on a GPU).
     """
 
     tokens_per_expert_E: Tensor
     selected_per_expert_E: Tensor
-    dropped_fraction: Tensor
-    max_vio: Tensor
     aux_loss: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        """Dropped slots / selected slots (0 when nothing was selected)."""
+        kept, selected = self.tokens_per_expert_E, self.selected_per_expert_E
+        num_selected = selected.sum()
+        return torch.where(num_selected > 0, 1.0 - kept.sum().float() / num_selected.clamp_min(1).float(),
+                           torch.zeros((), device=kept.device))
+
+    @property
+    def max_vio(self) -> Tensor:
+        """(max_e load_e - mean load) / mean load, on selected slots."""
+        return max_violation(self.selected_per_expert_E)
 
     def as_floats(self) -> dict[str, float]:
         out = {"dropped_fraction": float(self.dropped_fraction), "max_vio": float(self.max_vio),
@@ -128,21 +140,10 @@ class MoELayer(nn.Module):
         self.check_finite = False
         self.last_stats: MoEStats | None = None
 
-    # Experts as seen by routers that need every expert's output (competition routing).
+    # Experts as seen by routers that need every expert's output (competition routing):
+    # through the dispatcher, so remote experts under expert parallelism are reached too.
     def _compute_all_experts(self, x_TD: Tensor) -> Tensor:
-        if self.dispatcher.num_local_experts != self.config.num_experts:
-            return self._compute_all_experts_dispatched(x_TD)
-        return self.experts.forward_all(x_TD)
-
-    def _compute_all_experts_dispatched(self, x_TD: Tensor) -> Tensor:
-        num_tokens, num_experts = x_TD.shape[0], self.config.num_experts
-        ids_TE = torch.arange(num_experts, device=x_TD.device).expand(num_tokens, num_experts).contiguous()
-        decision = RoutingDecision(
-            expert_ids_TK=ids_TE, weights_TK=torch.ones(num_tokens, num_experts, device=x_TD.device),
-            tokens_per_expert_E=torch.full((num_experts,), num_tokens, dtype=torch.int64, device=x_TD.device))
-        x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
-        y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E)
-        return self.dispatcher.unpermute(y_RD, handle).transpose(0, 1)
+        return self.dispatcher.run_all(x_TD, self.experts)
 
     def _name(self) -> str:
         return f"MoE layer {self.layer_index}" if self.layer_index >= 0 else "MoELayer"
@@ -160,12 +161,7 @@ class MoELayer(nn.Module):
         x_TD = hidden_states.reshape(-1, self.config.hidden_size)
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 3 else None
         decision = self.router(x_TD, self.routing_context(seq_len))
-        fused = getattr(self.dispatcher, "run_experts", None)
-        out_TD = fused(x_TD, decision, self.experts) if fused is not None else None
-        if out_TD is None:
-            x_RD, handle = self.dispatcher.dispatch(x_TD, decision)
-            y_RD = self.experts(x_RD, handle.tokens_per_local_expert_E, handle.row_weights_R)
-            out_TD = self.dispatcher.combine(y_RD, handle)
+        out_TD = self.dispatcher.run(x_TD, decision, self.experts)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         stats = self._stats(decision)
@@ -181,13 +177,9 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _stats(self, decision: RoutingDecision) -> MoEStats:
-        kept, selected = decision.tokens_per_expert_E, decision.selected_counts_E
-        num_selected = selected.sum()
-        dropped = torch.where(num_selected > 0, 1.0 - kept.sum().float() / num_selected.clamp_min(1).float(),
-                              torch.zeros((), device=kept.device))
         aux = decision.aux_loss.detach().float() if decision.aux_loss is not None else torch.zeros(())
-        return MoEStats(tokens_per_expert_E=kept.detach(), selected_per_expert_E=selected.detach(),
-                        dropped_fraction=dropped, max_vio=max_violation(selected), aux_loss=aux,
+        return MoEStats(tokens_per_expert_E=decision.tokens_per_expert_E.detach(),
+                        selected_per_expert_E=decision.selected_counts_E.detach(), aux_loss=aux,
                         extra={k: v.detach() for k, v in decision.stats.items()})
 
 

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU the Triton kernels (megamoe.kernels) run under Triton's interpreter, which is
+# chosen when triton is first imported: switch it on here, before any test imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -29,9 +29,11 @@ fi
 
 STAMP="$VENV/.megamoe-install-stamp"
 WANT=$(cat "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! "$VPY" -c "import megamoe, deepspeed, transformers" >/dev/null 2>&1; then
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! "$VPY" -c "import megamoe, deepspeed, transformers, triton" >/dev/null 2>&1; then
   log "installing megamoe and its dependencies into $VENV"
-  "$VPY" -m pip install -q -e "$ROOT[test,mujoco]"  # mujoco: the MuJoCo RL tests run instead of skipping
+  # mujoco: the MuJoCo RL tests run instead of skipping; triton: the GPU kernels' tests run
+  # (under Triton's interpreter on CPU) instead of skipping.
+  "$VPY" -m pip install -q -e "$ROOT[test,mujoco,triton]"
   echo "$WANT" > "$STAMP"
 fi
 echo "$VPY"

@@ -9,9 +9,10 @@ destination rank), exchange the per-expert counts with one small ``all_to_all_si
 send the rows (and, in a second small exchange, their fp32 combine weights, which the
 experts apply) with a variable-split ``all_to_all_single``, and regroup the received rows
 by local expert (rows of one expert stay ordered by source rank, then token). ``combine``
-runs the inverse path and adds each token's returned (already weighted) rows. Both exchanges are autograd functions whose backward is the
-reverse exchange, so every rank takes part in every backward collective in the same
-order as in forward.
+runs the inverse path and adds each token's returned (already weighted) rows; with the
+``triton`` experts the local permute and that final sum are the Triton kernels. Both
+exchanges are autograd functions whose backward is the reverse exchange, so every rank takes
+part in every backward collective in the same order as in forward.
 
 Dropless and capacity modes share this path: the router has already marked dropped
 slots with -1, they are never sent, and the splits are whatever the kept counts are.
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megamoe.dispatch.base import DispatchHandle, combine_rows, permute, row_weights, sort_slots, unpermute
+from megamoe.dispatch.base import (DispatchHandle, Dispatcher, combine_rows, map_slots, permute, row_weights,
+                                   unpermute)
 from megamoe.routing.base import RoutingDecision
 
 
@@ -56,11 +58,12 @@ def all_to_all(x: Tensor, *, output_splits: list[int], input_splits: list[int], 
     return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """Experts are sharded over ``group``: rank w of the group holds experts [w*L, (w+1)*L).
 
     ``group=None`` means the default (world) group. With a group of one rank this is the
-    local sort-based dispatch without any communication.
+    local sort-based dispatch without any communication. ``run`` is the default
+    dispatch -> experts -> combine of :class:`Dispatcher`.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None) -> None:
@@ -79,18 +82,15 @@ class AllToAllDispatcher:
         self.num_local_experts = num_experts // self.ep_size
         self.local_expert_offset = self.ep_rank * self.num_local_experts
 
-    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, DispatchHandle]:
-        ids_TK = decision.expert_ids_TK
-        top_k = ids_TK.shape[1]
+    def dispatch(self, x_TD: Tensor, decision: RoutingDecision, *,
+                 use_kernels: bool = False) -> tuple[Tensor, DispatchHandle]:
+        slots = map_slots(decision, self.num_experts, inverse=use_kernels)
         counts_E = decision.tokens_per_expert_E.to(torch.int64)
-        slot_idx_S = sort_slots(ids_TK, counts_E, self.num_experts)
-        x_SD = permute(x_TD, slot_idx_S, top_k)
-        # Combine weights travel with their rows, so the experts can apply them on the
-        # narrower side of the MLP (see ExpertBank) and rows come back already weighted.
-        w_S = row_weights(decision.weights_TK, slot_idx_S)
-        handle = DispatchHandle(num_tokens=x_TD.shape[0], top_k=top_k, slot_idx_R=slot_idx_S,
-                                weights_TK=decision.weights_TK, tokens_per_local_expert_E=counts_E,
-                                row_weights_R=w_S)
+        x_SD = permute(x_TD, slots, use_kernels=use_kernels)
+        # Combine weights travel with their rows: the experts apply them (see Dispatcher).
+        w_S = row_weights(decision.weights_TK, slots)
+        handle = DispatchHandle(slots=slots, tokens_per_local_expert_E=counts_E, row_weights_R=w_S,
+                                use_kernels=use_kernels)
         if self.ep_size == 1:
             return x_SD, handle
 
@@ -125,15 +125,11 @@ class AllToAllDispatcher:
                           input_splits=handle.extra["recv_splits"], group=self.group)
 
     def unpermute(self, y_RD: Tensor, handle: DispatchHandle) -> Tensor:
-        y_SD = self._return_rows(y_RD, handle)
-        return unpermute(y_SD, handle.slot_idx_R, handle.num_tokens, handle.top_k)
+        return unpermute(self._return_rows(y_RD, handle), handle.slots)
 
     def combine(self, y_RD: Tensor, handle: DispatchHandle) -> Tensor:
-        """out_TD; rows are taken as already weighted when the handle carries row weights
-        (the layer hands them to the experts), else the combine weights are applied here."""
-        y_SD = self._return_rows(y_RD, handle)
-        weights = None if handle.row_weights_R is not None else handle.weights_TK
-        return combine_rows(y_SD, handle.slot_idx_R, weights, num_tokens=handle.num_tokens, top_k=handle.top_k)
+        """out_TD: each token's returned rows (weighted by the experts) added up."""
+        return combine_rows(self._return_rows(y_RD, handle), handle.slots, use_kernels=handle.use_kernels)
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(num_experts={self.num_experts}, ep_size={self.ep_size}, "

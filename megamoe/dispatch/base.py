@@ -1,52 +1,142 @@
-"""The dispatcher interface: moving token slots to their experts and back.
+"""The dispatcher: how token slots reach their experts and come back.
 
-Shape legend: T tokens, D hidden size, K slots per token, R routed rows received by this
-rank's experts (grouped by local expert, expert 0 first), E_local local experts.
+Shape legend: T tokens, D hidden size, K slots per token, R routed rows (kept slots
+grouped by expert, expert 0 first), E experts, E_local local experts.
+
+One MoE layer is ``Dispatcher.run(x_TD, decision, experts) -> out_TD``. The default ``run``
+is dispatch -> experts -> combine; a backend overrides it where it can fuse (the
+single-process CPU loop in :class:`~megamoe.dispatch.local.LocalDispatcher`), and the
+all-to-all dispatcher inherits it with its own dispatch and combine. The experts'
+implementation (``ExpertBank.impl_for``) is resolved once per call, in ``run``; with
+``"triton"`` the permute and combine below use the Triton kernels of ``megamoe.kernels``.
+
+Combine weights have one owner: the experts. ``dispatch`` hands each row's weight
+(``DispatchHandle.row_weights_R``) to the experts, which fold it into their activation (the
+narrow side of the MLP; fused into the Triton activation kernel), so expert rows come back
+already weighted and ``combine`` only adds each token's rows.
 
 A dispatcher owns whatever process group it communicates over; routers and experts never
-see one. ``dispatch`` returns the rows for the local experts and a handle; ``combine``
-takes the experts' rows back, applies the combine weights and returns ``out_TD``.
+see one.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from megamoe.routing.base import RoutingDecision
 
+if TYPE_CHECKING:
+    from megamoe.experts import ExpertBank
+
 
 @dataclass
-class DispatchHandle:
-    """State ``combine`` needs; opaque to the layer except ``tokens_per_local_expert_E``."""
+class SlotMap:
+    """Where the kept slots of one decision go, in routed order (sorted by expert; stable,
+    so token order within an expert).
+
+    slot_idx_R: flat slot index t*K + k of each routed row.
+    token_idx_R: the token of each routed row (slot_idx_R // K).
+    row_of_slot_TK: the inverse map, the row of slot (t, k) or -1 where the slot is
+        dropped or empty; built only when asked for (the Triton kernels use it).
+    """
 
     num_tokens: int
     top_k: int
-    slot_idx_R: Tensor          # flat slot index t*K + k of each locally sorted row
-    weights_TK: Tensor
+    slot_idx_R: Tensor
+    token_idx_R: Tensor
+    row_of_slot_TK: Tensor | None = None
+
+
+def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = False) -> SlotMap:
+    """Sort the decision's kept slots by expert.
+
+    No host synchronisation when ``decision.dropless`` (R = T*K is known from the shapes);
+    otherwise the number of kept slots is read from the counts (one ``.item()``: capacity
+    modes size their buffers by it).
+    """
+    ids_TK = decision.expert_ids_TK
+    num_tokens, top_k = ids_TK.shape
+    flat = ids_TK.reshape(-1)
+    if decision.dropless:
+        order = torch.argsort(flat, stable=True)
+        slot_idx_R = order
+    else:
+        # Empty / dropped slots (-1) sort after every expert and are cut off.
+        order = torch.argsort(torch.where(flat >= 0, flat, torch.full_like(flat, num_experts)), stable=True)
+        slot_idx_R = order[:int(decision.tokens_per_expert_E.sum().item())]
+    row_of_slot_TK = None
+    if inverse:
+        rows = torch.arange(slot_idx_R.numel(), device=flat.device)
+        # Dropless: every slot gets a row, so no -1 fill is needed.
+        fill = torch.empty_like(flat) if decision.dropless else torch.full_like(flat, -1)
+        row_of_slot_TK = fill.scatter_(0, slot_idx_R, rows).view(num_tokens, top_k)
+    return SlotMap(num_tokens=num_tokens, top_k=top_k, slot_idx_R=slot_idx_R,
+                   token_idx_R=torch.div(slot_idx_R, top_k, rounding_mode="floor"), row_of_slot_TK=row_of_slot_TK)
+
+
+@dataclass
+class DispatchHandle:
+    """What ``combine`` needs; opaque to everyone else except the two fields the experts read.
+
+    tokens_per_local_expert_E: group sizes of the rows handed to the local experts.
+    row_weights_R: the combine weight of each of those rows; the experts apply it.
+    """
+
+    slots: SlotMap
     tokens_per_local_expert_E: Tensor
+    row_weights_R: Tensor
+    use_kernels: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    # Optional combine weight of each received row. A dispatcher that sets it lets the layer
-    # apply the weights inside the experts (cheaper); its combine() then adds rows unweighted.
-    row_weights_R: Tensor | None = None
 
 
-class Dispatcher(Protocol):
+class Dispatcher(ABC):
+    """Base class of dispatchers (see module docstring)."""
+
     num_experts: int
     num_local_experts: int
     local_expert_offset: int
 
-    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, DispatchHandle]: ...
+    def run(self, x_TD: Tensor, decision: RoutingDecision, experts: ExpertBank) -> Tensor:
+        """out_t = sum_k w_tk * expert_{e_tk}(x_t): the routed part of one MoE layer."""
+        return self.run_rows(x_TD, decision, experts, impl=experts.impl_for(x_TD))
 
+    def run_rows(self, x_TD: Tensor, decision: RoutingDecision, experts: ExpertBank, *, impl: str) -> Tensor:
+        """The default pipeline: dispatch -> experts (weights applied there) -> combine. Rows
+        travel in the experts' compute dtype (autocast's, under autocast)."""
+        x_TD = x_TD.to(experts.compute_dtype(x_TD))
+        x_RD, handle = self.dispatch(x_TD, decision, use_kernels=impl == "triton")
+        y_RD = experts(x_RD, handle.tokens_per_local_expert_E, handle.row_weights_R, impl=impl)
+        return self.combine(y_RD, handle)
+
+    def run_all(self, x_TD: Tensor, experts: ExpertBank) -> Tensor:
+        """Every expert (local or remote) on every local token, unweighted: y_ETD (for routers
+        that score expert outputs, e.g. competition routing)."""
+        num_tokens, num_experts = x_TD.shape[0], self.num_experts
+        ids_TE = torch.arange(num_experts, device=x_TD.device).expand(num_tokens, num_experts).contiguous()
+        decision = RoutingDecision(
+            expert_ids_TK=ids_TE, weights_TK=torch.ones(num_tokens, num_experts, device=x_TD.device),
+            tokens_per_expert_E=torch.full((num_experts,), num_tokens, dtype=torch.int64, device=x_TD.device),
+            dropless=True)
+        x_RD, handle = self.dispatch(x_TD, decision)
+        y_RD = experts(x_RD, handle.tokens_per_local_expert_E)
+        return self.unpermute(y_RD, handle).transpose(0, 1)
+
+    @abstractmethod
+    def dispatch(self, x_TD: Tensor, decision: RoutingDecision, *,
+                 use_kernels: bool = False) -> tuple[Tensor, DispatchHandle]:
+        """Rows for the local experts, grouped by local expert, and the handle."""
+
+    @abstractmethod
     def combine(self, y_RD: Tensor, handle: DispatchHandle) -> Tensor:
-        """out_TD = sum_k w_tk * y_tk."""
-        ...
+        """out_TD = sum over each token's (already weighted) rows."""
 
+    @abstractmethod
     def unpermute(self, y_RD: Tensor, handle: DispatchHandle) -> Tensor:
-        """Per-slot outputs y_TKD, unweighted, zeros in empty slots."""
-        ...
+        """Per-slot rows y_TKD in slot order, zeros in empty slots."""
 
 
 class _Permute(torch.autograd.Function):
@@ -78,54 +168,45 @@ class _Permute(torch.autograd.Function):
         return g_full.view(num_tokens, top_k, dim).sum(1), None, None
 
 
-def permute(x_TD: Tensor, slot_idx_R: Tensor, top_k: int) -> Tensor:
+def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tensor:
     """Gather token rows into routed order (deterministic backward)."""
-    return _Permute.apply(x_TD, slot_idx_R, top_k)
+    if use_kernels:
+        from megamoe.kernels.permute import permute as permute_kernel
+
+        return permute_kernel(x_TD, slots.token_idx_R, slots.row_of_slot_TK)
+    return _Permute.apply(x_TD, slots.slot_idx_R, slots.top_k)
 
 
-def unpermute(y_RD: Tensor, slot_idx_R: Tensor, num_tokens: int, top_k: int) -> Tensor:
+def unpermute(y_RD: Tensor, slots: SlotMap) -> Tensor:
     """y_TKD with row r of y_RD at slot slot_idx_R[r]; zeros in empty slots."""
-    num_slots = num_tokens * top_k
+    num_slots = slots.num_tokens * slots.top_k
     # Dropless: every slot is written, so no zero fill is needed.
-    alloc = y_RD.new_empty if slot_idx_R.numel() == num_slots else y_RD.new_zeros
+    alloc = y_RD.new_empty if slots.slot_idx_R.numel() == num_slots else y_RD.new_zeros
     y_full = alloc(num_slots, y_RD.shape[-1])
-    y_full.index_copy_(0, slot_idx_R, y_RD)
-    return y_full.view(num_tokens, top_k, y_RD.shape[-1])
+    y_full.index_copy_(0, slots.slot_idx_R, y_RD)
+    return y_full.view(slots.num_tokens, slots.top_k, y_RD.shape[-1])
 
 
-def combine_rows(y_RD: Tensor, slot_idx_R: Tensor, weights_TK: Tensor | None, *, num_tokens: int,
-                 top_k: int) -> Tensor:
-    """out_t = sum_k w_tk * y[slot t*K+k] (weights None: rows are already weighted),
-    deterministic on every device.
+def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tensor:
+    """out_t = sum of token t's routed rows (already weighted), deterministic on every device.
 
-    On CPU rows are accumulated with index_add_ (sequential per destination row, so
-    deterministic, and a single pass); elsewhere through the per-slot buffer and a
-    fixed-order reduction over K (no atomics).
+    Kernels: one gather-sum pass through the inverse slot map. Otherwise on CPU rows are
+    accumulated with index_add_ (sequential per destination row, so deterministic, one pass);
+    elsewhere through the per-slot buffer and a fixed-order reduction over K (no atomics).
     """
+    if use_kernels:
+        from megamoe.kernels.combine import combine as combine_kernel
+
+        return combine_kernel(y_RD, slots.row_of_slot_TK, slots.token_idx_R)
     if y_RD.device.type == "cpu":
-        rows = y_RD
-        if weights_TK is not None:
-            rows = y_RD * weights_TK.reshape(-1).index_select(0, slot_idx_R).to(y_RD.dtype).unsqueeze(1)
-        token_idx = torch.div(slot_idx_R, top_k, rounding_mode="floor")
-        return y_RD.new_zeros(num_tokens, y_RD.shape[-1]).index_add_(0, token_idx, rows)
-    y_TKD = unpermute(y_RD, slot_idx_R, num_tokens, top_k)
-    return y_TKD.sum(1) if weights_TK is None else weighted_sum(y_TKD, weights_TK)
+        return y_RD.new_zeros(slots.num_tokens, y_RD.shape[-1]).index_add_(0, slots.token_idx_R, y_RD)
+    return unpermute(y_RD, slots).sum(1)
 
 
-def row_weights(weights_TK: Tensor, slot_idx_R: Tensor) -> Tensor:
+def row_weights(weights_TK: Tensor, slots: SlotMap) -> Tensor:
     """Combine weight of each routed row (differentiable)."""
-    return weights_TK.reshape(-1).index_select(0, slot_idx_R)
+    return weights_TK.reshape(-1).index_select(0, slots.slot_idx_R)
 
 
-def weighted_sum(y_TKD: Tensor, weights_TK: Tensor) -> Tensor:
-    """out_t = sum_k w_tk * y_tk, reduced in slot order (deterministic)."""
-    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-
-
-def sort_slots(expert_ids_TK: Tensor, tokens_per_expert_E: Tensor, num_experts: int) -> Tensor:
-    """Flat slot indices of kept slots, sorted by expert (stable: token order within one)."""
-    flat = expert_ids_TK.reshape(-1)
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
-    order = torch.argsort(key, stable=True)
-    num_kept = int(tokens_per_expert_E.sum().item())
-    return order[:num_kept]
+__all__ = ["DispatchHandle", "Dispatcher", "SlotMap", "combine_rows", "map_slots", "permute", "row_weights",
+           "unpermute"]

@@ -35,6 +35,10 @@ class RoutingDecision:
     selected_per_expert_E: int64 [E] slots selected before any capacity drop (what load
         balancers count); defaults to ``tokens_per_expert_E``.
     stats: extra detached per-step statistics a router wants logged (name -> tensor).
+    dropless: the router guarantees every slot holds an expert (no -1 anywhere), so the
+        number of routed rows is T*K, known from the shapes: dispatch then needs no host
+        synchronisation (CUDA graphs, torch.compile). False (the safe default) makes the
+        dispatcher read the kept count from ``tokens_per_expert_E``.
     """
 
     expert_ids_TK: Tensor
@@ -43,6 +47,7 @@ class RoutingDecision:
     aux_loss: Tensor | None = None
     selected_per_expert_E: Tensor | None = None
     stats: Mapping[str, Tensor] = field(default_factory=dict)
+    dropless: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -190,10 +195,16 @@ def _import_builtin_routers() -> None:
 
 
 def counts_per_expert(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """int64 [E] number of slots per expert, ignoring -1 (empty) slots."""
-    flat = expert_ids_TK.reshape(-1)
+    """int64 [E] number of slots per expert, ignoring -1 (empty) slots (ids must be < E).
+
+    A scatter-add of ones rather than ``torch.bincount``, which reads the largest id back to
+    the host on CUDA (a synchronisation on every routing call); integer sums are exact, so
+    the order of the adds does not matter.
+    """
+    flat = expert_ids_TK.reshape(-1).long()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     # Shift by one so -1 lands in bin 0, which is discarded.
-    return torch.bincount(flat + 1, minlength=num_experts + 1)[1:].to(torch.int64)
+    return counts.scatter_add_(0, flat + 1, torch.ones_like(flat))[1:]
 
 
 class PrivateDrawsMixin:

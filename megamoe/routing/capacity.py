@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from megamoe.routing.base import counts_per_expert
+
 
 def expert_capacity(num_tokens: int, *, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """C = ceil(T * K / E * capacity_factor)."""
@@ -38,7 +40,7 @@ def apply_capacity(expert_ids_TK: Tensor, scores_TK: Tensor, *, num_experts: int
     # Stable sort by expert keeps priority order within each expert's segment.
     by_expert = torch.argsort(ids_in_priority, stable=True)
     sorted_ids = ids_in_priority[by_expert]
-    counts = torch.bincount(sorted_ids, minlength=num_experts + 1)
+    counts = counts_per_expert(sorted_ids, num_experts + 1)  # bin E: the invalid slots
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=flat_ids.device) - starts[sorted_ids]
     keep_sorted = (rank < capacity) & (sorted_ids < num_experts)

@@ -162,7 +162,8 @@ class CompeteRouter(TopKRouter):
                 expert_ids_TK=decision.expert_ids_TK, weights_TK=decision.weights_TK,
                 tokens_per_expert_E=decision.tokens_per_expert_E, aux_loss=decision.aux_loss,
                 selected_per_expert_E=decision.selected_per_expert_E,
-                stats={**decision.stats, "competition": torch.zeros((), device=x_TD.device)})
+                stats={**decision.stats, "competition": torch.zeros((), device=x_TD.device)},
+                dropless=decision.dropless)
         if ctx.compute_all_experts is None:
             raise RuntimeError("compete router: a competition step needs RoutingContext.compute_all_experts "
                                "(MoELayer provides it); call the router through MoELayer")
@@ -193,7 +194,7 @@ class CompeteRouter(TopKRouter):
             stats = {"competition": torch.ones((), device=x_TD.device),
                      "router_agreement": agree.float().mean() if agree.numel() else torch.zeros(())}
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=counts_E,
-                               aux_loss=aux, selected_per_expert_E=counts_E, stats=stats)
+                               aux_loss=aux, selected_per_expert_E=counts_E, stats=stats, dropless=True)
 
 
 def _winner_similarity(y_ETD: Tensor, ids_TK: Tensor) -> Tensor:

@@ -86,7 +86,7 @@ class StochasticRouter(PrivateDrawsMixin, Router):
             weights_TK = torch.ones(num_tokens, 1, device=dev)
         counts_E = counts_per_expert(ids_TK, num_experts)
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=counts_E,
-                               aux_loss=None, selected_per_expert_E=counts_E)
+                               aux_loss=None, selected_per_expert_E=counts_E, dropless=True)
 
 
 def seed_draws(module: nn.Module, seed: int | None) -> int:

@@ -123,7 +123,8 @@ class TopKRouter(LinearRouterMixin, Router):
         else:
             kept_E = selected_E
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=kept_E,
-                               aux_loss=aux, selected_per_expert_E=selected_E, stats=stats)
+                               aux_loss=aux, selected_per_expert_E=selected_E, stats=stats,
+                               dropless=capacity_factor is None)
 
     def _aux_loss(self, logits_TE: Tensor, scores_TE: Tensor, selected_E: Tensor) -> Tensor | None:
         cfg = self.config

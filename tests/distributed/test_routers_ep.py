@@ -3,7 +3,7 @@ each holding half the tokens, experts sharded with apply_expert_parallel) comput
 single-process EP=1 layer computes.
 
 - ``compete`` (every step a competition step: warmup_steps=0, compete_prob=1.0): the router
-  runs every expert on its tokens through ``MoELayer._compute_all_experts_dispatched`` (the
+  runs every expert on its tokens through ``Dispatcher.run_all`` (the
   all-to-all path to remote experts). Reference: the full layer on each rank's half, chunk
   losses summed (data-parallel semantics; the MSE router loss is a per-rank mean).
 - ``expert_choice``: capacity is per rank under EP (each rank's experts pick among that rank's

@@ -1,0 +1,164 @@
+"""Every Triton kernel of megamoe.kernels against its plain PyTorch reference: outputs and all
+gradients, on random shapes with empty experts, dropped slots, one row, no rows, unaligned
+widths (not multiples of the tile), fp32 and bf16.
+
+On a machine without a GPU the kernels run under Triton's interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is imported); with CUDA they run compiled on the GPU.
+Shapes are tiny because the interpreter executes every program in Python.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="megamoe's Triton kernels need triton (pip install 'megamoe[triton]')")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET!=1: the kernels cannot run here", allow_module_level=True)
+
+from megamoe import kernels  # noqa: E402
+from megamoe.dispatch.base import map_slots  # noqa: E402
+from megamoe.kernels.activation import ACTIVATIONS, act_backward, act_forward, expert_act, expert_act_reference  # noqa: E402
+from megamoe.kernels.combine import combine, combine_reference, gather_sum  # noqa: E402
+from megamoe.kernels.launch import Tile  # noqa: E402
+from megamoe.kernels.permute import gather_rows, permute, permute_reference  # noqa: E402
+from megamoe.routing.base import RoutingDecision, counts_per_expert  # noqa: E402
+
+kernels.load()
+DTYPES = [torch.float32, torch.bfloat16]
+# (tokens, slots per token, experts, width): one token, unaligned widths, more experts than rows.
+SHAPES = [(1, 1, 3, 5), (13, 2, 4, 37), (9, 3, 16, 8), (0, 2, 4, 6)]
+
+
+def _tol(dtype):
+    # Kernels accumulate in fp32 and round once; the reference is computed in fp32 from the
+    # same (rounded) inputs, so bf16 results differ by about one bf16 ulp.
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
+def _slots(num_tokens, top_k, num_experts, *, drop: bool, seed: int):
+    """A random slot map: some experts get no rows; with ``drop`` some slots are -1."""
+    gen = torch.Generator().manual_seed(seed)
+    used = torch.randperm(num_experts, generator=gen)[: max(1, num_experts // 2)]
+    ids_TK = used[torch.randint(len(used), (num_tokens, top_k), generator=gen)]
+    if drop and ids_TK.numel():
+        ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.3, torch.full_like(ids_TK, -1), ids_TK)
+    decision = RoutingDecision(expert_ids_TK=ids_TK.to(DEVICE), weights_TK=torch.ones(ids_TK.shape, device=DEVICE),
+                               tokens_per_expert_E=counts_per_expert(ids_TK, num_experts).to(DEVICE),
+                               dropless=not drop)
+    return map_slots(decision, num_experts, inverse=True)
+
+
+def _leaf(t, dtype):
+    return t.to(device=DEVICE, dtype=dtype).requires_grad_(True)
+
+
+def _ref_leaf(t):
+    """fp32 copy of a (possibly bf16) leaf for the reference computation."""
+    return t.detach().float().requires_grad_(True)
+
+
+def test_map_slots_inverse_and_order():
+    slots = _slots(13, 3, 5, drop=True, seed=1)
+    rows = torch.arange(slots.slot_idx_R.numel(), device=DEVICE)
+    flat = slots.row_of_slot_TK.reshape(-1)
+    assert torch.equal(flat[slots.slot_idx_R], rows)                      # inverse of the routed order
+    assert int((flat >= 0).sum()) == slots.slot_idx_R.numel()            # every other slot is -1
+    assert torch.equal(slots.token_idx_R, slots.slot_idx_R // 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("drop", [False, True])
+def test_permute_matches_reference(dtype, shape, drop):
+    num_tokens, top_k, num_experts, dim = shape
+    slots = _slots(num_tokens, top_k, num_experts, drop=drop, seed=sum(shape))
+    x = _leaf(torch.randn(num_tokens, dim), dtype)
+    y = permute(x, slots.token_idx_R, slots.row_of_slot_TK)
+    g = torch.randn(y.shape, device=DEVICE, dtype=dtype)
+    (g_x,) = torch.autograd.grad(y, x, g)
+    xr = _ref_leaf(x)
+    yr = permute_reference(xr, slots.token_idx_R, slots.row_of_slot_TK)
+    (g_xr,) = torch.autograd.grad(yr, xr, g.float())
+    assert y.dtype == dtype and y.shape == (slots.slot_idx_R.numel(), dim)
+    assert torch.equal(y.float(), yr)                                    # a gather is exact
+    torch.testing.assert_close(g_x.float(), g_xr, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("drop", [False, True])
+def test_combine_matches_reference(dtype, shape, drop):
+    num_tokens, top_k, num_experts, dim = shape
+    slots = _slots(num_tokens, top_k, num_experts, drop=drop, seed=sum(shape) + 7)
+    y = _leaf(torch.randn(slots.slot_idx_R.numel(), dim), dtype)
+    out = combine(y, slots.row_of_slot_TK, slots.token_idx_R)
+    g = torch.randn(out.shape, device=DEVICE, dtype=dtype)
+    (g_y,) = torch.autograd.grad(out, y, g)
+    yr = _ref_leaf(y)
+    outr = combine_reference(yr, slots.row_of_slot_TK, slots.token_idx_R)
+    (g_yr,) = torch.autograd.grad(outr, yr, g.float())
+    assert out.dtype == dtype and out.shape == (num_tokens, dim)
+    torch.testing.assert_close(out.float(), outr, **_tol(dtype))
+    assert torch.equal(g_y.float(), g_yr)                                # its backward is a gather: exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("weighted", [True, False])
+def test_expert_act_matches_reference(dtype, activation, weighted):
+    gated = ACTIVATIONS[activation][1]
+    for rows, inter in [(0, 4), (1, 1), (19, 23)]:
+        h = _leaf(torch.randn(rows, (2 if gated else 1) * inter) * 2, dtype)
+        w = _leaf(torch.rand(rows), torch.float32) if weighted else None
+        a = expert_act(h, w, activation)
+        g = torch.randn(a.shape, device=DEVICE, dtype=dtype)
+        leaves = [h] + ([w] if weighted else [])
+        grads = torch.autograd.grad(a, leaves, g)
+        ref_leaves = [_ref_leaf(t) for t in leaves]
+        ar = expert_act_reference(ref_leaves[0], ref_leaves[1] if weighted else None, activation)
+        ref_grads = torch.autograd.grad(ar, ref_leaves, g.float())
+        assert a.dtype == dtype and a.shape == (rows, inter)
+        torch.testing.assert_close(a.float(), ar, **_tol(dtype))
+        for got, want in zip(grads, ref_grads):
+            assert got.dtype == (torch.float32 if got.shape == (rows,) else dtype)
+            torch.testing.assert_close(got.float(), want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+def test_column_chunks_and_row_blocks_match_one_tile(activation):
+    """Widths spanning several column chunks (the backward's loop, the forward's 2-D grid) and
+    a partial last row block give the same numbers as one wide tile."""
+    gated = ACTIVATIONS[activation][1]
+    small = Tile(block_rows=4, block_cols=8, num_warps=1)
+    h = torch.randn(11, (2 if gated else 1) * 21, device=DEVICE)
+    w = torch.rand(11, device=DEVICE)
+    g = torch.randn(11, 21, device=DEVICE)
+    torch.testing.assert_close(act_forward(h, w, activation, tile=small), act_forward(h, w, activation))
+    for got, want in zip(act_backward(g, h, w, activation, tile=small), act_backward(g, h, w, activation)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    slots = _slots(7, 2, 3, drop=True, seed=3)
+    x = torch.randn(7, 21, device=DEVICE)
+    assert torch.equal(gather_rows(x, slots.token_idx_R, tile=small), x[slots.token_idx_R])
+    y = torch.randn(slots.slot_idx_R.numel(), 21, device=DEVICE)
+    torch.testing.assert_close(gather_sum(y, slots.row_of_slot_TK, tile=small),
+                               combine_reference(y, slots.row_of_slot_TK, slots.token_idx_R))
+
+
+def test_combine_is_deterministic_and_exact_for_one_slot_per_token():
+    slots = _slots(10, 1, 4, drop=False, seed=5)
+    y = torch.randn(10, 9, device=DEVICE)
+    out = combine(y, slots.row_of_slot_TK, slots.token_idx_R)
+    assert torch.equal(out[slots.token_idx_R], y)
+    assert torch.equal(out, combine(y, slots.row_of_slot_TK, slots.token_idx_R))
+
+
+def test_kernels_refuse_mixed_devices_and_bad_widths():
+    h = torch.randn(3, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="even pre-activation width"):
+        expert_act(h, None, "swiglu")
+    with pytest.raises(ValueError, match="no fused kernel for activation"):
+        act_forward(h, None, "tanh")
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="different devices"):
+            gather_rows(h, torch.zeros(2, dtype=torch.int64))
