@@ -43,12 +43,19 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    from megamoe.atomic import OutOfSpaceError
+    from megamoe.checkpoint.integrity import CheckpointError, NonFiniteWeightsError
+    from megamoe.checkpoint.staged import BusyError
     from megamoe.train.trainer import run_training
     try:
         result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"megamoe train: error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteWeightsError, OutOfSpaceError, BusyError) as exc:
+        # A damaged checkpoint or cache file (named), weights gone non-finite, a full disk, a second writer.
+        print(f"megamoe train: error: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_eval
         print(f"\ntraining done: {result.final_step} steps"
