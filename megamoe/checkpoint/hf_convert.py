@@ -46,6 +46,8 @@ from torch import Tensor
 
 from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
                                              load_state_dict_with_buffers, read_model_config, save_consolidated)
+from megamoe.checkpoint.integrity import CheckpointError, check_loaded_finite, read_json, verify_directory
+from megamoe.checkpoint.staged import check_output_path
 from megamoe.config import ExpertConfig, RouterConfig
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
@@ -92,9 +94,33 @@ def _deepspeed_config_dir(path: Path, tag: str | None) -> Path:
                             f"in tag {tag!r}); megamoe training checkpoints always write it")
 
 
+def _select_checkpoint(path: Path, tag: str | None) -> Path | None:
+    """The checkpoint inside ``path`` that ``tag`` (or, for a run's checkpoints folder, its
+    ``latest`` file) names, when that is a whole megamoe checkpoint of its own; else None
+    (``path`` itself is the checkpoint, ``tag`` a DeepSpeed tag inside it)."""
+    if tag is not None:
+        if not tag or os.sep in tag or tag.startswith("."):
+            raise ConversionError(f"--tag {tag!r} is invalid: it must be the name of a folder inside {path}")
+        if is_consolidated_dir(path):
+            raise ConversionError(f"--tag {tag!r}: {path} is a single checkpoint with no tags (a consolidated "
+                                  f"directory or a torch-backend training checkpoint); drop --tag, or pass the folder "
+                                  f"that holds it with --tag {path.name}")
+        if not (path / tag).is_dir():
+            tags = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise FileNotFoundError(f"--tag {tag!r}: {path / tag} does not exist (folders in {path}: {tags})")
+        return path / tag if (path / tag / CONFIG_NAME).is_file() else None
+    if not (path / CONFIG_NAME).is_file() and (path / "latest").is_file():
+        latest = (path / "latest").read_text(encoding="utf-8", errors="replace").strip()
+        if latest and os.sep not in latest and (path / latest / CONFIG_NAME).is_file():
+            return path / latest  # a training run's checkpoints folder: its newest checkpoint
+    return None
+
+
 def load_megamoe_source(source: Any, *, tag: str | None = None):
     """Return a single-process MoETransformerLM (eval mode, fp32) for ``source``: a live
-    MoETransformerLM, a consolidated directory, or a DeepSpeed checkpoint directory."""
+    MoETransformerLM, a consolidated directory, a training checkpoint of either backend, a
+    DeepSpeed checkpoint directory, or a folder of checkpoints (``tag`` picks one; default:
+    its ``latest``). Directories are verified against their manifests first."""
     from megamoe.model import MoETransformerLM
 
     if isinstance(source, MoETransformerLM):
@@ -109,9 +135,15 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
     path = Path(source)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
+    inner = _select_checkpoint(path, tag)
+    if inner is not None:
+        return load_megamoe_source(inner)
+    # A checkpoint's manifest covers everything in it (a DeepSpeed engine folder too); a
+    # DeepSpeed save_dir without one is checked per tag below.
+    verified = verify_directory(path, marker=CONFIG_NAME).verified
     if is_consolidated_dir(path):
         from megamoe.checkpoint.consolidated import load_consolidated
-        return load_consolidated(path).eval()
+        return load_consolidated(path, verify=not verified).eval()
     if is_deepspeed_checkpoint(path):
         cfg = read_model_config(_deepspeed_config_dir(path, tag))
         try:
@@ -120,7 +152,8 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
             raise ConversionError(
                 f"{path} is a DeepSpeed checkpoint, but megamoe.integrations.deepspeed.load_full_state_dict "
                 f"is not available in this installation ({exc})") from exc
-        state = load_full_state_dict(str(path), tag=tag)
+        state = load_full_state_dict(str(path), tag=tag, verify=not verified)
+        check_loaded_finite(state.items(), path)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model = MoETransformerLM(cfg)
         load_state_dict_with_buffers(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -424,6 +457,8 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
     weights (verification is always in fp32). Writes atomically.
     """
     out = Path(out_dir)
+    check_output_path(out, inputs=[source] if isinstance(source, (str, os.PathLike)) else [],
+                      what="output directory")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
     hf, report = megamoe_to_hf(source, format=format, tag=tag, atol=atol)
@@ -596,13 +631,23 @@ def convert_from_hf(hf_source: Any, out_dir: str | os.PathLike, *, atol: float =
     import transformers
 
     if isinstance(hf_source, (str, os.PathLike)):
+        check_output_path(out_dir, inputs=[hf_source], what="output directory")
         cfg_json = Path(hf_source) / "config.json"
         if not cfg_json.is_file():
             raise FileNotFoundError(f"{cfg_json} not found: expected a Hugging Face model directory")
-        import json
-        if json.loads(cfg_json.read_text()).get("model_type") == "megamoe":
+        hf_advice = "re-download or re-export the model directory"
+        cfg_data = read_json(cfg_json, advice=hf_advice)
+        if not isinstance(cfg_data, dict):
+            raise CheckpointError(cfg_json, "is not a JSON object (an HF config.json holds one)", hf_advice)
+        # A directory megamoe exported carries a manifest: check it; another one is taken as it is.
+        verify_directory(hf_source, advice=hf_advice)
+        if cfg_data.get("model_type") == "megamoe":
             import megamoe.integrations.hf_model  # noqa: F401
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_source), dtype=torch.float32)
+        try:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_source), dtype=torch.float32)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(hf_source, f"transformers cannot load this model directory ({type(exc).__name__}: "
+                                             f"{str(exc)[:300]})", hf_advice) from exc
     else:
         hf = hf_source
     hf = hf.float().eval()

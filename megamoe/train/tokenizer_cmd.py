@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
             raw = apply_overrides(read_yaml(args.config), args.overrides)
             data = from_dict(DataConfig, raw.get("data") or {}, where="data")
             vocab = args.vocab_size or int((raw.get("model") or {}).get("vocab_size", 4096))
+        from megamoe.checkpoint.staged import check_output_path
+        inputs = list(data.files) + ([data.tokenizer] if data.tokenizer else []) + ([args.config] if args.config else [])
+        check_output_path(args.output, inputs=inputs, what="--output", directory=False, error=ConfigError)
         docs = load_documents(data)
         train_docs, _ = split_documents(docs, eval_fraction=data.eval_fraction, seed=data.seed)
         path = train_tokenizer((t for _, t in train_docs), args.output, vocab_size=vocab)
