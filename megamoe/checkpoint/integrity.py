@@ -177,10 +177,16 @@ def _check_one(path: Path, rec: FileRecord) -> str | None:
         return "is missing (the manifest lists it)"
     except NotADirectoryError:
         return "is missing (a parent folder is a file)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
     if size != rec.size:
         return (f"is {size} bytes, the manifest says {rec.size} "
                 f"({'truncated' if size < rec.size else 'overwritten or appended to'} after it was written)")
-    if hash_file(path).sha256 != rec.sha256:
+    try:
+        digest = hash_file(path).sha256
+    except OSError as exc:  # unreadable (permissions, I/O error): a problem to report, not a crash on one rank
+        return f"cannot be read ({exc.strerror or exc})"
+    if digest != rec.sha256:
         return "does not match its sha256 in the manifest (its contents changed after it was written)"
     return None
 
