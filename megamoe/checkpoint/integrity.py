@@ -278,6 +278,8 @@ def read_json(path: str | os.PathLike, *, advice: str = ANOTHER_CHECKPOINT) -> A
                                     "truncated or corrupt", advice) from None
     except IsADirectoryError:
         raise CheckpointError(path, "is a directory, not a JSON file", advice) from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})", advice) from None
 
 
 def check_torch_file(path: str | os.PathLike, *, advice: str = ANOTHER_CHECKPOINT) -> None:
