@@ -3,49 +3,45 @@
 ``megamoe_config.json`` is ``{"model": to_dict(ModelConfig), ...}`` (training checkpoints
 add their own keys; readers ignore keys they do not know). ``model.safetensors`` is the
 state dict of a single-process :class:`~megamoe.model.MoETransformerLM` (all experts, no
-expert-parallel sharding). Both files are written into a temporary sibling directory that
-is renamed into place, so a reader never sees a half-written directory.
+expert-parallel sharding). Both files are written through the staged protocol
+(:mod:`megamoe.checkpoint.staged`): sealed by ``megamoe_manifest.json`` (sha256 of each
+file, verified by :func:`load_consolidated`) and renamed into place, so a reader never sees
+a half-written directory. Weights holding NaN or inf are refused before anything is written.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from megamoe.checkpoint.integrity import (MANIFEST_KEY, MANIFEST_NAME, CheckpointError, check_finite,
+                                          check_loaded_finite, load_safetensors, read_json, unverified_warning,
+                                          verify_directory)
+from megamoe.checkpoint.staged import StagedDirectory, check_output_path
 from megamoe.config import ConfigError, from_dict, to_dict
 
 CONFIG_NAME = "megamoe_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def atomic_dir(out_dir: str | os.PathLike, fill, *, overwrite: bool = False) -> Path:
-    """Create ``out_dir`` atomically: ``fill(tmp_path)`` writes into a sibling temp dir,
-    which is then renamed to ``out_dir`` (an existing ``out_dir`` is replaced only with
-    ``overwrite=True``)."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
+def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Create ``out_dir`` through the staged protocol (:class:`StagedDirectory`): ``fill(path)``
+    writes the files into a hidden staged copy, which is sealed with a manifest and swapped in
+    (an existing ``out_dir`` is replaced only with ``overwrite=True``)."""
+    out = Path(os.path.abspath(out_dir))
+    check_output_path(out, what="output directory")
+    if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            # Move the old directory aside first, so the rename below is still a single step.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with StagedDirectory(out) as staged:
+        if os.path.lexists(out) and not overwrite:  # published by an interrupted writer we just recovered
+            raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
+        fill(staged.payload)
     return out
 
 
@@ -60,11 +56,13 @@ def read_model_config(path: str | os.PathLike) -> Any:
     cfg_file = p / CONFIG_NAME if p.is_dir() else p
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: a megamoe checkpoint directory must contain {CONFIG_NAME}")
-    with open(cfg_file) as f:
-        data = json.load(f)
+    data = read_json(cfg_file)
     if not isinstance(data, Mapping) or "model" not in data:
-        raise ConfigError(f"{cfg_file}: expected a JSON object with a 'model' key holding the ModelConfig")
-    return from_dict(_model_config_cls(), data["model"], where="model")
+        raise CheckpointError(cfg_file, "expected a JSON object with a 'model' key holding the ModelConfig")
+    try:
+        return from_dict(_model_config_cls(), data["model"], where="model")
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}") from exc
 
 
 def is_consolidated_dir(path: str | os.PathLike) -> bool:
@@ -100,8 +98,10 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, ext
             raise ValueError("save_consolidated needs every expert in this process; this model is expert-parallel "
                              "(use megamoe.integrations.deepspeed.load_full_state_dict on its checkpoint)")
     state = _contiguous_cpu(model.state_dict())
+    check_finite(state.items(), what=f"the model directory {out_dir}")
     meta = dict(extra or {})
     meta["model"] = to_dict(cfg)
+    meta[MANIFEST_KEY] = MANIFEST_NAME
 
     def fill(tmp: Path) -> None:
         for f in extra_files:
@@ -113,18 +113,22 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, ext
     return atomic_dir(out_dir, fill, overwrite=overwrite)
 
 
-def load_consolidated(path: str | os.PathLike, *, map_location: str = "cpu"):
-    """Build the MoETransformerLM stored in a consolidated directory (strict key check)."""
-    from safetensors.torch import load_file
+def load_consolidated(path: str | os.PathLike, *, map_location: str = "cpu", verify: bool = True):
+    """Build the MoETransformerLM stored in a consolidated directory (strict key check).
 
+    ``verify``: check the directory against its manifest first (:class:`CheckpointError`
+    naming a missing or changed file); one written before manifests loads with a warning."""
     from megamoe.model import MoETransformerLM
 
     p = Path(path)
+    if verify and not verify_directory(p, marker=CONFIG_NAME).verified:
+        warnings.warn(unverified_warning(p), stacklevel=2)
     if not is_consolidated_dir(p):
         raise FileNotFoundError(f"{p} is not a consolidated megamoe directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cfg = read_model_config(p)
     model = MoETransformerLM(cfg)
-    state = load_file(str(p / WEIGHTS_NAME), device=map_location)
+    state = load_safetensors(p / WEIGHTS_NAME, device=map_location)
+    check_loaded_finite(state.items(), p / WEIGHTS_NAME)
     load_state_dict_with_buffers(model, state)
     return model
 

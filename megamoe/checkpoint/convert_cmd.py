@@ -7,7 +7,9 @@ safetensors that ``AutoModelForCausalLM.from_pretrained`` loads, with the tokeni
 source carries (``--tokenizer`` to give one). HF -> megamoe: SOURCE is an HF Mixtral,
 Qwen2-MoE, GLM-4-MoE, DeepSeek-V3 or megamoe-format directory; OUT becomes a consolidated megamoe
 directory. Either way the logits are checked on a probe batch before anything is written
-(the fp32 max abs diff is printed), and OUT is written atomically.
+(the fp32 max abs diff is printed), and OUT is written atomically. SOURCE is verified against
+its checksum manifest first (a damaged file is named); OUT may not be, contain or lie inside
+SOURCE, with or without ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -30,11 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: from-hf when SOURCE has an HF config.json and no megamoe_config.json")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="HF format for to-hf (auto: the first stock class that computes the same function)")
-    parser.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: the 'latest' file)")
+    parser.add_argument("--tag", default=None,
+                        help="which checkpoint inside SOURCE: a step_N folder of a run's checkpoints folder, or a "
+                             "DeepSpeed tag (default: SOURCE's 'latest' file); refused for a single checkpoint")
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the written HF weights")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                         help="largest fp32 logits difference accepted by the verification")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it exists (never allowed when OUT is, contains or lies inside SOURCE)")
     parser.add_argument("--tokenizer", default=None,
                         help="to-hf: sentencepiece .model or directory of HF tokenizer files to write with the model "
                              "(default: the tokenizer SOURCE carries)")
@@ -62,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.atol >= 0:
         print(f"error: --atol={args.atol} is invalid: must be >= 0", file=sys.stderr)
         return 2
+    from megamoe.atomic import OutOfSpaceError
+    from megamoe.checkpoint.staged import BusyError, check_output_path
+    try:
+        check_output_path(args.out, inputs=[source], what="OUT")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     direction = _direction(source, args.direction)
     try:
         if direction == "to-hf":
@@ -72,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                 print("error: --format and --tokenizer apply to --direction to-hf only", file=sys.stderr)
                 return 2
             report = convert_from_hf(source, args.out, atol=args.atol, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # ConversionError, ConfigError, bad JSON
+    except (ValueError, FileNotFoundError, FileExistsError, BusyError,
+            OutOfSpaceError) as exc:  # ConversionError, ConfigError, CheckpointError (a damaged file, named)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -57,6 +57,8 @@ from torch import Tensor
 
 from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
                                              load_state_dict_with_buffers, read_model_config, save_consolidated)
+from megamoe.checkpoint.integrity import CheckpointError, check_loaded_finite, read_json, verify_directory
+from megamoe.checkpoint.staged import check_output_path
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
@@ -103,9 +105,33 @@ def _deepspeed_config_dir(path: Path, tag: str | None) -> Path:
                             f"in tag {tag!r}); megamoe training checkpoints always write it")
 
 
+def _select_checkpoint(path: Path, tag: str | None) -> Path | None:
+    """The checkpoint inside ``path`` that ``tag`` (or, for a run's checkpoints folder, its
+    ``latest`` file) names, when that is a whole megamoe checkpoint of its own; else None
+    (``path`` itself is the checkpoint, ``tag`` a DeepSpeed tag inside it)."""
+    if tag is not None:
+        if not tag or os.sep in tag or tag.startswith("."):
+            raise ConversionError(f"--tag {tag!r} is invalid: it must be the name of a folder inside {path}")
+        if is_consolidated_dir(path):
+            raise ConversionError(f"--tag {tag!r}: {path} is a single checkpoint with no tags (a consolidated "
+                                  f"directory or a torch-backend training checkpoint); drop --tag, or pass the folder "
+                                  f"that holds it with --tag {path.name}")
+        if not (path / tag).is_dir():
+            tags = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise FileNotFoundError(f"--tag {tag!r}: {path / tag} does not exist (folders in {path}: {tags})")
+        return path / tag if (path / tag / CONFIG_NAME).is_file() else None
+    if not (path / CONFIG_NAME).is_file() and (path / "latest").is_file():
+        latest = (path / "latest").read_text(encoding="utf-8", errors="replace").strip()
+        if latest and os.sep not in latest and (path / latest / CONFIG_NAME).is_file():
+            return path / latest  # a training run's checkpoints folder: its newest checkpoint
+    return None
+
+
 def load_megamoe_source(source: Any, *, tag: str | None = None):
     """Return a single-process MoETransformerLM (eval mode, fp32) for ``source``: a live
-    MoETransformerLM, a consolidated directory, or a DeepSpeed checkpoint directory."""
+    MoETransformerLM, a consolidated directory, a training checkpoint of either backend, a
+    DeepSpeed checkpoint directory, or a folder of checkpoints (``tag`` picks one; default:
+    its ``latest``). Directories are verified against their manifests first."""
     from megamoe.model import MoETransformerLM
 
     if isinstance(source, MoETransformerLM):
@@ -120,9 +146,15 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
     path = Path(source)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
+    inner = _select_checkpoint(path, tag)
+    if inner is not None:
+        return load_megamoe_source(inner)
+    # A checkpoint's manifest covers everything in it (a DeepSpeed engine folder too); a
+    # DeepSpeed save_dir without one is checked per tag below.
+    verified = verify_directory(path, marker=CONFIG_NAME).verified
     if is_consolidated_dir(path):
         from megamoe.checkpoint.consolidated import load_consolidated
-        return load_consolidated(path).eval()
+        return load_consolidated(path, verify=not verified).eval()
     if is_deepspeed_checkpoint(path):
         cfg = read_model_config(_deepspeed_config_dir(path, tag))
         try:
@@ -131,7 +163,8 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
             raise ConversionError(
                 f"{path} is a DeepSpeed checkpoint, but megamoe.integrations.deepspeed.load_full_state_dict "
                 f"is not available in this installation ({exc})") from exc
-        state = load_full_state_dict(str(path), tag=tag)
+        state = load_full_state_dict(str(path), tag=tag, verify=not verified)
+        check_loaded_finite(state.items(), path)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model = MoETransformerLM(cfg)
         load_state_dict_with_buffers(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -495,6 +528,9 @@ def source_tokenizer(source: Any, *, tag: str | None = None) -> Path | None:
     if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
         return None
     path = Path(source)
+    inner = _select_checkpoint(path, tag)  # a run's checkpoints folder: the checkpoint it names
+    if inner is not None:
+        path, tag = inner, None
     if is_deepspeed_checkpoint(path) and not (path / CONFIG_NAME).is_file():
         path = _deepspeed_config_dir(path, tag)
     if has_hf_tokenizer(path):
@@ -535,20 +571,24 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
     from megamoe.integrations.hf import is_moeified_dir, load_moeified
 
     out = Path(out_dir)
+    check_output_path(out, inputs=[source] if isinstance(source, (str, os.PathLike)) else [],
+                      what="output directory")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
     _check_atol(atol)
     if tokenizer is not None and not Path(tokenizer).exists():
         raise FileNotFoundError(f"tokenizer {tokenizer} does not exist (give a sentencepiece .model or a directory "
                                 "of Hugging Face tokenizer files)")
+    moeified = is_moeified_model(source) or (isinstance(source, (str, os.PathLike)) and is_moeified_dir(source))
+    # Loading a megamoe directory verifies it against its manifest: before any of its files is read.
+    model = None if moeified else load_megamoe_source(source, tag=tag)
     tok = Path(tokenizer) if tokenizer is not None else source_tokenizer(source, tag=tag)
     token_ids = hf_token_ids(tok) if tok is not None and tok.is_file() else {}
-    moeified = is_moeified_model(source) or (isinstance(source, (str, os.PathLike)) and is_moeified_dir(source))
     if moeified:
         live = source if isinstance(source, torch.nn.Module) else load_moeified(str(source))
         hf, report = moeified_to_hf(live, format=format, atol=atol, token_ids=token_ids)
     else:
-        hf, report = megamoe_to_hf(source, format=format, tag=tag, atol=atol, token_ids=token_ids)
+        hf, report = megamoe_to_hf(model, format=format, atol=atol, token_ids=token_ids)
     if dtype is not None and not (moeified and report.format == "megamoe"):  # never cast the caller's model
         hf = hf.to(dtype)
 
@@ -739,6 +779,7 @@ def convert_from_hf(hf_source: Any, out_dir: str | os.PathLike, *, atol: float =
     _check_atol(atol)
     files: list[Path] = []
     if isinstance(hf_source, (str, os.PathLike)):
+        check_output_path(out_dir, inputs=[hf_source], what="output directory")
         hf_model = load_hf_model(hf_source)
         files = [Path(hf_source) / n for n in HF_TOKENIZER_FILES if (Path(hf_source) / n).is_file()]
     elif is_moeified_model(hf_source):
@@ -770,8 +811,6 @@ def hf_to_megamoe_verified(hf_model, *, atol: float = DEFAULT_ATOL):
 def load_hf_model(path: str | os.PathLike):
     """A stock (or megamoe-format) HF MoE model directory, loaded in fp32; a moeified
     directory is refused with the command that exports it."""
-    import json
-
     import transformers
 
     from megamoe.integrations.hf import is_moeified_dir
@@ -782,9 +821,19 @@ def load_hf_model(path: str | os.PathLike):
     if is_moeified_dir(path):
         raise ConversionError(f"{path} is a moeified model (save_pretrained after moeify): it converts *to* a stock "
                               f"HF class: megamoe convert {path} OUT (--direction to-hf)")
-    if json.loads(cfg_json.read_text()).get("model_type") == "megamoe":
+    hf_advice = "re-download or re-export the model directory"
+    cfg_data = read_json(cfg_json, advice=hf_advice)
+    if not isinstance(cfg_data, dict):
+        raise CheckpointError(cfg_json, "is not a JSON object (an HF config.json holds one)", hf_advice)
+    # A directory megamoe exported carries a manifest: check it; another one is taken as it is.
+    verify_directory(path, advice=hf_advice)
+    if cfg_data.get("model_type") == "megamoe":
         import megamoe.integrations.hf_model  # noqa: F401
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(path, f"transformers cannot load this model directory ({type(exc).__name__}: "
+                                    f"{str(exc)[:300]})", hf_advice) from exc
 
 
 __all__ = ["FORMATS", "ConversionError", "ConversionReport", "choose_format", "convert_from_hf", "convert_to_hf",

@@ -58,13 +58,15 @@ Under ZeRO-3 the megamoe weight files hold whole tensors (gathered one parameter
 :func:`module_state_dict`), so they are read the same way at any stage; loading a ZeRO-3 run
 at another layout copies the weights into the partitions and the fp32 master weights, but
 its optimizer state is not in the layout-independent form yet and **restarts from zero**.
+Each checkpoint directory is written through megamoe's staged protocol and sealed by a sha256
+manifest of all its files, DeepSpeed's included (:mod:`megamoe.checkpoint.staged`); every
+loader verifies it first (:func:`verify_checkpoint`) and names a missing or changed file.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import types
 from typing import Any, Callable, Iterator
 
@@ -72,7 +74,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megamoe.atomic import atomic_torch_save, atomic_write
+from megamoe.atomic import atomic_torch_save, atomic_write_text
 from megamoe.parallel import ExpertParallelGroups, is_expert_param, moe_layers
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
@@ -398,95 +400,132 @@ def _read_latest(load_dir: str) -> str:
 def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> str:
     """Save through the engine plus megamoe's reshardable weights. Every rank must call it.
 
-    The checkpoint is staged in ``save_dir/.<tag>.staging`` and renamed to
-    ``save_dir/<tag>`` only when every rank has written its part; ``save_dir/latest`` is
-    replaced atomically afterwards. Returns the checkpoint directory.
+    Written through the staged protocol (:mod:`megamoe.checkpoint.staged`): every rank writes
+    into ``save_dir/.<tag>.staging/<tag>``, the ranks seal it with a sha256 manifest, rank 0
+    swaps it in as ``save_dir/<tag>`` (an earlier one of that tag is replaced only then) and
+    replaces ``save_dir/latest`` atomically. Refused (``NonFiniteWeightsError``, nothing
+    written) when any rank's weights hold NaN or inf. Returns the checkpoint directory.
     """
+    from megamoe.checkpoint.integrity import MANIFEST_KEY, MANIFEST_NAME, NonFiniteWeightsError, nonfinite_message
+    from megamoe.checkpoint.staged import StagedDirectory, run_agreed
+
     groups: ExpertParallelGroups = engine.megamoe_groups
     tag = tag or f"global_step{engine.global_steps}"
     if os.sep in tag or tag.startswith("."):
         raise ValueError(f"tag={tag!r} is invalid: it must be a plain directory name")
     rank = dist.get_rank()
     final = os.path.join(save_dir, tag)
-    staging_root = os.path.join(save_dir, f".{tag}.staging")
-    if rank == 0:
-        shutil.rmtree(staging_root, ignore_errors=True)
-        os.makedirs(staging_root)
-    dist.barrier()
-    client_state = dict(client_state or {})
-    engine.save_checkpoint(staging_root, tag=tag, client_state=client_state, save_latest=False)
-    out = os.path.join(staging_root, tag, MEGAMOE_DIR)
-    os.makedirs(out, exist_ok=True)
-    model = engine.module
-    expert_keys = _expert_keys(model)
-    state = module_state_dict(engine)
-    # Layout-independent optimizer state (collective); ZeRO-3 partitions are not covered yet.
-    has_optimizer_state = (not engine.zero_optimization_partition_weights()
-                           and _save_optimizer_state(engine, out, expert_keys))
-    if rank == 0:
-        atomic_torch_save({k: v for k, v in state.items() if k not in expert_keys}, os.path.join(out, "dense.pt"))
-        sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-        atomic_torch_save({"client_state": client_state, "lr_scheduler": sched, "global_steps": engine.global_steps,
-                     "global_samples": engine.global_samples}, os.path.join(out, "trainer.pt"))
-        meta = {"format": CHECKPOINT_FORMAT, "world_size": groups.world_size, "ep_size": groups.ep_size,
-                "zero_stage": engine.zero_optimization_stage(), "expert_keys": expert_keys,
-                "bf16": bool(engine.bfloat16_enabled()), "optimizer_state": has_optimizer_state}
-        atomic_write(os.path.join(out, "meta.json"),
-                      lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(meta, indent=1)))
-    if groups.edp_rank == 0:
-        atomic_torch_save({k: state[k] for k in expert_keys}, os.path.join(out, f"experts_ep{groups.ep_rank:04d}.pt"))
-    dist.barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            old = os.path.join(save_dir, f".{tag}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(os.path.join(staging_root, tag), final)
-            shutil.rmtree(old)
-        else:
-            os.replace(os.path.join(staging_root, tag), final)
-        shutil.rmtree(staging_root)
-        atomic_write(os.path.join(save_dir, "latest"),
-                      lambda tmp: open(tmp, "w", encoding="utf-8").write(tag))
+    state = module_state_dict(engine)  # collective under ZeRO-3
+    bad = _nonfinite_on_any_rank(state)
+    if bad:
+        raise NonFiniteWeightsError(nonfinite_message(bad, what=f"DeepSpeed checkpoint {final}"))
+    with StagedDirectory(final, collective=True) as staged:
+        client_state = dict(client_state or {})
+        # DeepSpeed writes <dir>/<tag>: give it the staging folder, whose <tag> is the staged copy.
+        engine.save_checkpoint(str(staged.container), tag=tag, client_state=client_state, save_latest=False)
+        out = os.path.join(str(staged.payload), MEGAMOE_DIR)
+        expert_keys = _expert_keys(engine.module)
+        # Layout-independent optimizer state (collective); ZeRO-3 partitions are not covered yet.
+        has_optimizer_state = (not engine.zero_optimization_partition_weights()
+                               and _save_optimizer_state(engine, out, expert_keys))
+
+        def write() -> None:
+            os.makedirs(out, exist_ok=True)
+            if rank == 0:
+                atomic_torch_save({k: v for k, v in state.items() if k not in expert_keys},
+                                  os.path.join(out, "dense.pt"))
+                sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+                atomic_torch_save({"client_state": client_state, "lr_scheduler": sched,
+                                   "global_steps": engine.global_steps, "global_samples": engine.global_samples},
+                                  os.path.join(out, "trainer.pt"))
+                meta = {"format": CHECKPOINT_FORMAT, "world_size": groups.world_size, "ep_size": groups.ep_size,
+                        "zero_stage": engine.zero_optimization_stage(), "expert_keys": expert_keys,
+                        "bf16": bool(engine.bfloat16_enabled()), "optimizer_state": has_optimizer_state,
+                        MANIFEST_KEY: MANIFEST_NAME}
+                atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
+            if groups.edp_rank == 0:
+                atomic_torch_save({k: state[k] for k in expert_keys},
+                                  os.path.join(out, f"experts_ep{groups.ep_rank:04d}.pt"))
+
+        run_agreed(write, collective=True)
+    run_agreed(lambda: atomic_write_text(os.path.join(save_dir, "latest"), tag) if rank == 0 else None,
+               collective=True)
     dist.barrier()
     return final
 
 
+def _nonfinite_on_any_rank(state: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    from megamoe.checkpoint.integrity import nonfinite_tensors
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, nonfinite_tensors(state.items()))
+    merged: dict[str, int] = {}
+    for part in gathered:
+        merged.update(dict(part))
+    return sorted(merged.items())
+
+
 def _read_meta(ckpt: str) -> dict:
+    from megamoe.checkpoint.integrity import CheckpointError, read_json
+
     path = os.path.join(ckpt, MEGAMOE_DIR, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {ckpt} is not a megamoe DeepSpeed checkpoint")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not supported "
-                         f"(this megamoe reads format {CHECKPOINT_FORMAT})")
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(path, f"checkpoint format {got} is not supported (this megamoe reads format "
+                                    f"{CHECKPOINT_FORMAT})")
+    missing = [k for k in ("world_size", "ep_size", "zero_stage", "expert_keys") if k not in meta]
+    if missing:
+        raise CheckpointError(path, f"lacks {missing}: not a complete megamoe checkpoint description")
     return meta
+
+
+def verify_checkpoint(ckpt: str, *, collective: bool = False) -> None:
+    """Check a checkpoint directory (``save_dir/<tag>``) against its manifest; a missing or
+    changed file raises ``CheckpointError`` naming it. One written before manifests passes
+    with a warning."""
+    import warnings
+
+    from megamoe.checkpoint.integrity import unverified_warning, verify_directory
+
+    if not verify_directory(ckpt, marker=f"{MEGAMOE_DIR}/meta.json", collective=collective).verified:
+        if not collective or dist.get_rank() == 0:
+            warnings.warn(unverified_warning(ckpt), stacklevel=3)
 
 
 def _resolve(ckpt_dir: str, tag: str | None) -> str:
     return os.path.join(ckpt_dir, tag or _read_latest(ckpt_dir))
 
 
-def load_full_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
+def load_full_state_dict(ckpt_dir: str, tag: str | None = None, *, verify: bool = True) -> dict[str, torch.Tensor]:
     """The state dict of the single-process model (all experts local) from a checkpoint.
 
     Works for any EP size and ZeRO stage 0-3 the checkpoint was written with: dense
     tensors come from rank 0, each expert tensor is the concatenation of the EP ranks'
     slices along the expert dimension. Tensors keep the dtype the module held (fp32, or
-    bf16 under bf16 training).
+    bf16 under bf16 training). ``verify``: check the checkpoint's manifest first (see
+    :func:`verify_checkpoint`).
     """
+    from megamoe.checkpoint.integrity import CheckpointError, torch_load
+
     ckpt = _resolve(ckpt_dir, tag)
+    if verify:
+        verify_checkpoint(ckpt)
     meta = _read_meta(ckpt)
     folder = os.path.join(ckpt, MEGAMOE_DIR)
-    state = torch.load(os.path.join(folder, "dense.pt"), map_location="cpu", weights_only=True)
-    shards = [torch.load(os.path.join(folder, f"experts_ep{r:04d}.pt"), map_location="cpu", weights_only=True)
-              for r in range(meta["ep_size"])]
+    state = torch_load(os.path.join(folder, "dense.pt"), map_location="cpu", weights_only=True)
+    names = [os.path.join(folder, f"experts_ep{r:04d}.pt") for r in range(meta["ep_size"])]
+    shards = [torch_load(n, map_location="cpu", weights_only=True) for n in names]
     for key, num_experts in meta["expert_keys"].items():
+        absent = [n for n, sh in zip(names, shards) if key not in sh]
+        if absent:
+            raise CheckpointError(absent[0], f"has no expert tensor {key!r} (meta.json lists it)")
         full = torch.cat([s[key] for s in shards])
         if full.shape[0] != num_experts:
-            raise ValueError(f"{ckpt}: expert tensor {key!r} has {full.shape[0]} experts after merging "
-                             f"{meta['ep_size']} shards, expected {num_experts}")
+            raise CheckpointError(ckpt, f"expert tensor {key!r} has {full.shape[0]} experts after merging "
+                                        f"{meta['ep_size']} shards, expected {num_experts}")
         state[key] = full
     return state
 
@@ -623,20 +662,24 @@ def _save_optimizer_state(engine, out: str, expert_keys: dict[str, int]) -> bool
     return True
 
 
-def load_full_optimizer_state(ckpt_dir: str, tag: str | None = None) -> dict | None:
+def load_full_optimizer_state(ckpt_dir: str, tag: str | None = None, *, verify: bool = True) -> dict | None:
     """The optimizer state of the single-process model from a checkpoint, or None if it has none.
 
     Returns ``{"params": {name: {"tensors": {key: tensor}, "other": {key: value}}}, "groups":
     [{"names": [...], "hyper": {...}}]}``; expert tensors hold all experts (EP shards merged
     along the expert dimension). For Adam, "tensors" holds exp_avg and exp_avg_sq, "other" step.
     """
+    from megamoe.checkpoint.integrity import torch_load
+
     ckpt = _resolve(ckpt_dir, tag)
+    if verify:
+        verify_checkpoint(ckpt)
     meta = _read_meta(ckpt)
     folder = os.path.join(ckpt, MEGAMOE_DIR)
     if not meta.get("optimizer_state"):
         return None
-    dense = torch.load(os.path.join(folder, OPTIM_DENSE), map_location="cpu", weights_only=False)
-    shards = [torch.load(os.path.join(folder, _optim_experts_file(r)), map_location="cpu", weights_only=False)["params"]
+    dense = torch_load(os.path.join(folder, OPTIM_DENSE), map_location="cpu", weights_only=False)
+    shards = [torch_load(os.path.join(folder, _optim_experts_file(r)), map_location="cpu", weights_only=False)["params"]
               for r in range(meta["ep_size"])]
     params = dict(dense["params"])
     for key, num_experts in meta["expert_keys"].items():
@@ -719,7 +762,7 @@ def _apply_scheduler_lr(engine) -> None:
         group["lr"] = lr
 
 
-def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
+def load_checkpoint(engine, load_dir: str, tag: str | None = None, *, verify: bool = True) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`, at any EP size; returns client_state.
 
     Same world size, EP size and ZeRO stage: DeepSpeed restores weights, optimizer state, LR
@@ -727,20 +770,26 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
     weights, LR scheduler, counters, client_state and the optimizer state (moments, step,
     group hyperparameters such as the current LR) are rebuilt for this rank's layout (see
     the module docstring). Checkpoints saved before the first optimizer step hold no
-    optimizer state; the optimizer then starts fresh.
+    optimizer state; the optimizer then starts fresh. ``verify``: first check the checkpoint
+    against its manifest, the hashing shared by the ranks (a missing or changed file raises
+    ``CheckpointError`` naming it on every rank).
     """
+    from megamoe.checkpoint.integrity import torch_load
+
     groups: ExpertParallelGroups = engine.megamoe_groups
     tag = tag or _read_latest(load_dir)
     ckpt = os.path.join(load_dir, tag)
+    if verify:
+        verify_checkpoint(ckpt, collective=True)
     meta = _read_meta(ckpt)
     same_layout = (meta["world_size"] == groups.world_size and meta["ep_size"] == groups.ep_size
                    and meta["zero_stage"] == engine.zero_optimization_stage())
-    trainer = torch.load(os.path.join(ckpt, MEGAMOE_DIR, "trainer.pt"), map_location="cpu", weights_only=False)
+    trainer = torch_load(os.path.join(ckpt, MEGAMOE_DIR, "trainer.pt"), map_location="cpu", weights_only=False)
     if same_layout:
         path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {ckpt}")
-    full = load_full_state_dict(load_dir, tag)
+    full = load_full_state_dict(load_dir, tag, verify=False)
     local = _local_state(full, engine.module, groups)
     zero3 = engine.zero_optimization_partition_weights()
     if not (same_layout and zero3):
@@ -751,7 +800,7 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
         if hasattr(optimizer, "refresh_fp32_params") and not zero3:
             # Master weights were copied from the module at initialize; re-copy them.
             optimizer.refresh_fp32_params()
-        full_optimizer = None if zero3 else load_full_optimizer_state(load_dir, tag)
+        full_optimizer = None if zero3 else load_full_optimizer_state(load_dir, tag, verify=False)
         if full_optimizer is not None:  # (a ZeRO-3 engine at another layout restarts its optimizer state)
             _restore_optimizer_state(engine, full_optimizer, ckpt)
         if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
@@ -766,6 +815,7 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None) -> dict:
     return trainer["client_state"]
 
 
-__all__ = ["moe_param_groups", "initialize", "save_checkpoint", "load_checkpoint", "load_full_state_dict",
+__all__ = ["moe_param_groups", "initialize", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
+           "load_full_state_dict",
            "module_state_dict", "load_full_optimizer_state",
            "validate_ds_config", "register_groups_with_deepspeed", "current_loss_scale", "SUPPORTED_ZERO_STAGES"]

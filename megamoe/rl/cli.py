@@ -7,6 +7,10 @@ steps), ``checkpoint.pt`` (agent, optimizers; load with ``SACAgent.from_checkpoi
 ``--checkpoint-every`` steps), all written atomically. A tqdm progress bar shows the steps and
 the latest return. ``--resume --out DIR`` continues a run from its ``resume.pt`` with the
 settings saved in its ``config.json`` (``--steps`` may raise the total).
+
+The two ``.pt`` files are single files replaced atomically, so no manifest: ``--resume``
+checks ``resume.pt``'s zip CRCs (torch stores one per record) before loading it and names a
+damaged file; weights holding NaN or inf are never written (the run stops with an error).
 """
 from __future__ import annotations
 
@@ -123,10 +127,23 @@ def run(args: argparse.Namespace) -> int:
         if not (args.out / "resume.pt").is_file() or not (args.out / "config.json").is_file():
             return _error(f"--out {str(args.out)!r} holds no resumable run (config.json and resume.pt; resume.pt "
                           f"is written at the first episode end after every --checkpoint-every steps)")
-        msg = _apply_saved_settings(args, json.loads((args.out / "config.json").read_text()))
-        if msg:
-            return _error(msg)
-        resume_state = torch.load(args.out / "resume.pt", map_location="cpu", weights_only=False)
+        from megamoe.checkpoint.integrity import CheckpointError, check_torch_file, read_json, torch_load
+        advice = (f"the run in {args.out} cannot continue from it: start a new run with another --out, or restore "
+                  "the file from a copy")
+        try:
+            saved = read_json(args.out / "config.json", advice=advice)
+            if not isinstance(saved, dict):
+                raise CheckpointError(args.out / "config.json", "is not a JSON object", advice)
+            msg = _apply_saved_settings(args, saved)
+            if msg:
+                return _error(msg)
+            check_torch_file(args.out / "resume.pt", advice=advice)
+            resume_state = torch_load(args.out / "resume.pt", map_location="cpu", weights_only=False, advice=advice)
+            if not isinstance(resume_state, dict) or not {"step", "buffer", "records"} <= resume_state.keys():
+                raise CheckpointError(args.out / "resume.pt", "is not a megamoe rl resume state (step, buffer, "
+                                                              "records)", advice)
+        except CheckpointError as exc:
+            return _error(str(exc))
         if args.steps < resume_state["step"]:
             return _error(f"--steps {args.steps} is below the resumed run's step {resume_state['step']}")
         buf = resume_state["buffer"]
@@ -157,8 +174,11 @@ def run(args: argparse.Namespace) -> int:
 
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.env)
     out = args.out or Path("runs") / "rl" / f"{slug}-k{args.components}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        return _error(f"--out {str(out)!r} exists and is not a directory")
+    from megamoe.checkpoint.staged import check_output_path
+    try:
+        check_output_path(out, what="--out")
+    except ValueError as exc:
+        return _error(str(exc))
     if resume_state is None and any((out / f).exists() for f in ("returns.jsonl", "checkpoint.pt", "resume.pt")):
         return _error(f"--out {str(out)!r} already holds a run; pick a new directory (or continue it with --resume)")
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +201,15 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.steps, initial=first, unit="step", desc=f"rl {args.env} K={cfg.components}",
                disable=args.no_progress, mininterval=0.5, dynamic_ncols=True)
 
+    from megamoe.atomic import OutOfSpaceError
+    from megamoe.checkpoint.integrity import NonFiniteWeightsError, check_finite
+
+    def save_finite(state: dict, path: Path) -> None:
+        check_finite(agent.state_dict().items(), what=str(path))  # the networks went NaN: keep the last good file
+        atomic_torch_save(state, path)
+
     def save_checkpoint(step: int) -> None:
-        atomic_torch_save(agent.checkpoint(step=step, env=args.env, seed=args.seed), out / "checkpoint.pt")
+        save_finite(agent.checkpoint(step=step, env=args.env, seed=args.seed), out / "checkpoint.pt")
         plot_returns(out / "returns.png", records, title=title)
 
     def on_episode(rec) -> None:
@@ -200,11 +227,13 @@ def run(args: argparse.Namespace) -> int:
         train(env, agent, total_steps=args.steps, seed=args.seed, eval_env=eval_env, eval_every=args.eval_every,
               eval_episodes=args.eval_episodes, on_episode=on_episode, on_step=on_step,
               checkpoint_every=args.checkpoint_every,
-              on_checkpoint=lambda state: atomic_torch_save(state, out / "resume.pt"), resume=resume_state)
+              on_checkpoint=lambda state: save_finite(state, out / "resume.pt"), resume=resume_state)
+        if first < args.steps or not (out / "checkpoint.pt").exists():
+            save_checkpoint(args.steps)
+    except (NonFiniteWeightsError, OutOfSpaceError) as exc:
+        return _error(str(exc))
     finally:
         bar.close()
-    if first < args.steps or not (out / "checkpoint.pt").exists():
-        save_checkpoint(args.steps)
     write_jsonl(out / "returns.jsonl", (r.to_json() for r in records))
     train_rets = [r.ret for r in records if r.kind == "train"]
     last = train_rets[-10:]

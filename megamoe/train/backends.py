@@ -9,8 +9,8 @@ the mean loss over the micro batches on this rank, the gradient norm, and whethe
 was non-finite (a NaN/inf loss on any rank or gradient norm; such a step is not applied) and
 where the first non-finite value appeared. ``forward`` runs the model for evaluation;
 ``save(dir)`` / ``load(dir)`` write and read the backend's share of a checkpoint (every rank
-calls them); ``set_lr_schedule(lr)`` makes a resumed run follow a changed ``train.lr`` or
-schedule.
+calls them; ``save`` raises on every rank or on none); ``set_lr_schedule(lr)`` makes a resumed
+run follow a changed ``train.lr`` or schedule.
 
 - :class:`TorchBackend`: one process, or data parallel over torch.distributed with all
   experts on every rank (gradients averaged by a flat all-reduce, so experts a rank did not
@@ -228,22 +228,35 @@ class TorchBackend:
         set_lr_schedule(self.scheduler, lr)
 
     def save(self, directory: str) -> None:
-        if self.rank == 0:
-            from safetensors.torch import save_model
-            save_model(self.model, os.path.join(directory, "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "optimizer_impl": self.optimizer_name}, os.path.join(directory, "optimizer.pt"))
+        """Rank 0 writes the (replicated) weights and optimizer; every rank raises if it fails."""
+        from megamoe.checkpoint.staged import run_agreed
+
+        def write() -> None:
+            if self.rank == 0:
+                from safetensors.torch import save_model
+
+                from megamoe.atomic import atomic_torch_save, atomic_write
+                atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_model(self.model, tmp))
+                atomic_torch_save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                   "optimizer_impl": self.optimizer_name}, os.path.join(directory, "optimizer.pt"))
+
+        run_agreed(write, collective=True)
 
     def load(self, directory: str) -> None:
-        from safetensors.torch import load_model
+        from megamoe.checkpoint.integrity import CheckpointError, load_safetensors_model, torch_load
         path = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {directory!r} has no model.safetensors: it was not written by the torch "
                               "backend (resume it with parallel.backend=deepspeed)")
-        load_model(self.model, path, device=str(self.device))
-        state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_safetensors_model(self.model, path, device=str(self.device))
+        opt_path = os.path.join(directory, "optimizer.pt")
+        state = torch_load(opt_path, map_location=self.device, weights_only=False)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(opt_path, f"does not hold this model's optimizer and scheduler state "
+                                            f"({type(exc).__name__}: {exc})") from exc
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -348,7 +361,8 @@ class DeepSpeedBackend:
         self._mds.save_checkpoint(self.engine, directory, tag="engine")
 
     def load(self, directory: str) -> None:
-        self._mds.load_checkpoint(self.engine, directory, tag="engine")
+        # The trainer has verified the whole checkpoint, the engine folder included.
+        self._mds.load_checkpoint(self.engine, directory, tag="engine", verify=False)
 
 
 def build_backend(model: nn.Module, cfg: TrainConfig, *, device: torch.device):

@@ -12,8 +12,8 @@ B micro batch per process.
 3. A sentencepiece model (trained on the training split, or loaded) tokenises them; each
    document ends with EOS and the stream is cut into sequences of S tokens (packing).
 4. :func:`prepare_data` caches tokenizer and token arrays under a key derived from the data
-   config, written atomically (temporary directory, then rename), so ranks and reruns reuse
-   them.
+   config, written atomically and sealed by a checksum manifest (megamoe.checkpoint.staged),
+   so ranks and reruns reuse them, and a damaged cache is named rather than trained on.
 5. :class:`ShuffledBatches` maps an optimizer step to the global batch's sequence indices
    without any state: epoch e is a permutation seeded by (seed, e), so resuming at step s
    reads exactly the batches an uninterrupted run would, at any world size.
@@ -209,8 +209,11 @@ def train_tokenizer(texts: Iterable[str], output_path: str, *, vocab_size: int, 
 
     if vocab_size < MIN_TOKENIZER_VOCAB:
         raise ConfigError(f"vocab_size={vocab_size} is too small for a tokenizer: use at least {MIN_TOKENIZER_VOCAB}")
+    from megamoe.checkpoint.staged import remove_stale_legacy
+
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_legacy(out_dir, (".tok-",))  # left by an interrupted training, once untouched for an hour
     lines = [line for t in texts for line in t.splitlines() if line.strip()]
     if not lines:
         raise ConfigError("tokenizer: no text to train on")
@@ -282,16 +285,36 @@ def cache_key(cfg: DataConfig, vocab_size: int) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _cache_advice(directory: str) -> str:
+    return f"delete the cache directory {directory} (it is rebuilt from the data on the next start)"
+
+
 def prepare_data(cfg: DataConfig, *, vocab_size: int, cache_root: str, log=print) -> str:
-    """Build the cache directory for ``cfg`` if it does not exist yet; return its path."""
+    """Build the cache directory for ``cfg`` if it does not exist yet; return its path.
+
+    An existing cache is verified against its manifest (:class:`CheckpointError` naming a
+    damaged file). The cache is written through the staged protocol, so an interrupted
+    preparation leaves nothing under the final name; its leftovers, and those of older
+    megamoe versions (``.prep-*``), are removed at the next start. A second process
+    preparing the same cache waits for the first and reuses its result.
+    """
+    from megamoe.checkpoint.integrity import MANIFEST_KEY, MANIFEST_NAME, verify_directory
+    from megamoe.checkpoint.staged import StagedDirectory, recover_root, remove_stale_legacy
+
     final = os.path.join(cache_root, cache_key(cfg, vocab_size))
+    recover_root(cache_root, busy="skip", log=log)
+    remove_stale_legacy(cache_root, (".prep-",), log=log)
     if os.path.isfile(os.path.join(final, "meta.json")):
+        verify_directory(final, marker="meta.json", advice=_cache_advice(final))
         return final
     os.makedirs(cache_root, exist_ok=True)
     docs = load_documents(cfg)
     train_docs, eval_docs = split_documents(docs, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    tmp = tempfile.mkdtemp(dir=cache_root, prefix=".prep-")
-    try:
+    with StagedDirectory(final, wait=True, log=log) as staged:
+        if os.path.isfile(os.path.join(final, "meta.json")):  # another process built it while we waited
+            staged.abandon()
+            return final
+        tmp = str(staged.payload)
         tok_path = os.path.join(tmp, "tokenizer.model")
         if cfg.tokenizer:
             shutil.copyfile(cfg.tokenizer, tok_path)
@@ -310,31 +333,33 @@ def prepare_data(cfg: DataConfig, *, vocab_size: int, cache_root: str, log=print
         meta = {"version": CACHE_VERSION, "source": cfg.source, "documents": len(docs),
                 "train_documents": len(train_docs), "eval_documents": len(eval_docs),
                 "train_tokens": int(train_stream.size), "eval_domains": domains,
-                "tokenizer_pieces": sp.get_piece_size()}
+                "tokenizer_pieces": sp.get_piece_size(), MANIFEST_KEY: MANIFEST_NAME}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the cache is shared like any output
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "meta.json")):  # not a benign race with another writer
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def load_prepared(directory: str, *, seq_len: int, vocab_size: int) -> PreparedData:
-    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    train = pack(np.load(os.path.join(directory, "train.npy")), seq_len)
+    """The cached data of ``directory`` (a damaged file raises :class:`CheckpointError` naming it)."""
+    from megamoe.checkpoint.integrity import CheckpointError, numpy_load, read_json
+
+    advice = _cache_advice(directory)
+    meta = read_json(os.path.join(directory, "meta.json"), advice=advice)
+    if not isinstance(meta, dict) or not isinstance(meta.get("eval_domains"), list):
+        raise CheckpointError(os.path.join(directory, "meta.json"), "lacks the list of eval domains", advice)
+
+    def tokens(name: str) -> np.ndarray:
+        path = os.path.join(directory, name)
+        arr = numpy_load(path, advice=advice)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= vocab_size)):
+            raise CheckpointError(path, f"is not a stream of token ids below model.vocab_size={vocab_size} "
+                                        f"(shape {arr.shape}, dtype {arr.dtype})", advice)
+        return arr
+
+    train = pack(tokens("train.npy"), seq_len)
     evals = {}
     for i, dom in enumerate(meta["eval_domains"]):
-        seqs = pack(np.load(os.path.join(directory, f"eval_{i}.npy")), seq_len)
+        seqs = pack(tokens(f"eval_{i}.npy"), seq_len)
         if len(seqs):
             evals[dom] = seqs
     return PreparedData(directory=directory, tokenizer_path=os.path.join(directory, "tokenizer.model"),

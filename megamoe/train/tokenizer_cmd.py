@@ -44,12 +44,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError("give --config CFG (its data section) or --files")
             # Only the data section matters here, so a deepspeed-only config works on any machine.
             raw = apply_overrides(read_yaml(args.config), args.overrides)
-            data = from_dict(DataConfig, raw.get("data", {}), where="data")
+            data = from_dict(DataConfig, raw.get("data") or {}, where="data")
             if args.vocab_size is not None:
                 vocab = args.vocab_size
             else:
                 from megamoe.model import ModelConfig
-                vocab = from_dict(ModelConfig, raw.get("model", {}), where="model").vocab_size
+                vocab = from_dict(ModelConfig, raw.get("model") or {}, where="model").vocab_size
+        from megamoe.checkpoint.staged import check_output_path
+        inputs = list(data.files) + ([data.tokenizer] if data.tokenizer else []) + ([args.config] if args.config else [])
+        check_output_path(args.output, inputs=inputs, what="--output", directory=False, error=ConfigError)
         docs = load_documents(data)
         train_docs, _ = split_documents(docs, eval_fraction=data.eval_fraction, seed=data.seed)
         path = train_tokenizer((t for _, t in train_docs), args.output, vocab_size=vocab)

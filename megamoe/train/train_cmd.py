@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    from megamoe.atomic import OutOfSpaceError
+    from megamoe.checkpoint.integrity import CheckpointError, NonFiniteWeightsError
+    from megamoe.checkpoint.staged import BusyError
     from megamoe.finite import NonFiniteError
     from megamoe.train.trainer import run_training
     try:
@@ -53,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"megamoe train: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:
+    except (NonFiniteError, CheckpointError, NonFiniteWeightsError, OutOfSpaceError, BusyError) as exc:
+        # Training went non-finite, a damaged checkpoint or cache file (named), weights gone non-finite,
+        # a full disk, a second writer.
         print(f"megamoe train: error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

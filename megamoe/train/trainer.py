@@ -14,14 +14,19 @@ can tell, the module or gradient where the first NaN/inf appeared; the checkpoin
 far are kept and ``summary.json`` records ``status: nonfinite``), ``skip`` drops the step and
 counts it (``skipped`` in its metrics record, ``nonfinite_steps_skipped`` in the summary).
 
-Checkpoints live in ``<output_dir>/checkpoints/step_<N>``: every rank writes its share into
-a hidden temporary directory that rank 0 renames into place once all ranks are done, so a
-kill at any moment leaves either a complete checkpoint or none; only the newest
-``keep_last`` are kept. Each holds ``megamoe_config.json`` = {"model": ModelConfig dict,
-"train_config": the whole TrainConfig, "step", "backend", "world_size", "tokenizer"}, the
-backend's files, one ``rng_rank<r>.pt`` per rank, so a resumed run repeats an
-uninterrupted run step for step, and ``tokenizer.model``, the sentencepiece model the run
-tokenised with (so ``megamoe convert`` exports it; see megamoe.checkpoint.tokenizers).
+Checkpoints live in ``<output_dir>/checkpoints/step_<N>`` and are written through the staged
+protocol of :mod:`megamoe.checkpoint.staged`: every rank writes its share into a hidden
+staged copy, the ranks seal it with a sha256 manifest, and rank 0 swaps it in (an existing
+``step_<N>`` is replaced only by that swap), so at every instant a complete copy is reachable
+and the next start finishes or undoes whatever a kill interrupted. Weights holding NaN or
+inf are never written. Rotation keeps the ``keep_last`` newest, always including the one
+just written. Each holds ``megamoe_config.json`` = {"model": ModelConfig dict,
+"train_config": the whole TrainConfig, "step", "backend", "world_size", "format",
+"tokenizer", "manifest"}, the backend's files, one ``rng_rank<r>.pt`` per rank, so a resumed
+run repeats an uninterrupted run step for step, ``tokenizer.model``, the sentencepiece model
+the run tokenised with (so ``megamoe convert`` exports it; see megamoe.checkpoint.tokenizers),
+and ``megamoe_manifest.json``. ``--resume`` verifies before it loads and falls back to the
+newest checkpoint that verifies, saying which it skipped and why.
 
 ``train.init_from`` (megamoe.train.init_from) starts a run from other weights at step 0;
 ``--resume`` only accepts the checkpoints of a run (weights-only directories are refused
@@ -37,14 +42,24 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamoe.atomic import atomic_torch_save
+from megamoe.checkpoint.consolidated import CONFIG_NAME
+from megamoe.checkpoint.integrity import (MANIFEST_KEY, MANIFEST_NAME, CheckpointError, NonFiniteWeightsError,
+                                          Verification, check_loaded_finite, load_safetensors_model,
+                                          nonfinite_message, nonfinite_tensors, read_json, torch_load,
+                                          unverified_warning, verify_directory)
+from megamoe.checkpoint.staged import (StagedDirectory, check_output_path, crash_point, is_sealed, recover_root,
+                                       remove_tree, run_agreed)
 from megamoe.config import ConfigError, to_dict
 from megamoe.finite import NonFiniteError
 from megamoe.layer import max_violation
@@ -119,14 +134,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
-    """(step, path) of complete checkpoints, oldest first."""
+    """(step, path) of every ``step_<N>`` directory, oldest first (complete or not: only a
+    published checkpoint carries that name; :func:`find_resume_checkpoint` verifies it)."""
     if not os.path.isdir(ckpt_root):
         return []
     out = []
     for name in os.listdir(ckpt_root):
         m = CKPT_RE.match(name)
         path = os.path.join(ckpt_root, name)
-        if m and os.path.isfile(os.path.join(path, "megamoe_config.json")):
+        if m and os.path.isdir(path):
             out.append((int(m.group(1)), path))
     return sorted(out)
 
@@ -134,26 +150,118 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
 RUN_CHECKPOINT_FORMAT = "megamoe-train-v1"
 
 
-def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
-    """``resume`` = "latest" (newest checkpoint under output_dir, or None) or a checkpoint path
-    (a training run's checkpoint: weights-only directories are refused, see init_from)."""
+def _resume_advice(ckpt_root: str) -> str:
+    return (f"resume from another checkpoint (--resume {ckpt_root}{os.sep}step_N; a plain --resume takes the newest "
+            "one that verifies), or restore the file from a copy")
+
+
+def verify_checkpoint(path: str, *, collective: bool = False) -> Verification:
+    """Check a training checkpoint against its manifest (every rank calls it when
+    ``collective``); :class:`CheckpointError` names the first bad file."""
+    return verify_directory(path, marker=CONFIG_NAME, collective=collective,
+                            advice=_resume_advice(os.path.dirname(os.path.abspath(path))))
+
+
+def find_resume_checkpoint(output_dir: str, resume: str, *, collective: bool = False) -> str | None:
+    """The checkpoint ``--resume`` continues from, verified.
+
+    ``resume`` = a checkpoint path (used as given: a damaged one raises :class:`CheckpointError`;
+    a weights-only directory, such as a ``megamoe convert`` output, is refused with a pointer to
+    ``train.init_from``) or "latest": the newest checkpoint under output_dir that verifies; each
+    newer one that does not is skipped with a message saying why. None when there is no
+    checkpoint; an error when none verifies. ``collective``: every rank calls it (the hashing is
+    shared).
+    """
     if resume != "latest":
-        meta_path = os.path.join(resume, "megamoe_config.json")
-        if not os.path.isfile(meta_path):
+        if not os.path.isfile(os.path.join(resume, CONFIG_NAME)):
+            if os.path.isdir(resume) and os.path.isfile(os.path.join(resume, MANIFEST_NAME)):
+                verify_checkpoint(resume, collective=collective)  # names the missing file
             hint = (f"; to start training from these weights use train.init_from={resume}"
                     if os.path.isfile(os.path.join(resume, "config.json")) else "")
-            raise ConfigError(f"--resume {resume!r}: not a megamoe checkpoint directory (no megamoe_config.json)"
-                              + hint)
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != RUN_CHECKPOINT_FORMAT:
+            raise ConfigError(f"--resume {resume!r}: not a megamoe checkpoint directory (no {CONFIG_NAME})" + hint)
+        if not verify_checkpoint(resume, collective=collective).verified:
+            _log(f"warning: {unverified_warning(resume)}")
+        meta = read_json(os.path.join(resume, CONFIG_NAME), advice=_resume_advice(os.path.dirname(resume)))
+        if not isinstance(meta, dict) or meta.get("format") != RUN_CHECKPOINT_FORMAT:
             raise ConfigError(f"--resume {resume!r}: this directory holds model weights only (no optimizer state, "
                               "step or RNG state of a training run, e.g. a megamoe convert output); --resume continues "
                               f"a run from its own checkpoints. To train from these weights start a run with "
                               f"train.init_from={resume}")
         return resume
-    found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
-    return found[-1][1] if found else None
+    ckpt_root = os.path.join(output_dir, "checkpoints")
+    skipped: list[str] = []
+    for _, path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            result = verify_checkpoint(path, collective=collective)
+        except CheckpointError as exc:
+            _log(f"--resume: skipping {os.path.basename(path)}: {exc.path} {exc.problem}")
+            skipped.append(f"{exc.path} {exc.problem}")
+            continue
+        if not result.verified:
+            _log(f"warning: {unverified_warning(path)}")
+        if skipped:
+            _log(f"--resume: using {os.path.basename(path)}, the newest checkpoint that verifies "
+                 f"({len(skipped)} newer one(s) skipped; they are left in place and replaced as training reaches them)")
+        return path
+    if skipped:
+        raise CheckpointError(ckpt_root, f"none of its {len(skipped)} checkpoint(s) verifies ({'; '.join(skipped)})",
+                              "nothing was loaded: restore a checkpoint from a copy, or start over with --overwrite")
+    return None
+
+
+def _holds_checkpoints(ckpt_root: str) -> bool:
+    """Published checkpoints, or a sealed staged / moved-aside one the next start recovers."""
+    if list_checkpoints(ckpt_root):
+        return True
+    return os.path.isdir(ckpt_root) and any(
+        (n.startswith(".step_") and n.endswith(".old")) or
+        (n.startswith(".step_") and n.endswith(".staging") and is_sealed(os.path.join(ckpt_root, n, n[1:-8])))
+        for n in os.listdir(ckpt_root))
+
+
+def check_output_paths(cfg: TrainConfig) -> None:
+    """Refuse output locations that cannot be created, and data inputs that a run would
+    delete: ``--overwrite`` and checkpoint rotation remove ``checkpoints/``, ``tb/``, ``plots/``
+    and the logs of ``train.output_dir``, so no data file, tokenizer or cache may live there."""
+    out_dir = os.path.abspath(cfg.train.output_dir)
+    check_output_path(out_dir, what="train.output_dir", error=ConfigError)
+    if cfg.data.cache_dir:
+        check_output_path(cfg.data.cache_dir, what="data.cache_dir", error=ConfigError)
+    inputs = [("data.files", f) for f in cfg.data.files] + ([("data.tokenizer", cfg.data.tokenizer)]
+                                                            if cfg.data.tokenizer else [])
+    inputs += [("data.cache_dir", cfg.data.cache_dir)] if cfg.data.cache_dir else []
+    for sub in ("checkpoints", "tb", "plots", "metrics.jsonl", "summary.json", "config.yaml"):
+        target = Path(os.path.realpath(os.path.join(out_dir, sub)))
+        for field, path in inputs:
+            real_in = Path(os.path.realpath(path))
+            if real_in == target or target in real_in.parents:
+                raise ConfigError(f"{field}={path!r} lies in {target}, which this run writes and may delete "
+                                  "(checkpoint rotation, --overwrite); move it out of train.output_dir or choose "
+                                  "another output_dir")
+
+
+def _recover_legacy_staging(ckpt_root: str) -> None:
+    """Checkpoints staged by megamoe before the manifest protocol (``.tmp-step_N``): such a
+    run deleted ``step_N`` before renaming its staged copy in, so a kill between the two left
+    the only copy there. Promote it when complete (config and every rank's RNG file), else
+    remove it."""
+    if not os.path.isdir(ckpt_root):
+        return
+    for entry in sorted(os.listdir(ckpt_root)):
+        if not entry.startswith(".tmp-step_"):
+            continue
+        tmp, final = os.path.join(ckpt_root, entry), os.path.join(ckpt_root, entry[len(".tmp-"):])
+        complete = False
+        try:
+            meta = read_json(os.path.join(tmp, CONFIG_NAME))
+            complete = all(os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt")) for r in range(int(meta["world_size"])))
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass
+        if complete and CKPT_RE.match(os.path.basename(final)) and not os.path.exists(final):
+            os.replace(tmp, final)
+            _log(f"recovered {final} from {entry} (a checkpoint an older megamoe was interrupted replacing)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -250,8 +358,8 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     t = cfg.train
     out_dir = os.path.abspath(t.output_dir)
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    resume_from = find_resume_checkpoint(out_dir, resume) if resume else None  # before any slow setup
-    stale = not resume and bool(list_checkpoints(ckpt_root))
+    check_output_paths(cfg)
+    stale = not resume and _holds_checkpoints(ckpt_root)
     if stale and not overwrite:  # every rank sees the same files, so all of them stop here
         raise ConfigError(f"train.output_dir={t.output_dir!r} already holds checkpoints of an earlier run; pass "
                           "--resume to continue it, --overwrite to start over, or choose another output_dir")
@@ -260,18 +368,26 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     device = pick_device(t.device)
     init_distributed(cfg, world, device)
     rank = _rank()
-    if rank == 0:
+    def start_outputs() -> None:
+        if rank != 0:
+            return
+        # What a killed run left: finish or undo its interrupted writes before anything reads them.
+        recover_root(out_dir, busy="skip", log=_log)
+        recover_root(ckpt_root, busy="raise", log=_log)
+        _recover_legacy_staging(ckpt_root)
         if stale:
-            for name in ("checkpoints", "tb", "plots"):
+            remove_tree(ckpt_root)
+            for name in ("tb", "plots"):
                 shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
             for name in ("metrics.jsonl", "summary.json"):
                 if os.path.exists(os.path.join(out_dir, name)):
                     os.unlink(os.path.join(out_dir, name))
         os.makedirs(ckpt_root, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "config.yaml"), dump_config(cfg))
-        for name in os.listdir(ckpt_root):  # torn writes of a killed run
-            if name.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+    run_agreed(start_outputs, collective=True)
+    # Before any slow set-up: a damaged or weights-only --resume target fails here.
+    resume_from = find_resume_checkpoint(out_dir, resume, collective=True) if resume else None
 
     # Data: rank 0 builds the cache, everyone reads it.
     from megamoe.train.data import ShuffledBatches, cache_key, eval_batches, load_prepared, prepare_data
@@ -492,46 +608,83 @@ def _init_weights(model, cfg: TrainConfig, tokenizer_path: str) -> None:
     _log(f"initialised the weights from {path} (fresh optimizer, step 0)")
 
 
+
+def _local_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """This rank's parameters and buffers (its ZeRO-3 partition where parameters are partitioned)."""
+    named = [(n, getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p)
+             for n, p in model.named_parameters()]
+    return named + [(n, b) for n, b in model.named_buffers() if b is not None]
+
+
+def _nonfinite_everywhere(model) -> list[tuple[str, int]]:
+    """Non-finite tensors of every rank (a collective under torch.distributed)."""
+    bad = nonfinite_tensors(_local_weights(model))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, bad)
+        merged: dict[str, int] = {}
+        for part in gathered:
+            merged.update(dict(part))
+        bad = sorted(merged.items())
+    return bad
+
+
 def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, ckpt_root: str, *,
                     tokenizer: str | None = None) -> str:
-    """Write ``step_<step>`` atomically (all ranks call this); prune to ``keep_last``.
-    ``tokenizer``: the sentencepiece model the run tokenises with, stored in the checkpoint."""
+    """Write ``step_<step>`` through the staged protocol (all ranks call this); prune to ``keep_last``.
+    ``tokenizer``: the sentencepiece model the run tokenises with, stored in the checkpoint.
+
+    Refused (:class:`NonFiniteWeightsError`, nothing written) when any weight is NaN or inf.
+    Every rank writes its files into the staged copy, the ranks hash them into the manifest,
+    rank 0 swaps the sealed copy in (replacing an earlier ``step_<step>`` only then), points
+    ``latest`` at it and removes the oldest checkpoints beyond ``keep_last``: never the one
+    just written, which is the newest good one.
+    """
     rank = _rank()
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_root, name)
-    tmp = os.path.join(ckpt_root, f".tmp-{name}")
+    bad = _nonfinite_everywhere(backend.model)
+    if bad:
+        raise NonFiniteWeightsError(nonfinite_message(bad, what=f"checkpoint {final} (step {step})"))
+    with StagedDirectory(final, collective=True, log=_log) as staged:
+        tmp = str(staged.payload)
+        backend.save(tmp)  # raises on every rank or on none
+        crash_point("save.partial")
+
+        def write_rest() -> None:
+            atomic_torch_save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+            if rank == 0:
+                if balancer is not None and hasattr(balancer, "state_dict"):
+                    atomic_torch_save(balancer.state_dict(), os.path.join(tmp, "balancer.pt"))
+                meta = {"model": to_dict(cfg.model), "train_config": to_dict(cfg), "step": step,
+                        "backend": backend.name, "world_size": world, "ep_size": cfg.parallel.ep_size,
+                        "format": RUN_CHECKPOINT_FORMAT, MANIFEST_KEY: MANIFEST_NAME}
+                if tokenizer:
+                    from megamoe.checkpoint.tokenizers import store_tokenizer
+                    meta["tokenizer"] = store_tokenizer(tokenizer, tmp)
+                atomic_write_text(os.path.join(tmp, CONFIG_NAME), json.dumps(meta, indent=1))
+
+        run_agreed(write_rest, collective=True)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    backend.save(tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if rank == 0:
-        if balancer is not None and hasattr(balancer, "state_dict"):
-            torch.save(balancer.state_dict(), os.path.join(tmp, "balancer.pt"))
-        meta = {"model": to_dict(cfg.model), "train_config": to_dict(cfg), "step": step,
-                "backend": backend.name, "world_size": world, "ep_size": cfg.parallel.ep_size,
-                "format": RUN_CHECKPOINT_FORMAT}
-        if tokenizer:
-            from megamoe.checkpoint.tokenizers import store_tokenizer
-            meta["tokenizer"] = store_tokenizer(tokenizer, tmp)
-        with open(os.path.join(tmp, "megamoe_config.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-    _barrier()
-    if rank == 0:
-        if os.path.isdir(final):  # re-saving a step (e.g. resumed at the last step): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         atomic_write_text(os.path.join(ckpt_root, "latest"), name + "\n")
-        for _, old in list_checkpoints(ckpt_root)[:-cfg.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        crash_point("save.latest")
+        # Newest first, the one just written always kept (a checkpoint from an abandoned, later
+        # part of the run, e.g. one skipped as damaged, counts as newer and is replaced in turn).
+        others = [p for _, p in reversed(list_checkpoints(ckpt_root)) if os.path.abspath(p) != os.path.abspath(final)]
+        for old in others[max(cfg.train.keep_last - 1, 0):]:
+            remove_tree(old)
+            crash_point("save.rotated_one")
     _barrier()
     return final
 
 
 def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int) -> int:
-    with open(os.path.join(path, "megamoe_config.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    """Load a verified checkpoint into ``backend`` (every rank); returns its step."""
+    advice = _resume_advice(os.path.dirname(os.path.abspath(path)))
+    meta_path = os.path.join(path, CONFIG_NAME)
+    meta = read_json(meta_path, advice=advice)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(meta_path, "lacks the 'model' config or the 'step' of a training checkpoint", advice)
     from megamoe.config import from_dict
     from megamoe.model import ModelConfig
     from megamoe.train.init_from import model_differences
@@ -555,35 +708,52 @@ def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int)
     if old_batch and old_batch != new_batch:
         _log(f"warning: the global batch changes from {old_batch} to {new_batch} sequences on resume, so the data "
              "order differs from an uninterrupted run")
+    bad = _nonfinite_everywhere(backend.model)
+    if bad:  # a damaged file of a checkpoint written before manifests
+        listed = ", ".join(f"{n} ({k} values)" for n, k in bad[:6])
+        raise CheckpointError(path, f"loads NaN or inf into {len(bad)} weight tensor(s): {listed}", advice)
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file) and meta.get("world_size") == world:
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch_load(rng_file, weights_only=False, advice=advice))
     else:  # a different world size: RNG streams cannot match an uninterrupted run anyway
         torch.manual_seed(cfg.train.seed * 1000 + _rank() + 1 + int(meta["step"]))
     bal_file = os.path.join(path, "balancer.pt")
     if balancer is not None and os.path.isfile(bal_file) and hasattr(balancer, "load_state_dict"):
-        balancer.load_state_dict(torch.load(bal_file, weights_only=False))
+        balancer.load_state_dict(torch_load(bal_file, weights_only=False, advice=advice))
     return int(meta["step"])
 
 
 def load_trained_model(ckpt_dir: str):
     """Rebuild the trained MoETransformerLM (full model, one process) from a checkpoint of
     either backend: ``model.safetensors`` (torch) or the DeepSpeed engine files (via
-    ``megamoe.integrations.deepspeed.load_full_state_dict``, which merges expert shards)."""
+    ``megamoe.integrations.deepspeed.load_full_state_dict``, which merges expert shards).
+
+    The checkpoint is verified first: a missing or changed file raises :class:`CheckpointError`
+    naming it (one written before manifests loads with a warning)."""
     from megamoe.config import from_dict
     from megamoe.model import ModelConfig, MoETransformerLM
 
-    meta_path = os.path.join(ckpt_dir, "megamoe_config.json")
+    meta_path = os.path.join(ckpt_dir, CONFIG_NAME)
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir!r} is not a directory")
+    verified = verify_checkpoint(ckpt_dir).verified  # first: it names a missing megamoe_config.json too
     if not os.path.isfile(meta_path):
-        raise ConfigError(f"{ckpt_dir!r} is not a megamoe checkpoint (no megamoe_config.json)")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    model = MoETransformerLM(from_dict(ModelConfig, meta["model"], where="model"))
+        raise ConfigError(f"{ckpt_dir!r} is not a megamoe checkpoint (no {CONFIG_NAME})")
+    if not verified:
+        warnings.warn(unverified_warning(ckpt_dir), stacklevel=2)
+    advice = _resume_advice(os.path.dirname(os.path.abspath(ckpt_dir)))
+    meta = read_json(meta_path, advice=advice)
+    try:
+        model = MoETransformerLM(from_dict(ModelConfig, meta["model"], where="model"))
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(meta_path, f"holds no valid model config ({type(exc).__name__}: {exc})", advice) from exc
     path = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.isfile(path):
-        from safetensors.torch import load_model
-        load_model(model, path)
+        load_safetensors_model(model, path, advice=advice)
     else:
         from megamoe.integrations.deepspeed import load_full_state_dict  # type: ignore[import-not-found]
-        model.load_state_dict(load_full_state_dict(ckpt_dir, tag="engine"))
+        state = load_full_state_dict(ckpt_dir, tag="engine", verify=False)  # verified above with the rest
+        check_loaded_finite(state.items(), os.path.join(ckpt_dir, "engine"), advice=advice)
+        model.load_state_dict(state)
+    check_loaded_finite(model.state_dict().items(), ckpt_dir, advice=advice)
     return model.eval()

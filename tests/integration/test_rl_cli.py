@@ -2,6 +2,7 @@
 clear errors for bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,26 @@ def test_rl_cli_resume_needs_a_resumable_run(tmp_path, capsys):
     assert "--resume needs --out DIR" in capsys.readouterr().err
     assert main(["rl", "--resume", "--out", str(tmp_path)]) == 2
     assert "holds no resumable run" in capsys.readouterr().err
+
+
+def _flip_middle(path):
+    b = bytearray(path.read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 16):
+        b[i] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: _flip_middle(out / "resume.pt"), "resume.pt: record .* fails its CRC check"),
+    (lambda out: os.truncate(out / "resume.pt", 1000), "resume.pt: is not a readable torch.save archive"),
+    (lambda out: (out / "config.json").write_text('{"env": '), "config.json: is not valid JSON"),
+    (lambda out: torch.save({"step": 3}, out / "resume.pt"), "resume.pt: is not a megamoe rl resume state"),
+])
+def test_rl_cli_resume_names_a_damaged_file(damage, message, tmp_path, capsys):
+    assert main(["rl", *_SMALL, "--steps", "210", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "returns.jsonl").read_text()
+    damage(tmp_path)
+    assert main(["rl", "--resume", "--out", str(tmp_path), "--steps", "300"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "start a new run with another --out" in err, err
+    assert (tmp_path / "returns.jsonl").read_text() == before  # nothing rewritten
