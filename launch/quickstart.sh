@@ -36,5 +36,6 @@ if ev:
 print(f"plots:       {', '.join(s['plots'])}")
 print(f"metrics:     {s['metrics']}   (TensorBoard: tensorboard --logdir {s['tensorboard']})")
 print(f"checkpoint:  {s['checkpoint']}   (config inside: megamoe_config.json)")
-print(f"export to Hugging Face format: .venv/bin/megamoe convert {s['checkpoint']} {sys.argv[1]}/hf")
+from megamoe.cli import command_line
+print(f"export to HF: {command_line('convert', s['checkpoint'], os.path.join(sys.argv[1], 'hf'))}")
 PY

@@ -2,11 +2,15 @@
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int`` and
 keeps heavy imports inside ``run`` so ``megamoe --help`` stays fast.
+:func:`command_line` renders a megamoe command the way the project prints it for the user
+to run next (the train job's export hint, the quickstart), runnable from a fresh shell.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
 
 # name -> (module, one-line help)
@@ -20,8 +24,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full)
+    return rel if not rel.startswith(os.pardir) else full
+
+
+def command_line(*args: str) -> str:
+    """``megamoe ARGS...`` as a shell line that works without an activated environment: the
+    ``megamoe`` script of this interpreter's environment (``python -m megamoe.cli`` when
+    there is none). Arguments that are existing paths are shown like the script's path."""
+    script = os.path.join(os.path.dirname(sys.executable), "megamoe")
+    head = [_shown_path(script)] if os.access(script, os.X_OK) else [_shown_path(sys.executable), "-m", "megamoe.cli"]
+    shown = [_shown_path(a) if os.path.isabs(a) else a for a in args]
+    return shlex.join([*head, *shown])
+
+
+def _version() -> str:
+    from megamoe import __version__
+    return f"megamoe {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamoe", description="Mixture-of-Experts training for large models")
+    parser.add_argument("--version", action="version", version=_version())
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -34,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        # Its CONFIG and key=value overrides may sit between options, which a subparser cannot
+        # parse; its own parser can (same arguments, same help).
+        from megamoe.train import launch
+        return launch.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,16 +8,38 @@ validated by the options dataclass the router registered (see ``megamoe.routing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import yaml
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: Any) -> Any:
+    """Parse YAML text (or a stream) safely, reading ``3e-4`` as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):

@@ -13,41 +13,22 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import yaml
 
 from megamoe.config import ConfigError, from_dict, to_dict
+from megamoe.config import yaml_load as _yaml_load
 from megamoe.model import ModelConfig
+from megamoe.parallel import DIST_BACKENDS, launcher_world_size
 
 DATA_SOURCES = ("embedded", "files", "hub")
 FILE_FORMATS = ("auto", "text", "json", "parquet")
 BACKENDS = ("deepspeed", "torch")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: deepspeed backend, ZeRO 1-3 (dynamic loss scaling)
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string; learning rates are written that way."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml_load(text):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _positive_int(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -343,19 +324,11 @@ def deepspeed_mapping(cfg: TrainConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     if ds is None:
         return {}
-    if isinstance(ds, str):
-        if not os.path.isfile(ds):
-            raise ConfigError(f"deepspeed={ds!r}: no such file (give a DeepSpeed JSON/YAML config or a mapping)")
-        with open(ds, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text) if ds.endswith(".json") else _yaml_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"deepspeed={ds!r}: cannot parse the file: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"deepspeed={ds!r}: the file must hold a mapping")
-        return loaded
-    return dict(ds)
+    from megamoe.integrations.deepspeed import load_ds_config
+    try:
+        return load_ds_config(ds)
+    except ValueError as exc:
+        raise ConfigError(f"deepspeed={ds!r}: {exc}") from exc
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:
@@ -377,11 +350,11 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
 
 def world_size_from_env() -> int:
     """The launcher's world size (torchrun / deepspeed / SLURM set WORLD_SIZE), else 1."""
-    raw = os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(raw)
+        launched = launcher_world_size()
     except ValueError as exc:
-        raise ConfigError(f"environment WORLD_SIZE={raw!r} is not an integer") from exc
+        raise ConfigError(str(exc)) from None
+    return 1 if launched is None else launched
 
 
 def dump_config(cfg: TrainConfig) -> str:

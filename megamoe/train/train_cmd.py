@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from megamoe.cli import command_line
     from megamoe.config import ConfigError
     from megamoe.train.config import check_world_size, dump_config, load_config, world_size_from_env
 
@@ -35,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
         args.overrides, args.resume = [args.resume, *args.overrides], "latest"
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:  # printing needs no world: the layout is checked where the job starts
+            print(dump_config(cfg), end="")
+            return 0
         check_world_size(cfg, world_size_from_env())
     except ConfigError as exc:
         print(f"megamoe train: config error: {exc}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
 
     from megamoe.train.trainer import run_training
     try:
@@ -59,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         for path in result.plots:
             print(f"  plot:        {path}")
         print(f"  checkpoint:  {result.checkpoint}")
-        print(f"  export to HF: megamoe convert {result.checkpoint} {os.path.join(result.output_dir, 'hf')}")
+        print(f"  export to HF: {command_line('convert', result.checkpoint, os.path.join(result.output_dir, 'hf'))}")
     return 0
