@@ -89,7 +89,8 @@ def resolve_dist_backend(choice: str, *, device_type: str) -> str:
     moves GPU tensors).
     """
     if choice not in DIST_BACKENDS:
-        raise ValueError(f"dist_backend={choice!r} is invalid: allowed values are {', '.join(map(repr, DIST_BACKENDS))}")
+        raise ValueError(f"dist_backend={choice!r} is invalid: allowed values are "
+                         f"{', '.join(map(repr, DIST_BACKENDS))}")
     if choice == "auto":
         return "nccl" if device_type == "cuda" else "gloo"
     if choice == "nccl" and device_type != "cuda":

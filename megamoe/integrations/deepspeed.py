@@ -69,6 +69,7 @@ import os
 import shutil
 import sys
 import types
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -86,13 +87,19 @@ class _DropCpuFallbackBanner(logging.Filter):
         return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
-def _quiet_deepspeed_banner() -> None:
+def _quiet_deepspeed_noise() -> None:
+    """Silence what DeepSpeed makes every run print but the user cannot act on: the CPU
+    fallback banner, and the FutureWarnings torch raises (on every call) for the collective
+    names DeepSpeed's ZeRO-2/3 still uses."""
     ds_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logger creates
     if not any(isinstance(f, _DropCpuFallbackBanner) for f in ds_logger.filters):
         ds_logger.addFilter(_DropCpuFallbackBanner())
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
 
 
-_quiet_deepspeed_banner()
+_quiet_deepspeed_noise()
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_FORMAT = 1
