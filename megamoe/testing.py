@@ -112,7 +112,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
         raise ValueError(f"backend='nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPU(s) visible; "
                          "use backend='gloo' (or None to choose)")
     child_env = {} if backend == "nccl" else {"CUDA_VISIBLE_DEVICES": ""}
-    where = f"GPUs 0-{world_size - 1}" if backend == "nccl" else f"CPU, CUDA hidden ({gpus} GPU(s) visible here)"
+    where = f"GPUs 0-{world_size - 1}" if backend == "nccl" else f"CPU, CUDA hidden; {gpus} GPU(s) here"
     print(f"{BACKEND_LINE} {getattr(fn, '__qualname__', fn)} on {world_size} rank(s): {backend} ({where})",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="megamoe-dist-") as out_dir, _env_for_children(child_env):

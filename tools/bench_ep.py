@@ -73,7 +73,8 @@ def _worker(rank: int, world: int, shape: str, tokens: int, warmup: int, iters: 
     from deepspeed.moe.layer import MoE
 
     hidden, inter, experts, top_k = SHAPES[shape]
-    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    # megamoe.testing hides CUDA from CPU (gloo) ranks, so a visible GPU means NCCL, one per rank.
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     torch.manual_seed(rank)
     x = torch.randn(tokens, hidden, device=device)
