@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         return launch.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from megamoe.config import ConfigError
     try:
         return int(args._module.run(args) or 0)
+    except ConfigError as exc:  # bad user input, whichever command met it: the message, not a traceback
+        print(f"megamoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@ training return vs steps over seeds), plus <name>.jsonl (every episode).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/exp_pmoe.py --steps 6000 --seeds 3
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/exp_pmoe.py --env HalfCheetah-v5 Hopper-v5 \\
-        --preset standard --steps 20000 --seeds 2 --name pmoe_mujoco    # needs pip install 'megamoe[mujoco]'
+        --preset standard --steps 20000 --seeds 2 --name pmoe_mujoco    # needs pip install -e '.[mujoco]'
 
 Reported per arm (mean +- std over seeds): the final deterministic evaluation return (10
 episodes), the mean training return over the last 5 episodes, and the area under the
