@@ -11,7 +11,8 @@ over ``--iters`` steps after ``--warmup`` steps, and the DeepSpeed / megamoe rat
 
     python tools/bench_ep.py                       # T=4096 per rank, both shapes
     python tools/bench_ep.py --tokens 1024         # shorter, for a shared 2-core box
-Writes tools/results/bench_ep.md (atomically) unless --no-write.
+Prints the table; ``--out PATH`` also writes it there (atomically), e.g.
+``--out tools/results/bench_ep.md``.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=None,
                         help="capacity factor for both (default: dropless for both)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", help="write the markdown table to this file (atomically)")
     args = parser.parse_args()
     if args.tokens < 1 or args.iters < 1:
         parser.error("--tokens and --iters must be positive")
@@ -140,8 +141,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows, ""])
     print(table)
-    if not args.no_write:
-        atomic_write_text(os.path.join(ROOT, "tools", "results", "bench_ep.md"), table)
+    if args.out:
+        atomic_write_text(args.out, table)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
