@@ -31,12 +31,13 @@ def _shown_path(path: str) -> str:
     return rel if not rel.startswith(os.pardir) else full
 
 
-def command_line(*args: str) -> str:
-    """``megamoe ARGS...`` as a shell line that works without an activated environment: the
-    ``megamoe`` script of this interpreter's environment (``python -m megamoe.cli`` when
-    there is none). Arguments that are existing paths are shown like the script's path."""
-    script = os.path.join(os.path.dirname(sys.executable), "megamoe")
-    head = [_shown_path(script)] if os.access(script, os.X_OK) else [_shown_path(sys.executable), "-m", "megamoe.cli"]
+def command_line(*args: str, script: str = "megamoe", module: str = "megamoe.cli") -> str:
+    """``megamoe ARGS...`` (or another console ``script`` of this environment) as a shell line
+    that works without an activated environment: the script beside this interpreter
+    (``python -m MODULE`` when there is none). Absolute paths below the working directory are
+    shown relative to it."""
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    head = [_shown_path(path)] if os.access(path, os.X_OK) else [_shown_path(sys.executable), "-m", module]
     shown = [_shown_path(a) if os.path.isabs(a) else a for a in args]
     return shlex.join([*head, *shown])
 

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
               + (f"; held-out loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, MaxVio_global {ev['max_vio_global']:.3f}"
                  if ev else ""))
         print(f"  metrics:     {os.path.join(result.output_dir, 'metrics.jsonl')}")
-        print(f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tb')}")
+        tb = command_line("--logdir", os.path.join(result.output_dir, "tb"), script="tensorboard",
+                          module="tensorboard.main")
+        print(f"  tensorboard: {tb}")
         for path in result.plots:
             print(f"  plot:        {path}")
         print(f"  checkpoint:  {result.checkpoint}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -97,6 +98,9 @@ def test_deepspeed_backend_on_one_process(entry, tmp_path, cache_dir, torch_refe
                               env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
         assert done.returncode == 0, done.stderr[-3000:]
         assert os.path.isfile(out / "hf" / "config.json")
+        (line,) = [ln for ln in proc.stdout.splitlines() if "tensorboard:" in ln]
+        program = shlex.split(line.split("tensorboard:", 1)[1])[0]  # the environment's own, by path
+        assert os.access(os.path.join(ROOT, program), os.X_OK), line
 
 
 SHRINK = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
