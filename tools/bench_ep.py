@@ -34,7 +34,7 @@ from megamoe.atomic import atomic_write_text  # noqa: E402
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.layer import MoELayer  # noqa: E402
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups  # noqa: E402
-from megamoe.testing import run_distributed  # noqa: E402
+from megamoe.testing import default_backend, run_distributed  # noqa: E402
 
 SHAPES = {  # name: (hidden H, intermediate I, experts E, top-k K)
     "coarse": (512, 1024, 8, 2),
@@ -132,7 +132,7 @@ def main() -> None:
                     f"{theirs / ours:.2f} |")
         print(rows[-1], flush=True)
     mode = "dropless" if args.capacity is None else f"capacity factor {args.capacity}"
-    backend = "NCCL, 2 GPUs" if torch.cuda.device_count() >= 2 else f"gloo, CPU, {args.threads} thread(s) per rank"
+    backend = "NCCL, 2 GPUs" if default_backend(2) == "nccl" else f"gloo, CPU, {args.threads} thread(s) per rank"
     table = "\n".join([
         f"EP=2 on 2 processes ({backend}), {mode}; forward+backward of one MoE layer, median of "
         f"{2 * args.iters} steps, slowest rank. Command: `python tools/bench_ep.py {' '.join(sys.argv[1:])}`",
