@@ -87,6 +87,22 @@ class _DropCpuFallbackBanner(logging.Filter):
         return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
+def _own_extension_cache() -> None:
+    """In a virtual environment, build DeepSpeed's JIT ops (on the CPU: its shared-memory
+    collective, built at every process-group start) in the environment's own folder.
+
+    torch's default cache (``~/.cache/torch_extensions``) is shared by every environment of the
+    user; each one compiles against its own torch headers, so two environments rebuild the op
+    in turn, and a build killed half-way leaves a lock that makes every later start wait
+    forever. A ``TORCH_EXTENSIONS_DIR`` the user set is kept.
+    """
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+_own_extension_cache()
+
+
 def _quiet_deepspeed_noise() -> None:
     """Silence what DeepSpeed makes every run print but the user cannot act on: the CPU
     fallback banner, and the FutureWarnings torch raises (on every call) for the collective
