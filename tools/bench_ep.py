@@ -70,6 +70,7 @@ def _time_steps(fn, *, warmup: int, iters: int) -> list[float]:
 
 def _worker(rank: int, world: int, shape: str, tokens: int, warmup: int, iters: int,
             capacity: float | None) -> dict:
+    import megamoe.integrations.deepspeed  # noqa: F401  (first: it quiets DeepSpeed's CPU banner)
     import deepspeed
     from deepspeed.moe.layer import MoE
 
