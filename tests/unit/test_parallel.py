@@ -117,8 +117,11 @@ def test_dist_backend_and_gpu_per_rank_choices():
 
 
 def _clear_launcher_env(monkeypatch):
+    # setenv first, so that teardown restores each variable's original state, absent included:
+    # init_distributed sets them, and a LOCAL_RANK left behind makes later HF Trainers go distributed.
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
 
 
 def test_init_distributed_alone_makes_a_one_process_group(monkeypatch):
