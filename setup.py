@@ -1,13 +1,17 @@
 """megamoe: Mixture-of-Experts training for large models (DeepSpeed/Megatron-style plugin)."""
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 README = Path(__file__).with_name("README.md")
+# The version lives in megamoe/__init__.py (what `megamoe --version` prints); read, not imported.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("megamoe").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="megamoe",
-    version="0.1.0",
+    version=VERSION,
     description="Mixture-of-Experts layers, routers and distributed training for large models",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",

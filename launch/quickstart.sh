@@ -34,7 +34,9 @@ print("\n=== megamoe quickstart: done ===")
 if ev:
     print(f"held-out loss {ev['loss']:.3f} (ppl {ev['ppl']:.1f}), MaxVio_global {ev['max_vio_global']:.3f}")
 print(f"plots:       {', '.join(s['plots'])}")
-print(f"metrics:     {s['metrics']}   (TensorBoard: tensorboard --logdir {s['tensorboard']})")
+from megamoe.cli import command_line
+tb = command_line("--logdir", s["tensorboard"], script="tensorboard", module="tensorboard.main")
+print(f"metrics:     {s['metrics']}   (TensorBoard: {tb})")
 print(f"checkpoint:  {s['checkpoint']}   (config inside: megamoe_config.json)")
-print(f"export to Hugging Face format: .venv/bin/megamoe convert {s['checkpoint']} {sys.argv[1]}/hf")
+print(f"export to HF: {command_line('convert', s['checkpoint'], os.path.join(sys.argv[1], 'hf'))}")
 PY

@@ -2,11 +2,15 @@
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int`` and
 keeps heavy imports inside ``run`` so ``megamoe --help`` stays fast.
+:func:`command_line` renders a megamoe command the way the project prints it for the user
+to run next (the train job's export hint, the quickstart), runnable from a fresh shell.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
 
 # name -> (module, one-line help)
@@ -20,8 +24,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full)
+    return rel if not rel.startswith(os.pardir) else full
+
+
+def command_line(*args: str, script: str = "megamoe", module: str = "megamoe.cli") -> str:
+    """``megamoe ARGS...`` (or another console ``script`` of this environment) as a shell line
+    that works without an activated environment: the script beside this interpreter
+    (``python -m MODULE`` when there is none). Absolute paths below the working directory are
+    shown relative to it."""
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    head = [_shown_path(path)] if os.access(path, os.X_OK) else [_shown_path(sys.executable), "-m", module]
+    shown = [_shown_path(a) if os.path.isabs(a) else a for a in args]
+    return shlex.join([*head, *shown])
+
+
+def _version() -> str:
+    from megamoe import __version__
+    return f"megamoe {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamoe", description="Mixture-of-Experts training for large models")
+    parser.add_argument("--version", action="version", version=_version())
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -34,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        # Its CONFIG and key=value overrides may sit between options, which a subparser cannot
+        # parse; its own parser can (same arguments, same help).
+        from megamoe.train import launch
+        return launch.main(argv[1:])
     parser = build_parser()
     # argparse stops filling a positional list at the first option, so `train --config C a=1
     # --resume b=2` would leave b=2 unrecognised: key=value words go to the command's overrides.
@@ -43,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from megamoe.config import ConfigError
     try:
         return int(args._module.run(args) or 0)
+    except ConfigError as exc:  # bad user input, whichever command met it: the message, not a traceback
+        print(f"megamoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,11 +19,51 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import yaml
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 EXPERT_IMPLS = ("auto", "triton", "grouped", "loop")
+
+
+class _Loader(yaml.SafeLoader):
+    """Strict YAML for configs: only ``true``/``false`` are booleans (YAML 1.1 would read ``yes``,
+    ``no``, ``on``, ``off`` as booleans too, so ``tie_embeddings: maybe`` and ``yes`` looked
+    alike), ``3e-4`` is a float (YAML 1.1 reads it as a string without a dot), and a key given
+    twice in one mapping is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: Any) -> Any:
+    """Parse YAML text (or a stream) with the strict config rules of :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):

@@ -354,10 +354,25 @@ class _Body(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-@dataclass
-class LMOutput:
-    logits: Tensor
-    loss: Tensor | None = None
+class LMOutput(dict):
+    """What :class:`MoETransformerLM` returns: ``.logits`` [B, S, V] and ``.loss`` (a scalar,
+    or None without labels), also readable as ``out["loss"]``.
+
+    A dict, so DeepSpeed ZeRO-3 finds the tensors in it (its backward hooks walk tuples,
+    lists and dicts; any other output type makes it warn that its hooks may not fire), like
+    Hugging Face's ``ModelOutput``.
+    """
+
+    def __init__(self, *, logits: Tensor, loss: Tensor | None = None) -> None:
+        super().__init__(logits=logits, loss=loss)
+
+    @property
+    def logits(self) -> Tensor:
+        return self["logits"]
+
+    @property
+    def loss(self) -> Tensor | None:
+        return self["loss"]
 
 
 class MoETransformerLM(nn.Module):

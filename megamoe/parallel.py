@@ -16,10 +16,20 @@ Parallelism is applied after the single-device model is built (torchtitan style)
 the full model with the same seed on every rank, then :func:`apply_expert_parallel` keeps
 this rank's expert slice and swaps in an all-to-all dispatcher. The sharded model then
 computes exactly what the single-process model computes on the same global batch.
+
+:func:`init_distributed` starts the default process group the way every entry point needs
+it: it joins a launcher's group (torchrun, the deepspeed launcher and SLURM + torchrun set
+``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``), and in a process that no
+launcher started it makes a one-process group on a free local port, so code written for
+DeepSpeed or expert parallelism also runs as a plain ``python script.py``.
+:func:`cuda_device_for_rank` maps a local rank to its GPU and refuses more ranks than GPUs.
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,6 +71,87 @@ class ExpertParallelGroups:
         return list(range(self.rank % self.ep_size, self.world_size, self.ep_size))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def resolve_dist_backend(choice: str, *, device_type: str) -> str:
+    """``auto`` -> ``nccl`` for CUDA devices, ``gloo`` otherwise; ``gloo``/``nccl`` are kept.
+
+    Raises ValueError for an unknown name, and for ``nccl`` without a CUDA device (NCCL only
+    moves GPU tensors).
+    """
+    if choice not in DIST_BACKENDS:
+        raise ValueError(f"dist_backend={choice!r} is invalid: allowed values are "
+                         f"{', '.join(map(repr, DIST_BACKENDS))}")
+    if choice == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if choice == "nccl" and device_type != "cuda":
+        raise ValueError("dist_backend='nccl' needs CUDA devices, but this process runs on the CPU; use "
+                         "dist_backend 'auto' (gloo on CPU) or 'gloo'")
+    return choice
+
+
+def launcher_world_size() -> int | None:
+    """WORLD_SIZE set by a launcher (torchrun, deepspeed, SLURM + torchrun), else None."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
+
+
+def cuda_device_for_rank(local_rank: int, device_count: int) -> int:
+    """The CUDA device index of the process with ``local_rank`` on its node: one GPU per rank.
+
+    Raises ValueError when the node has fewer visible GPUs than the rank needs, instead of
+    the CUDA "invalid device ordinal" error (or several ranks silently sharing one GPU).
+    """
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} is invalid: must be >= 0")
+    if local_rank >= device_count:
+        raise ValueError(f"LOCAL_RANK={local_rank} needs GPU {local_rank}, but {device_count} CUDA device(s) are "
+                         f"visible: start at most {device_count} process(es) per node (one per GPU), or run on the "
+                         "CPU (CUDA_VISIBLE_DEVICES= with the gloo backend)")
+    return local_rank
+
+
+def init_distributed(*, backend: str = "auto", device_type: str | None = None,
+                     timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Start the default process group if none exists (every rank calls it).
+
+    Under a launcher (``WORLD_SIZE`` set) this joins its group through the environment;
+    ``WORLD_SIZE`` without ``MASTER_ADDR``/``MASTER_PORT``/``RANK`` is an error naming what is
+    missing. Otherwise the process is alone: it sets ``RANK=0``, ``LOCAL_RANK=0``,
+    ``WORLD_SIZE=1``, ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` (what a launcher
+    would set, and what DeepSpeed reads) and makes a one-process group.
+    backend: ``auto`` (nccl for CUDA, gloo on CPU), ``gloo`` or ``nccl``.
+    device_type: the device this rank computes on (default: ``cuda`` when available).
+    """
+    if dist.is_initialized():
+        return
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_dist_backend(backend, device_type=device_type)
+    if launcher_world_size() is None:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not: start the "
+                         "processes with a launcher (torchrun, deepspeed, launch/*.sh), which sets all of them")
+    dist.init_process_group(name, timeout=timeout)
+
+
 def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
@@ -88,9 +179,16 @@ def build_expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
     """Create the EP and EDP process groups. Collective: every rank must call it.
 
     Without an initialised process group only ``ep_size=1`` is possible (a single process).
-    Raises ValueError for impossible layouts.
+    Raises ValueError for impossible layouts, and when a launcher started several processes
+    (``WORLD_SIZE`` > 1) but this one has no process group yet.
     """
     if not dist.is_available() or not dist.is_initialized():
+        launched = launcher_world_size()
+        if launched is not None and launched > 1:
+            raise ValueError(f"WORLD_SIZE={launched} is set (a launcher started {launched} processes), but "
+                             "torch.distributed is not initialised in this process: call "
+                             "megamoe.parallel.init_distributed() (or deepspeed.init_distributed()) on every rank "
+                             "before build_expert_parallel_groups")
         _check_ep_size(ep_size, 1)
         return ExpertParallelGroups(world_size=1, ep_size=1, ep_rank=0, edp_size=1, ep_group=None,
                                     edp_group=None, rank=0, edp_rank=0)
@@ -168,5 +266,6 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
     return model
 
 
-__all__ = ["ExpertParallelGroups", "build_expert_parallel_groups", "apply_expert_parallel", "moe_layers",
+__all__ = ["ExpertParallelGroups", "build_expert_parallel_groups", "init_distributed", "resolve_dist_backend",
+           "cuda_device_for_rank", "launcher_world_size", "free_port", "apply_expert_parallel", "moe_layers",
            "mark_expert_params", "is_expert_param", "expert_group_name", "ep_group_ranks", "edp_group_ranks"]

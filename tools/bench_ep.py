@@ -11,7 +11,8 @@ over ``--iters`` steps after ``--warmup`` steps, and the DeepSpeed / megamoe rat
 
     python tools/bench_ep.py                       # T=4096 per rank, both shapes
     python tools/bench_ep.py --tokens 1024         # shorter, for a shared 2-core box
-Writes tools/results/bench_ep.md (atomically) unless --no-write.
+Prints the table; ``--out PATH`` also writes it there (atomically), e.g.
+``--out tools/results/bench_ep.md``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from megamoe.atomic import atomic_write_text  # noqa: E402
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.layer import MoELayer  # noqa: E402
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups  # noqa: E402
-from megamoe.testing import run_distributed  # noqa: E402
+from megamoe.testing import default_backend, run_distributed  # noqa: E402
 
 SHAPES = {  # name: (hidden H, intermediate I, experts E, top-k K)
     "coarse": (512, 1024, 8, 2),
@@ -69,11 +70,13 @@ def _time_steps(fn, *, warmup: int, iters: int) -> list[float]:
 
 def _worker(rank: int, world: int, shape: str, tokens: int, warmup: int, iters: int,
             capacity: float | None) -> dict:
+    import megamoe.integrations.deepspeed  # noqa: F401  (first: it quiets DeepSpeed's CPU banner)
     import deepspeed
     from deepspeed.moe.layer import MoE
 
     hidden, inter, experts, top_k = SHAPES[shape]
-    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    # megamoe.testing hides CUDA from CPU (gloo) ranks, so a visible GPU means NCCL, one per rank.
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     torch.manual_seed(rank)
     x = torch.randn(tokens, hidden, device=device)
@@ -116,7 +119,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=None,
                         help="capacity factor for both (default: dropless for both)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", help="write the markdown table to this file (atomically)")
     args = parser.parse_args()
     if args.tokens < 1 or args.iters < 1:
         parser.error("--tokens and --iters must be positive")
@@ -130,7 +133,7 @@ def main() -> None:
                     f"{theirs / ours:.2f} |")
         print(rows[-1], flush=True)
     mode = "dropless" if args.capacity is None else f"capacity factor {args.capacity}"
-    backend = "NCCL, 2 GPUs" if torch.cuda.device_count() >= 2 else f"gloo, CPU, {args.threads} thread(s) per rank"
+    backend = "NCCL, 2 GPUs" if default_backend(2) == "nccl" else f"gloo, CPU, {args.threads} thread(s) per rank"
     table = "\n".join([
         f"EP=2 on 2 processes ({backend}), {mode}; forward+backward of one MoE layer, median of "
         f"{2 * args.iters} steps, slowest rank. Command: `python tools/bench_ep.py {' '.join(sys.argv[1:])}`",
@@ -139,8 +142,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows, ""])
     print(table)
-    if not args.no_write:
-        atomic_write_text(os.path.join(ROOT, "tools", "results", "bench_ep.md"), table)
+    if args.out:
+        atomic_write_text(args.out, table)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,19 @@
 
 Trains the same compact decoder LM (token + position embedding, causal self-attention +
 MoELayer blocks, tied head) on a locally generated multi-domain corpus with each balancing
-method for the same number of steps and the same data order, then writes
+method for the same number of steps and the same data order, prints one line per method, and
+with ``--out DIR`` writes
 
-- tools/results/alflb.md (``--name``): held-out loss/PPL, MaxVio_batch (per training step, from that
+- DIR/alflb.md (``--name``): held-out loss/PPL, MaxVio_batch (per training step, from that
   step's counts) and MaxVio_global (counts of the whole held-out set), per method;
-- tools/results/alflb_maxvio.png: MaxVio_batch over training steps.
+- DIR/alflb_maxvio.png: MaxVio_batch over training steps.
 
 The corpus: D domains, each an order-1 Markov chain over its own (overlapping) slice of the
 vocabulary with a sparse random transition table; domains have unequal shares of the data
 (so a router that follows the data is unbalanced unless something balances it).
 
-    PYTHONPATH=$PWD python tools/exp_alflb.py            # full run (~3 min of CPU on one idle core)
-    PYTHONPATH=$PWD python tools/exp_alflb.py --steps 40 --out /tmp/alflb   # smoke run
+    python tools/exp_alflb.py --out runs/alflb      # full run (~3 min of CPU on one idle core)
+    python tools/exp_alflb.py --steps 40            # smoke run, prints only
 
 Shape legend: B sequences, S sequence length, T = B*S tokens, D model width, V vocabulary.
 """
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=None, help="write <out>/<name>.md and <out>/<name>_maxvio.png (default: print only)")
     p.add_argument("--name", default="alflb", help="output files <out>/<name>.md and <out>/<name>_maxvio.png")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "seq", "dim", "layers", "experts", "top_k", "vocab", "domains", "heldout"):
@@ -250,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.domains <= 5:
         p.error("--domains must be between 1 and 5")
     torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
     corpus = make_corpus(vocab=args.vocab, domains=args.domains, seed=1234)
     gh = torch.Generator().manual_seed(999)
     heldout = [sample_batch(*corpus, batch=args.batch, seq=args.seq + 1, g=gh) for _ in range(args.heldout)]
@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:36s} loss {r['heldout_loss']:.4f}  vio_batch {r['vio_batch_mean']:.3f}/"
               f"{r['vio_batch_tail']:.3f}  vio_global {r['vio_global']:.3f}  ({r['seconds']:.0f}s)", flush=True)
         results.append(r)
-    command = "PYTHONPATH=$PWD python tools/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.out is None:
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    command = "python tools/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_table(results, args, os.path.join(args.out, f"{args.name}.md"), command.strip())
     write_plot(results, os.path.join(args.out, f"{args.name}_maxvio.png"))
     print(f"wrote {args.out}/{args.name}.md and {args.name}_maxvio.png")

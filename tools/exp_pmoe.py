@@ -1,12 +1,13 @@
 """Experiment: PMOE (K=4) vs unimodal SAC (K=1) on Pendulum-v1 or MuJoCo tasks, several seeds, equal env steps.
 
 Both arms use the same trainer (megamoe.rl.sac) and hyper-parameters; only ``components``
-differs. Writes tools/results/<name>.md (table per env) and <name>.png (mean +- std of the
-training return vs steps over seeds), plus <name>.jsonl (every episode).
+differs. Writes <out>/<name>.md (table per env) and <name>.png (mean +- std of the training
+return vs steps over seeds), plus <name>.jsonl (every episode); ``--out`` defaults to
+runs/exp_pmoe (the published tables were made with ``--out tools/results``).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/exp_pmoe.py --steps 6000 --seeds 3
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/exp_pmoe.py --env HalfCheetah-v5 Hopper-v5 \\
-        --preset standard --steps 20000 --seeds 2 --name pmoe_mujoco    # needs pip install 'megamoe[mujoco]'
+    OMP_NUM_THREADS=1 python tools/exp_pmoe.py --steps 6000 --seeds 3
+    OMP_NUM_THREADS=1 python tools/exp_pmoe.py --env HalfCheetah-v5 Hopper-v5 \\
+        --preset standard --steps 20000 --seeds 2 --name pmoe_mujoco    # needs pip install -e '.[mujoco]'
 
 Reported per arm (mean +- std over seeds): the final deterministic evaluation return (10
 episodes), the mean training return over the last 5 episodes, and the area under the
@@ -68,7 +69,8 @@ def main() -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small",
                     help="small: (64, 64) MLPs, lr 1e-3 (Pendulum); standard: SAC-paper (256, 256), lr 3e-4")
     ap.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each)")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    ap.add_argument("--out", type=Path, default=Path("runs") / "exp_pmoe",
+                    help="output folder (default runs/exp_pmoe; the results in the README: tools/results)")
     ap.add_argument("--name", default="pmoe", help="output file stem: <name>.md, <name>.png, <name>.jsonl")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild <name>.md and <name>.png from <name>.jsonl (e.g. of a sweep stopped early)")

@@ -2,10 +2,10 @@
 bimodal bandit (megamoe/BimodalBandit-v0, reward peaks at a = -0.6 and +0.6), over seeds.
 
 Same settings as tests/unit/test_rl_sac.py's bandit test. For each run it reports the mass of
-the learned policy within 0.25 of each peak (4000 samples) and the mixing weights. Writes
-tools/results/pmoe_bandit.md.
+the learned policy within 0.25 of each peak (4000 samples) and the mixing weights; ``--out PATH``
+also writes the table (e.g. ``--out tools/results/pmoe_bandit.md``).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/exp_pmoe_bandit.py --seeds 6 --steps 400
+    OMP_NUM_THREADS=1 python tools/exp_pmoe_bandit.py --seeds 6 --steps 400
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main() -> int:
                     help=f"initial temperature (test: {TEST_INIT['init_alpha']}; SACConfig default 0.2)")
     ap.add_argument("--init-log-std", type=float, default=TEST_INIT["init_log_std"],
                     help=f"initial pre-tanh log std (test: {TEST_INIT['init_log_std']}; SACConfig default -1.0)")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "pmoe_bandit.md")
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: print only)")
     args = ap.parse_args()
     init = {"init_alpha": args.init_alpha, "init_log_std": args.init_log_std}
     if args.seeds < 1 or args.steps < 1:
@@ -67,7 +67,7 @@ def main() -> int:
              f"{args.init_alpha}, initial log std {args.init_log_std}; mass = share of 4000 policy "
              "samples within 0.25 of the peak. Command: "
              f"`python tools/exp_pmoe_bandit.py --seeds {args.seeds} --steps {args.steps} --init-alpha {args.init_alpha} "
-             f"--init-log-std {args.init_log_std} --out {args.out.name}`.", "",
+             f"--init-log-std {args.init_log_std}`.", "",
              "| policy | seed | mass at -0.6 | mass at +0.6 | min | sum | mixing weights | component means |",
              "|---|---|---|---|---|---|---|---|"]
     summary = {}
@@ -88,8 +88,9 @@ def main() -> int:
                      f"{sum(m > 0.05 for m in mins)}/{len(mins)} seeds; mean min-peak mass {np.mean(mins):.3f}; "
                      f"both peaks covered as the test demands (min > 0.05 and sum > 0.8) in {both}/{len(mins)} seeds.")
     lines.append("")
-    atomic_write_text(args.out, "\n".join(lines))
     print("\n".join(lines[-3:]), flush=True)
+    if args.out is not None:
+        atomic_write_text(args.out, "\n".join(lines))
     return 0
 
 

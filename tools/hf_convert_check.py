@@ -6,10 +6,12 @@ of the converted HF model (as loaded back by from_pretrained), whether 16 greedy
 match, and whether HF -> megamoe restores the weights bit for bit. For each HF family:
 the max abs logits diff between the dense model and its upcycled MoE at step 0.
 
-    PYTHONPATH=$PWD python tools/hf_convert_check.py   # writes tools/results/hf_convert.md
+    python tools/hf_convert_check.py                                  # prints the tables
+    python tools/hf_convert_check.py --out tools/results/hf_convert.md   # and writes them there
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -21,8 +23,6 @@ from megamoe.checkpoint import load_consolidated, save_consolidated
 from megamoe.checkpoint.hf_convert import convert_from_hf, convert_to_hf
 from megamoe.integrations.hf import moeify
 from megamoe.model import ModelConfig, MoETransformerLM
-
-OUT = Path(__file__).resolve().parent / "results" / "hf_convert.md"
 
 
 def mm_cfg(**kw) -> ModelConfig:
@@ -117,6 +117,9 @@ def upcycle_rows() -> list[str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown tables to this file (atomically)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         conv = conversion_rows(Path(d))
     up = upcycle_rows()
@@ -126,7 +129,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32. "
         "Models: H=128, 4 blocks, 8 heads / 2 KV heads (GQA) or MLA (q latent 48, kv latent 32, head dims "
         "16 + 8 rotary, values 16), 8 experts of I=64, random N(0, 0.1) weights; "
-        "probe 4x64 tokens. Produced by `PYTHONPATH=$PWD python tools/hf_convert_check.py`.",
+        "probe 4x64 tokens. Produced by `python tools/hf_convert_check.py --out tools/results/hf_convert.md`.",
         "",
         "| megamoe model | auto format | max abs logits diff (fp32) | 16 greedy tokens equal | "
         "HF->megamoe weights bit-exact |",
@@ -140,11 +143,11 @@ def main() -> None:
         *up,
         "",
     ])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    print(text)
+    if args.out is not None:
+        from megamoe.atomic import atomic_write_text
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

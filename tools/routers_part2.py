@@ -1,9 +1,10 @@
 """Experiments for issue 8: CompeteSMoE vs top-k, THOR vs top-1 and dense, single-gated MoE
-accuracy vs compute. Writes tools/results/routers_part2.md (and a small PNG).
+accuracy vs compute. Prints the tables; ``--out PATH`` also writes them (and a small PNG
+beside it), e.g. ``--out tools/results/routers_part2.md``.
 
 Usage (each part is a few CPU minutes; ``all`` runs the three)::
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python tools/routers_part2.py all --seeds 0 1 2
+    OMP_NUM_THREADS=1 python tools/routers_part2.py all --seeds 0 1 2
 
 The LM parts use a compact causal character LM defined here (megamoe.model was not on main
 yet) on a locally generated four-domain corpus: arithmetic, template English, a motif
@@ -26,7 +27,6 @@ from megamoe.atomic import atomic_savefig, atomic_write_text
 from megamoe.routing.stochastic import thor_loss
 from megamoe.single_gate import SingleGatedMoE, train_base, train_expert
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # ------------------------------------------------------------------------------------------ corpus
 WORDS = {"noun": "cat dog bird fox king queen ship tree river stone".split(),
@@ -298,13 +298,14 @@ def main() -> int:
     p.add_argument("part", choices=["compete", "thor", "single_gate", "all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400, help="LM optimizer steps (default 400)")
-    p.add_argument("--out", type=Path, default=RESULTS / "routers_part2.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the tables to this markdown file, keeping other parts' sections (default: print only)")
     args = p.parse_args()
     torch.set_num_threads(1)
     parts = ["compete", "thor", "single_gate"] if args.part == "all" else [args.part]
     sections: dict[str, list[str]] = {}
     notes: list[str] = []  # a hand-written "## Notes" tail is kept verbatim
-    if args.out.exists():  # keep other parts' sections when re-running one part
+    if args.out is not None and args.out.exists():  # keep other parts' sections when re-running one part
         cur, buf = None, []
         for line in args.out.read_text().splitlines():
             if line.startswith("## Notes") or notes:
@@ -323,9 +324,10 @@ def main() -> int:
             lines = part_thor(args.seeds, args.steps)
         else:
             lines, points = part_single_gate(args.seeds)
-            _plot(points, args.out.with_name("routers_part2_single_gate.png"))
-            lines += ["![accuracy vs compute](routers_part2_single_gate.png)", ""]
-        cmd = f"`PYTHONPATH=$PWD OMP_NUM_THREADS=1 python tools/routers_part2.py {part} --seeds " \
+            if args.out is not None:
+                _plot(points, args.out.with_name("routers_part2_single_gate.png"))
+                lines += ["![accuracy vs compute](routers_part2_single_gate.png)", ""]
+        cmd = f"`OMP_NUM_THREADS=1 python tools/routers_part2.py {part} --seeds " \
               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}`" if part != "single_gate" else "`")
         lines += [f"Command: {cmd} ({time.process_time() - c0:.0f} CPU s, {time.perf_counter() - t0:.0f} s wall on a shared 2-core "
                   "machine, 1 thread).", ""]
@@ -336,7 +338,8 @@ def main() -> int:
         if part in sections:
             text += [f"<!-- part:{part} -->", *sections[part]]
     text += notes
-    atomic_write_text(args.out, "\n".join(text).rstrip() + "\n")
+    if args.out is not None:
+        atomic_write_text(args.out, "\n".join(text).rstrip() + "\n")
     return 0
 
 

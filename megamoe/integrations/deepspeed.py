@@ -65,10 +65,14 @@ loader verifies it first (:func:`verify_checkpoint`) and names a missing or chan
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
+import sys
 import types
-from typing import Any, Callable, Iterator
+import warnings
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -76,6 +80,44 @@ from torch import nn
 
 from megamoe.atomic import atomic_torch_save, atomic_write_text
 from megamoe.parallel import ExpertParallelGroups, is_expert_param, moe_layers
+
+class _DropCpuFallbackBanner(logging.Filter):
+    """DeepSpeed warns "Setting accelerator to CPU ..." on every import in a process without a
+    GPU; on a CPU run that is expected, so megamoe drops that one record (and nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+def _own_extension_cache() -> None:
+    """In a virtual environment, build DeepSpeed's JIT ops (on the CPU: its shared-memory
+    collective, built at every process-group start) in the environment's own folder.
+
+    torch's default cache (``~/.cache/torch_extensions``) is shared by every environment of the
+    user; each one compiles against its own torch headers, so two environments rebuild the op
+    in turn, and a build killed half-way leaves a lock that makes every later start wait
+    forever. A ``TORCH_EXTENSIONS_DIR`` the user set is kept.
+    """
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+_own_extension_cache()
+
+
+def _quiet_deepspeed_noise() -> None:
+    """Silence what DeepSpeed makes every run print but the user cannot act on: the CPU
+    fallback banner, and the FutureWarnings torch raises (on every call) for the collective
+    names DeepSpeed's ZeRO-2/3 still uses."""
+    ds_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logger creates
+    if not any(isinstance(f, _DropCpuFallbackBanner) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropCpuFallbackBanner())
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+
+
+_quiet_deepspeed_noise()
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_FORMAT = 1
@@ -119,6 +161,31 @@ def moe_param_groups(model: nn.Module, *, weight_decay: float = 0.0,
 # --------------------------------------------------------------------------- engine
 def _zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def load_ds_config(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: ``source`` is a mapping, or the path of a ``.json`` file
+    (as ``deepspeed.initialize`` accepts) or of a YAML file (any other name)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"ds_config must be a dict or the path of a JSON/YAML DeepSpeed config, got "
+                         f"{type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"ds_config {path!r}: no such file (give a DeepSpeed JSON/YAML config file or a dict)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    from megamoe.config import yaml_load
+
+    try:
+        loaded = json.loads(text) if path.endswith(".json") else yaml_load(text)
+    except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError: say which file
+        raise ValueError(f"ds_config {path!r}: cannot parse the file: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"ds_config {path!r}: the file must hold a mapping (a DeepSpeed config), got "
+                         f"{type(loaded).__name__}")
+    return loaded
 
 
 def validate_ds_config(ds_config: dict) -> None:
@@ -278,9 +345,28 @@ def _track_loss_scale(engine) -> None:
     engine.module.register_forward_pre_hook(set_scale)
 
 
-def initialize(model: nn.Module, ds_config: dict, groups: ExpertParallelGroups, **kw: Any):
+def _join_deepspeed_comm() -> None:
+    """``deepspeed.init_distributed`` over the existing torch process group.
+
+    On the CPU DeepSpeed builds (or loads) a shared-memory op and prints "... built
+    successfully" on every start; that line is held back unless the call fails.
+    """
+    import deepspeed
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+    except BaseException:
+        sys.stdout.write(captured.getvalue())
+        raise
+
+
+def initialize(model: nn.Module, ds_config: Mapping[str, Any] | str | os.PathLike, groups: ExpertParallelGroups,
+               **kw: Any):
     """``deepspeed.initialize`` for a model whose MoE layers are sharded by ``groups``.
 
+    ds_config: a DeepSpeed config dict, or the path of a JSON (or YAML) file holding one.
     Keyword arguments go to ``deepspeed.initialize``. Without ``model_parameters`` or
     ``optimizer`` the parameter groups come from :func:`moe_param_groups` (weight decay
     from ``ds_config["optimizer"]["params"]["weight_decay"]``). Returns the engine
@@ -288,15 +374,17 @@ def initialize(model: nn.Module, ds_config: dict, groups: ExpertParallelGroups, 
     """
     import deepspeed
 
+    ds_config = load_ds_config(ds_config)
     validate_ds_config(ds_config)
     if not dist.is_initialized():
-        raise ValueError("initialise torch.distributed (or deepspeed.init_distributed) and build the groups "
-                         "with megamoe.parallel.build_expert_parallel_groups before initialize")
+        raise ValueError("torch.distributed is not initialised: call megamoe.parallel.init_distributed() (it joins "
+                         "a launcher's group, or makes a one-process group) and build the groups with "
+                         "megamoe.parallel.build_expert_parallel_groups before initialize")
     if groups.world_size != dist.get_world_size():
         raise ValueError(f"groups were built for world size {groups.world_size}, but the world size is "
                          f"{dist.get_world_size()}")
     _check_model(model, groups)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    _join_deepspeed_comm()
     register_groups_with_deepspeed(groups)
     if "model_parameters" not in kw and not isinstance(kw.get("optimizer"), torch.optim.Optimizer):
         # An optimizer *callable* is handed these groups by DeepSpeed, so it gets the MoE

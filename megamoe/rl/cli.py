@@ -4,7 +4,8 @@ Writes into ``--out`` (default ``runs/rl/<env>-k<K>-s<seed>-<time>``): ``config.
 ``returns.jsonl`` (one JSON object per training or eval episode), ``returns.png`` (return vs
 steps), ``checkpoint.pt`` (agent, optimizers; load with ``SACAgent.from_checkpoint``) and
 ``resume.pt`` (the whole training state at the first episode end after every
-``--checkpoint-every`` steps), all written atomically. A tqdm progress bar shows the steps and
+``--checkpoint-every`` steps, and when the run stops, at its last episode end), all written
+atomically. A tqdm progress bar shows the steps and
 the latest return. ``--resume --out DIR`` continues a run from its ``resume.pt`` with the
 settings saved in its ``config.json`` (``--steps`` may raise the total).
 
@@ -63,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-episodes", type=_positive_int, default=5)
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=5000,
                    help="write checkpoint.pt every N steps (always at the end), and resume.pt at the first "
-                        "episode end after every N steps (and at the end if it ends an episode); 0 = only at the end")
+                        "episode end after every N steps (and, when the run stops, at its last episode end); "
+                        "0 = only at the end")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its resume.pt, with the settings in its config.json; "
                         "other options must be left out or match them (--steps may be raised)")
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             return _error("--resume needs --out DIR, the directory of the run to continue")
         if not (args.out / "resume.pt").is_file() or not (args.out / "config.json").is_file():
             return _error(f"--out {str(args.out)!r} holds no resumable run (config.json and resume.pt; resume.pt "
-                          f"is written at the first episode end after every --checkpoint-every steps)")
+                          f"is written at episode ends and when a run stops)")
         from megamoe.checkpoint.integrity import CheckpointError, check_torch_file, read_json, torch_load
         advice = (f"the run in {args.out} cannot continue from it: start a new run with another --out, or restore "
                   "the file from a copy")

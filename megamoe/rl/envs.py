@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -90,6 +91,26 @@ def mujoco_available() -> bool:
     return not missing_mujoco_modules()
 
 
+# MuJoCo warns about this in gymnasium's own model files (HalfCheetah-v5) on every load; a
+# user cannot act on it.
+_MUJOCO_ASSET_NOISE = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(msg: str) -> None:
+    if not msg.startswith(_MUJOCO_ASSET_NOISE):
+        warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2)
+
+
+def _route_mujoco_warnings() -> None:
+    """Send MuJoCo's warnings to Python's ``warnings`` (shown once per message) instead of its
+    default, which appends them to ``MUJOCO_LOG.TXT`` in the working directory. A handler the
+    user installed is kept."""
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
 def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     """``gymnasium.make(env_id)`` for SAC, with clear errors for unusable ids."""
     if env_id not in gym.registry:
@@ -102,8 +123,10 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     missing = missing_mujoco_modules() if _needs_mujoco(spec) else []
     if missing:
         raise EnvError(f"--env {env_id!r} is a MuJoCo task but {' and '.join(repr(m) for m in missing)} "
-                       f"cannot be imported. Install them with: pip install 'megamoe[mujoco]' "
-                       f"(or pip install 'gymnasium[mujoco]'), or use --env Pendulum-v1.")
+                       f"cannot be imported. Install them with: pip install 'gymnasium[mujoco]' (megamoe's mujoco "
+                       f"extra; from a checkout: pip install -e '.[mujoco]'), or use --env Pendulum-v1.")
+    if _needs_mujoco(spec):
+        _route_mujoco_warnings()
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as exc:

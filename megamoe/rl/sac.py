@@ -91,6 +91,9 @@ class ReplayBuffer:
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int) -> None:
         self.capacity, self.size, self._next, self.added = int(capacity), 0, 0, 0
+        # mark(): the ring position then, and the rows overwritten since (slot, old row)
+        self._mark: tuple[int, int, int] | None = None
+        self._undo: list[tuple[int, tuple[torch.Tensor, ...]]] = []
         self.obs = torch.zeros(capacity, obs_dim)
         self.act = torch.zeros(capacity, act_dim)
         self.rew = torch.zeros(capacity)
@@ -99,6 +102,8 @@ class ReplayBuffer:
 
     def add(self, obs: np.ndarray, act: np.ndarray, rew: float, next_obs: np.ndarray, terminated: bool) -> None:
         i = self._next
+        if self._mark is not None and self.size == self.capacity:  # overwriting a row the mark may need
+            self._undo.append((i, tuple(getattr(self, name)[i].clone() for name in self._FIELDS)))
         self.obs[i] = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1))
         self.act[i] = torch.as_tensor(np.asarray(act, dtype=np.float32).reshape(-1))
         self.rew[i] = float(rew)
@@ -113,6 +118,24 @@ class ReplayBuffer:
         n = self.size
         return {"capacity": self.capacity, "size": n, "next": self._next, "added": self.added,
                 **{name: getattr(self, name)[:n].clone() for name in self._FIELDS}}
+
+    def mark(self) -> None:
+        """Remember this moment, so that :meth:`state_dict_at_mark` can return the buffer as it is
+        now after more rows are added (rows overwritten since are kept aside, one per step)."""
+        self._mark = (self.size, self._next, self.added)
+        self._undo = []
+
+    def state_dict_at_mark(self) -> dict[str, Any]:
+        """``state_dict()`` as it was at the last :meth:`mark`."""
+        if self._mark is None:
+            raise RuntimeError("state_dict_at_mark() needs a mark() first")
+        size, next_, added = self._mark
+        rows = {name: getattr(self, name)[:max(size, self.size)].clone() for name in self._FIELDS}
+        for i, old in reversed(self._undo):  # newest first, so a slot overwritten twice gets its oldest row
+            for name, row in zip(self._FIELDS, old):
+                rows[name][i] = row
+        return {"capacity": self.capacity, "size": size, "next": next_, "added": added,
+                **{name: t[:size] for name, t in rows.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` into this buffer. Its capacity may differ (a run resumed with more
@@ -325,9 +348,11 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
     bootstrap; time-limit truncations do not.
 
     Resuming: at the first episode end at or after every multiple of ``checkpoint_every`` steps
-    (0: never) and at ``total_steps`` when that ends an episode, ``on_checkpoint(state)`` gets the
-    whole training state: agent (networks, targets, optimizers, temperature), replay buffer,
-    torch / sampler / env / action-space RNG states, counters and the records so far.
+    (0: never), and when the run stops, at its last episode end (the start if no episode ended;
+    ``total_steps`` itself when it ends an episode), ``on_checkpoint(state)`` gets the whole
+    training state: agent (networks, targets, optimizers, temperature), replay buffer, torch /
+    sampler / env / action-space RNG states, counters and the records so far. So a run that
+    stops mid-episode can still be resumed, or extended to more steps.
     ``train(..., resume=state)`` continues from it and replays exactly what the uninterrupted run
     would have done (CPU). Resume points are episode ends because gymnasium has no general way to
     save an env mid-episode (MuJoCo envs pickle by re-construction); a fresh episode needs only
@@ -344,6 +369,9 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
         torch.manual_seed(seed)
         env.action_space.seed(seed)
         records: list[EpisodeRecord] = []
+        from gymnasium.utils import seeding
+
+        start_env_rng = _np_rng_state(seeding.np_random(seed)[0])  # what reset(seed=seed) starts from
         obs, _ = env.reset(seed=seed)
         first, episode, evals, losses = 1, 0, 0, {}
     else:
@@ -363,16 +391,25 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
         gen.set_state(resume["sampler_rng"])
         env.action_space.np_random.bit_generator.state = resume["action_space_rng"]
         env.unwrapped.np_random.bit_generator.state = resume["env_rng"]
+        start_env_rng = resume["env_rng"]
         obs, _ = env.reset()  # the reset the interrupted run made right after this episode end
 
-    def state(step: int, env_rng: dict[str, Any]) -> dict[str, Any]:
+    def state(step: int, env_rng: dict[str, Any], *, with_buffer: bool = True) -> dict[str, Any]:
+        """The training state now; without the buffer (only marked), for the latest episode end."""
         return {"format": TRAIN_STATE_FORMAT, "step": step, "total_steps": total_steps, "seed": seed,
                 "episode": episode, "evals": evals, "losses": dict(losses),
                 "records": [dataclasses.asdict(r) for r in records], "agent": copy.deepcopy(agent.checkpoint()),
-                "buffer": buffer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "buffer": buffer.state_dict() if with_buffer else None, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(agent.device) if agent.device.type == "cuda" else None,
                 "sampler_rng": gen.get_state(), "action_space_rng": _np_rng_state(env.action_space.np_random),
                 "env_rng": env_rng}
+
+    # The latest resume point (an episode end, or where this call started) and whether it was handed
+    # to on_checkpoint; the buffer is marked there and rebuilt only if it is needed at the end.
+    latest, latest_saved = None, True
+    if on_checkpoint is not None:
+        latest, latest_saved = state(first - 1, start_env_rng, with_buffer=False), resume is not None
+        buffer.mark()
 
     ep_ret, ep_len = 0.0, 0
     next_save = (first - 1) // checkpoint_every * checkpoint_every + checkpoint_every if checkpoint_every else None
@@ -405,11 +442,18 @@ def train(env: Any, agent: SACAgent, *, total_steps: int, seed: int = 0, eval_en
             records.append(rec)
             if on_episode is not None:
                 on_episode(rec)
-        if on_checkpoint is not None and episode_env_rng is not None and (
-                step == total_steps or (next_save is not None and step >= next_save)):
-            on_checkpoint(state(step, episode_env_rng))
-            if next_save is not None:
-                next_save = step // checkpoint_every * checkpoint_every + checkpoint_every
+        if on_checkpoint is not None and episode_env_rng is not None:
+            if step == total_steps or (next_save is not None and step >= next_save):
+                on_checkpoint(state(step, episode_env_rng))
+                latest_saved = True
+                if next_save is not None:
+                    next_save = step // checkpoint_every * checkpoint_every + checkpoint_every
+            else:
+                latest, latest_saved = state(step, episode_env_rng, with_buffer=False), False
+                buffer.mark()
         if on_step is not None:
             on_step(step)
+    if latest is not None and not latest_saved:  # stopped mid-episode: the last episode end is resumable
+        latest["buffer"] = buffer.state_dict_at_mark()
+        on_checkpoint(latest)
     return records

@@ -7,9 +7,9 @@ from megamoe.routing.base import (Router, RoutingContext, RoutingDecision, build
 from megamoe.routing import topk as _topk  # noqa: F401  (registers "topk")
 from megamoe.routing import expert_choice as _expert_choice  # noqa: F401  (registers "expert_choice")
 from megamoe.routing import estimators as _estimators  # noqa: F401  (registers "skip", "balanced")
-from megamoe.routing.estimators import estimator_loss
+from megamoe.routing.estimators import estimator_loss, seed_estimator_draws
 from megamoe.routing import compete as _compete  # noqa: F401  (registers "compete")
 from megamoe.routing import stochastic as _stochastic  # noqa: F401  (registers "stochastic")
 
 __all__ = ["Router", "RoutingContext", "RoutingDecision", "build_router", "known_routers",
-           "register_router", "router_options", "estimator_loss"]
+           "register_router", "router_options", "estimator_loss", "seed_estimator_draws"]

@@ -13,61 +13,25 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import yaml
 
 from megamoe.config import ConfigError, check_fields, from_dict, spec, to_dict
+from megamoe.config import yaml_load as _yaml_load
 from megamoe.model import ModelConfig
+from megamoe.parallel import DIST_BACKENDS, launcher_world_size
 
 DATA_SOURCES = ("embedded", "files", "hub")
 FILE_FORMATS = ("auto", "text", "json", "parquet")
 BACKENDS = ("deepspeed", "torch")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: deepspeed backend, ZeRO 1-3 (dynamic loss scaling)
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("error", "skip")
 
 
-class _Loader(yaml.SafeLoader):
-    """Strict YAML for configs: only ``true``/``false`` are booleans (YAML 1.1 would read ``yes``,
-    ``no``, ``on``, ``off`` as booleans too, so ``tie_embeddings: maybe`` and ``yes`` looked
-    alike), ``3e-4`` is a float (YAML 1.1 reads it as a string without a dot), and a key given
-    twice in one mapping is an error instead of the last one silently winning."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found the key {key!r} twice (first on line {seen[key]})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml_load(text):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -334,19 +298,11 @@ def deepspeed_mapping(cfg: TrainConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     if ds is None:
         return {}
-    if isinstance(ds, str):
-        if not os.path.isfile(ds):
-            raise ConfigError(f"deepspeed={ds!r}: no such file (give a DeepSpeed JSON/YAML config or a mapping)")
-        with open(ds, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text) if ds.endswith(".json") else _yaml_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"deepspeed={ds!r}: cannot parse the file: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"deepspeed={ds!r}: the file must hold a mapping")
-        return loaded
-    return dict(ds)
+    from megamoe.integrations.deepspeed import load_ds_config
+    try:
+        return load_ds_config(ds)
+    except ValueError as exc:
+        raise ConfigError(f"deepspeed={ds!r}: {exc}") from exc
 
 
 # What a run may change when it resumes a checkpoint; each takes effect from the resumed step
@@ -411,11 +367,11 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
 
 def world_size_from_env() -> int:
     """The launcher's world size (torchrun / deepspeed / SLURM set WORLD_SIZE), else 1."""
-    raw = os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(raw)
+        launched = launcher_world_size()
     except ValueError as exc:
-        raise ConfigError(f"environment WORLD_SIZE={raw!r} is not an integer") from exc
+        raise ConfigError(str(exc)) from None
+    return 1 if launched is None else launched
 
 
 def dump_config(cfg: TrainConfig) -> str:

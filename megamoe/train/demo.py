@@ -7,6 +7,7 @@ training loss falling and the final expert load.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -25,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 
     if args.steps <= 0:
-        raise SystemExit("--steps must be positive")
+        print(f"megamoe demo: error: --steps={args.steps} is invalid: must be a positive integer", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     dim, clusters = 32, 8
     centers = torch.randn(clusters, dim) * 3

@@ -15,8 +15,17 @@ the ones executed.
 - ``--local-cpu``: one node, ``--nproc`` processes (default 2) on the CPU with gloo
   (``MEGAMOE_DIST_BACKEND=gloo``, no CUDA devices); works with deepspeed and torchrun.
 
+Before anything runs (``--dry-run`` included) the training config and its overrides are
+loaded and checked against the world size the launch creates (``--nnodes`` x
+``--gpus-per-node``, or ``--nproc``), so an impossible layout fails here, not on the nodes.
+Every printed command runs as printed from a fresh shell: the interpreter is this one (by
+absolute path), the environment it needs (``PYTHONPATH`` when megamoe comes from it) is
+spelled out, and the sbatch script a SLURM dry run names is written (by default under
+``runs/launch/``). Options and ``key=value`` overrides may come in any order.
+
 ``--script PATH`` replaces the training entry by a Python script that receives
-``--config CONFIG key=value ...`` (used by the smoke test and for custom entry points).
+``--config CONFIG key=value ...`` (used by the smoke test and for custom entry points);
+its config is not checked here.
 """
 from __future__ import annotations
 
@@ -51,19 +60,27 @@ class LaunchPlan:
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
+        """The commands as shell lines; everything else (notes, the sbatch script) is a comment,
+        so the whole text can be pasted into a shell."""
         lines = [f"# {n}" for n in self.notes]
+        if self.sbatch_script is not None:
+            lines += [f"# {self.sbatch_path} (written):",
+                      *[f"#   {line}" for line in self.sbatch_script.rstrip("\n").splitlines()]]
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         for cmd in self.commands:
             lines.append((prefix + " " if prefix else "") + shlex.join(cmd))
-        if self.sbatch_script is not None:
-            lines += [f"# --- {self.sbatch_path} ---", self.sbatch_script.rstrip("\n"), "# ---"]
         return "\n".join(lines)
+
+    def write_files(self) -> None:
+        """Write what the commands read (the sbatch script), atomically."""
+        if self.sbatch_script is not None:
+            atomic_write_text(self.sbatch_path, self.sbatch_script, executable=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=KINDS, help="which launcher to use")
-    parser.add_argument("config", help="training config (YAML) passed to the entry as --config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to the entry")
+    parser.add_argument("items", nargs="+", metavar="CONFIG [key=value ...]",
+                        help="training config (YAML) passed to the entry as --config, then config overrides")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per node (default 8)")
     parser.add_argument("--hostfile", help="deepspeed: hostfile with 'host slots=N' lines (needed for nnodes > 1)")
@@ -75,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-name", default="megamoe", help="slurm job name")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="extra #SBATCH line, e.g. --sbatch-arg=--partition=gpu (repeatable)")
-    parser.add_argument("--sbatch-out", help="slurm: where to write the sbatch script (default: next to CONFIG)")
+    parser.add_argument("--sbatch-out", help="slurm: where to write the sbatch script "
+                                             "(default: runs/launch/<config name>.<job name>.sbatch)")
     parser.add_argument("--local-cpu", action="store_true", help="run --nproc processes on this machine's CPU (gloo)")
     parser.add_argument("--nproc", type=int, default=2, help="processes in --local-cpu mode (default 2)")
     parser.add_argument("--script", help="run this Python script instead of 'megamoe.cli train'")
@@ -89,11 +107,50 @@ def _positive(name: str, value: int) -> None:
         raise LaunchError(f"{name}={value} is invalid: must be a positive integer")
 
 
-def _check_overrides(overrides: list[str]) -> None:
-    for item in overrides:
-        if not OVERRIDE_RE.match(item):
-            raise LaunchError(f"override {item!r} is invalid: overrides are key=value with a dotted key, "
-                              "e.g. model.num_experts=8")
+def _split_items(args: argparse.Namespace) -> None:
+    """``items`` -> ``config`` (the one argument that is not key=value) and ``overrides``."""
+    if hasattr(args, "config"):
+        return
+    plain = [item for item in args.items if not OVERRIDE_RE.match(item)]
+    if len(plain) != 1:
+        what = "no config" if not plain else f"{len(plain)} arguments that are not key=value: {plain}"
+        raise LaunchError(f"expected one CONFIG and key=value overrides, got {what}; overrides are key=value "
+                          "with a dotted key, e.g. model.num_experts=8")
+    args.config = plain[0]
+    args.overrides = [item for item in args.items if OVERRIDE_RE.match(item)]
+
+
+def _world_size(args: argparse.Namespace) -> int:
+    return args.nproc if args.local_cpu else args.nnodes * args.gpus_per_node
+
+
+def _check_training_config(args: argparse.Namespace) -> None:
+    """Load CONFIG with the overrides and check it against the launch's world size."""
+    from megamoe.config import ConfigError
+    from megamoe.train.config import check_world_size, load_config
+
+    world = _world_size(args)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_world_size(cfg, world)
+    except ConfigError as exc:
+        raise LaunchError(f"{args.config} with {world} process(es): {exc}") from None
+    if args.local_cpu:
+        if cfg.parallel.dist_backend == "nccl":
+            raise LaunchError("parallel.dist_backend='nccl' cannot run with --local-cpu (CPU processes, gloo); "
+                              "use parallel.dist_backend=auto")
+        if cfg.train.device == "cuda":
+            raise LaunchError("train.device='cuda' cannot run with --local-cpu (CUDA is hidden); use train.device=auto")
+
+
+def _python_env() -> dict[str, str]:
+    """PYTHONPATH, when megamoe is importable here only through it (the printed commands
+    must carry it to run from a fresh shell)."""
+    import megamoe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(megamoe.__file__)))
+    entries = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if root in entries else {}
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
@@ -133,24 +190,25 @@ def _torchrun(args: argparse.Namespace, nnodes: int, nproc: int, *, rdzv: list[s
 
 
 def build_plan(args: argparse.Namespace) -> LaunchPlan:
-    """Validate the arguments and build the commands (no side effects)."""
-    _check_overrides(args.overrides)
+    """Validate the arguments and the training config, and build the commands (no side effects)."""
+    args = argparse.Namespace(**vars(args))  # the config split and the port default are resolved on a copy
+    _split_items(args)
     if not os.path.isfile(args.config):
         raise LaunchError(f"config {args.config!r} does not exist")
     config = os.path.abspath(args.config)
     _positive("--nnodes", args.nnodes)
     _positive("--gpus-per-node", args.gpus_per_node)
     _positive("--nproc", args.nproc)
-    args = argparse.Namespace(**vars(args))  # the port default is resolved on a copy
+    if not args.script:
+        _check_training_config(args)
     if args.local_cpu:
-        return _local_cpu_plan(args, config)
-    if args.master_port is None:
-        args.master_port = DEFAULT_PORT
-    if args.kind == "deepspeed":
-        return _deepspeed_plan(args, config)
-    if args.kind == "torchrun":
-        return _torchrun_plan(args, config)
-    return _slurm_plan(args, config)
+        plan = _local_cpu_plan(args, config)
+    else:
+        if args.master_port is None:
+            args.master_port = DEFAULT_PORT
+        plan = {"deepspeed": _deepspeed_plan, "torchrun": _torchrun_plan, "slurm": _slurm_plan}[args.kind](args, config)
+    plan.env.update(_python_env())
+    return plan
 
 
 def _local_cpu_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
@@ -158,14 +216,18 @@ def _local_cpu_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
         raise LaunchError("--local-cpu works with the deepspeed and torchrun launchers, not slurm")
     if args.nnodes != 1:
         raise LaunchError(f"--nnodes={args.nnodes} is invalid with --local-cpu: local mode is one node")
-    env = {"MEGAMOE_DIST_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # DS_ACCELERATOR=cpu: CUDA is hidden, so DeepSpeed would pick the CPU anyway, but with a
+    # warning banner in every process.
+    env = {"MEGAMOE_DIST_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     if args.master_port is None:
         # Not a fixed 29500: a second local job, or anything else on this machine holding that
         # port, would make the rendezvous fail.
-        from megamoe.testing import free_port
+        from megamoe.parallel import free_port
         args.master_port = free_port()
     if args.kind == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
+        # --quiet: the runner's per-process INFO lines and its "no hostfile" warning are noise on one
+        # machine; a rank that fails is still reported (at error level).
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--quiet", "--num_gpus", str(args.nproc),
                "--master_port", str(args.master_port), "--no_local_rank",
                *_entry(args, config, launcher="deepspeed")]
     else:
@@ -236,14 +298,14 @@ def _slurm_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
         srun_line,
         "",
     ])
-    path = os.path.abspath(args.sbatch_out or os.path.splitext(config)[0] + f".{args.job_name}.sbatch")
+    stem = os.path.splitext(os.path.basename(config))[0]
+    path = os.path.abspath(args.sbatch_out or os.path.join("runs", "launch", f"{stem}.{args.job_name}.sbatch"))
     return LaunchPlan(kind="slurm", commands=[["sbatch", path]], sbatch_script=script, sbatch_path=path,
                       notes=[f"slurm: {args.nnodes} node(s) x {args.gpus_per_node} GPUs via sbatch + srun"])
 
 
 def execute(plan: LaunchPlan) -> int:
-    if plan.sbatch_script is not None:
-        atomic_write_text(plan.sbatch_path, plan.sbatch_script, executable=True)
+    plan.write_files()
     env = {**os.environ, **plan.env}
     for cmd in plan.commands:
         rc = subprocess.call(cmd, env=env)
@@ -259,15 +321,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"megamoe launch: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        plan.write_files()  # so that the printed commands run as printed
         print(plan.render())
         return 0
     return execute(plan)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``megamoe launch``: options and CONFIG / key=value may be interleaved."""
     parser = argparse.ArgumentParser(prog="megamoe launch", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

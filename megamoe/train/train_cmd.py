@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from megamoe.cli import command_line
     from megamoe.config import ConfigError
     from megamoe.train.config import check_world_size, dump_config, load_config, world_size_from_env
 
@@ -38,13 +39,13 @@ def run(args: argparse.Namespace) -> int:
         args.overrides, args.resume = [args.resume, *args.overrides], "latest"
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:  # printing needs no world: the layout is checked where the job starts
+            print(dump_config(cfg), end="")
+            return 0
         check_world_size(cfg, world_size_from_env())
     except ConfigError as exc:
         print(f"megamoe train: config error: {exc}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
 
     from megamoe.atomic import OutOfSpaceError
     from megamoe.checkpoint.integrity import CheckpointError, NonFiniteWeightsError
@@ -67,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
               + (f"; held-out loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, MaxVio_global {ev['max_vio_global']:.3f}"
                  if ev else ""))
         print(f"  metrics:     {os.path.join(result.output_dir, 'metrics.jsonl')}")
-        print(f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tb')}")
+        tb = command_line("--logdir", os.path.join(result.output_dir, "tb"), script="tensorboard",
+                          module="tensorboard.main")
+        print(f"  tensorboard: {tb}")
         for path in result.plots:
             print(f"  plot:        {path}")
         if result.nonfinite_steps_skipped:
             print(f"  skipped:     {result.nonfinite_steps_skipped} non-finite steps (train.nonfinite=skip)")
         print(f"  checkpoint:  {result.checkpoint}")
-        print(f"  export to HF: megamoe convert {result.checkpoint} {os.path.join(result.output_dir, 'hf')}")
+        print(f"  export to HF: {command_line('convert', result.checkpoint, os.path.join(result.output_dir, 'hf'))}")
     return 0

@@ -100,22 +100,25 @@ def pick_device(choice: str) -> torch.device:
         raise ConfigError("train.device='cuda' but CUDA is not available; use train.device=cpu or auto")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+    from megamoe.parallel import cuda_device_for_rank
+    try:
+        index = cuda_device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (or set train.device=cpu)") from None
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
-    if world_size == 1 or dist.is_initialized():
+    """The process group: the launcher's, or a one-process group when the DeepSpeed backend
+    runs without a launcher (DeepSpeed needs one even for a single process)."""
+    if dist.is_initialized() or (world_size == 1 and cfg.parallel.backend == "torch"):
         return
-    backend = cfg.parallel.dist_backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if cfg.parallel.backend == "deepspeed":
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
-    else:
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    from megamoe.parallel import init_distributed as start_group
+    try:
+        start_group(backend=cfg.parallel.dist_backend, device_type=device.type, timeout=timedelta(minutes=30))
+    except ValueError as exc:  # dist_backend nccl on a CPU process, or an incomplete launcher environment
+        raise ConfigError(f"parallel: {exc}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -85,13 +85,14 @@ def deepspeed_ep_worker(rank: int, world: int) -> dict:
     for s in range(DS_STEPS):
         for m in range(DS_ACCUM):
             part = rank * DS_ACCUM + m
-            loss = nn.functional.cross_entropy(engine(x[s, part]), y[s, part])
+            xs, ys = x[s, part].to(engine.device), y[s, part].to(engine.device)
+            loss = nn.functional.cross_entropy(engine(xs), ys)
             engine.backward(loss)
             engine.step()
             if m < DS_ACCUM - 1:
                 assert bal.num_updates == s
         metrics.append(bal.last_metrics)
-    shard = held[rank * DS_ACCUM:(rank + 1) * DS_ACCUM].reshape(-1, DIM)
+    shard = held[rank * DS_ACCUM:(rank + 1) * DS_ACCUM].reshape(-1, DIM).to(engine.device)
     return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
             "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates}
 

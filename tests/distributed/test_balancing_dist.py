@@ -139,13 +139,14 @@ def deepspeed_worker(rank, world, x, y, held, cfg, lr, accum):
     for s in range(x.shape[0]):
         for m in range(accum):
             part = rank * accum + m
-            loss = nn.functional.cross_entropy(engine(x[s, part]), y[s, part])
+            xs, ys = x[s, part].to(engine.device), y[s, part].to(engine.device)
+            loss = nn.functional.cross_entropy(engine(xs), ys)
             engine.backward(loss)  # the engine divides by the accumulation steps
             engine.step()          # a real optimizer step only at the boundary
             if m < accum - 1:
                 assert bal.num_updates == s
         metrics.append(bal.last_metrics)
-    shard = held[rank * accum:(rank + 1) * accum].reshape(-1, DIM)
+    shard = held[rank * accum:(rank + 1) * accum].reshape(-1, DIM).to(engine.device)
     return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
             "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates}
 

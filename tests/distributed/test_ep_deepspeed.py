@@ -67,7 +67,7 @@ def train_ds(rank: int, world: int, ep_size: int, stage: int, dtype: str) -> dic
             loss = lm_loss(engine, micro_batch(data, step, micro, rank, world))
             engine.backward(loss)
             engine.step()
-            total += loss.detach() / GAS
+            total += loss.detach().float().cpu() / GAS
         dist.all_reduce(total)
         losses.append(float(total) / world)
         norms.append(float(engine.get_global_grad_norm()))
@@ -158,8 +158,8 @@ def all_remote_step(rank: int, world: int) -> dict:
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6}
     engine = mds.initialize(model, config, groups, optimizer=torch.optim.SGD(mds.moe_param_groups(model), lr=0.1))
     rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    out = engine(x[rows])
-    engine.backward((out * g[rows]).sum())
+    out = engine(x[rows].to(engine.device))
+    engine.backward((out * g[rows].to(engine.device)).sum())
     engine.step()
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "ep_size": groups.ep_size}

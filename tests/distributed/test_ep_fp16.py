@@ -72,7 +72,7 @@ def _train(rank: int, world: int, stage: int) -> dict:
             overflow = step == OVERFLOW_STEP and micro == 0 and rank == 0
             engine.backward(loss * math.inf if overflow else loss)
             engine.step()
-            total += loss.detach().float() / GAS
+            total += loss.detach().float().cpu() / GAS
         dist.all_reduce(total)
         losses.append(float(total) / world)
         norms.append(float(engine.get_global_grad_norm()))

@@ -40,7 +40,7 @@ def _ds_rank(rank, world_size):
               "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
               "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    ids = _batches()[rank]
+    ids = _batches()[rank].to(engine.device)
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()

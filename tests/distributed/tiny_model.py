@@ -58,7 +58,9 @@ class TinyMoETransformer(nn.Module):
 
 
 def lm_loss(model: nn.Module, tokens_BS: Tensor) -> Tensor:
-    """Next-token cross-entropy, mean over the batch given."""
+    """Next-token cross-entropy, mean over the batch given (moved to the model's device: a
+    DeepSpeed engine under NCCL computes on its rank's GPU)."""
+    tokens_BS = tokens_BS.to(next(model.parameters()).device)
     logits = model(tokens_BS[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens_BS[:, 1:].reshape(-1))
 

@@ -43,7 +43,7 @@ def launch(capsys):
 @pytest.fixture()
 def files(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("steps: 1\n")
+    cfg.write_text("train: {steps: 1}\nparallel: {ep_size: 2}\n")  # a valid training config (EP=2)
     hosts = tmp_path / "hostfile"
     hosts.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
     return str(cfg), str(hosts)
@@ -59,44 +59,55 @@ TRAIN = ["-m", "megamoe.cli", "train"]
 def test_deepspeed_dry_run_two_nodes(files, launch):
     cfg, hosts = files
     res = launch("deepspeed", "--dry-run", "--nnodes", "2", "--gpus-per-node", "8", "--hostfile", hosts, cfg,
-                 "model.num_experts=8", "name=two words")
+                 "model.num_experts=8", "train.output_dir=two words")
     assert res.returncode == 0, res.stderr
     (cmd,) = command_lines(res.stdout)
     assert cmd == [PY, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--num_nodes", "2",
                    "--master_addr", "node-a", "--num_gpus", "8", "--master_port", "29500", "--no_local_rank",
-                   "--module", "megamoe.cli", "train", "--config", cfg, "model.num_experts=8", "name=two words"]
+                   "--module", "megamoe.cli", "train", "--config", cfg, "model.num_experts=8", "train.output_dir=two words"]
 
 
 def test_torchrun_dry_run_two_nodes(files, launch):
     cfg, _ = files
     res = launch("torchrun", "--dry-run", "--nnodes", "2", "--gpus-per-node", "8", "--master-addr", "node-a",
-                 "--master-port", "6000", cfg, "lr=0.1")
+                 "--master-port", "6000", cfg, "train.lr=0.1")
     assert res.returncode == 0, res.stderr
     cmds = command_lines(res.stdout)
     assert len(cmds) == 2
     for node, cmd in enumerate(cmds):
         assert cmd == [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8",
                        "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:6000",
-                       "--rdzv-id", "megamoe", *TRAIN, "--config", cfg, "lr=0.1"]
+                       "--rdzv-id", "megamoe", *TRAIN, "--config", cfg, "train.lr=0.1"]
 
 
 def test_slurm_dry_run_two_nodes(files, tmp_path, launch):
     cfg, _ = files
     out = str(tmp_path / "job.sbatch")
     res = launch("slurm", "--dry-run", "--nnodes", "2", "--gpus-per-node", "8", "--sbatch-out", out,
-                 "--sbatch-arg=--partition=gpu", cfg, "lr=0.1")
+                 "--sbatch-arg=--partition=gpu", cfg, "train.lr=0.1")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert ["sbatch", out] in command_lines("\n".join(lines[:2]))
+    # The only command is `sbatch FILE`, and FILE exists: the printed text runs as printed.
+    assert command_lines(res.stdout) == [["sbatch", out]]
+    assert os.access(out, os.X_OK)
+    lines = open(out).read().splitlines()
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu"):
         assert f"#SBATCH {directive}" in lines
+    assert all(f"#   {line}" in res.stdout for line in lines)  # shown, as comments
     (srun,) = [line for line in lines if line.startswith("srun ")]
     argv = shlex.split(srun)
     assert argv[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"]
     assert argv[3:] == [PY, "-m", "torch.distributed.run", "--nnodes", "$SLURM_NNODES", "--nproc-per-node", "8",
                         "--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT", "--rdzv-id",
-                        "$SLURM_JOB_ID", *TRAIN, "--config", cfg, "lr=0.1"]
-    assert not os.path.exists(out), "a dry run must not write the sbatch script"
+                        "$SLURM_JOB_ID", *TRAIN, "--config", cfg, "train.lr=0.1"]
+
+
+def test_slurm_default_sbatch_path_is_under_runs(files, tmp_path, monkeypatch, launch):
+    cfg, _ = files
+    monkeypatch.chdir(tmp_path)
+    res = launch("slurm", "--dry-run", cfg)
+    assert res.returncode == 0, res.stderr
+    path = str(tmp_path / "runs" / "launch" / "run.megamoe.sbatch")
+    assert command_lines(res.stdout) == [["sbatch", path]] and os.path.isfile(path)
 
 
 def test_slurm_run_writes_an_executable_script_then_submits_it(files, tmp_path, monkeypatch):
@@ -121,6 +132,10 @@ def test_slurm_run_writes_an_executable_script_then_submits_it(files, tmp_path, 
     ("torchrun", ["--nnodes", "2", "--master-addr", "a", "--node-rank", "2"], "--node-rank=2 is invalid"),
     ("slurm", ["--local-cpu"], "not slurm"),
     ("torchrun", ["--gpus-per-node", "0"], "--gpus-per-node=0 is invalid"),
+    ("deepspeed", ["--gpus-per-node", "8", "parallel.ep_size=3"], "parallel.ep_size=3 does not fit the world size 8"),
+    ("torchrun", ["--local-cpu", "--nproc", "1"], "parallel.ep_size=2 does not fit the world size 1"),
+    ("deepspeed", ["--local-cpu", "parallel.dist_backend=nccl"], "cannot run with --local-cpu"),
+    ("torchrun", ["model.num_expertz=8"], "unknown config key 'model.num_expertz'"),
 ])
 def test_bad_input_is_reported(files, launch, kind, args, message):
     cfg, _ = files
@@ -131,7 +146,7 @@ def test_bad_input_is_reported(files, launch, kind, args, message):
 def test_bad_override_and_missing_config(files, launch):
     cfg, _ = files
     res = launch("torchrun", "--dry-run", cfg, "noequals")
-    assert res.returncode == 2 and "override 'noequals' is invalid" in res.stderr
+    assert res.returncode == 2 and "got 2 arguments that are not key=value" in res.stderr
     res = launch("torchrun", "--dry-run", cfg + ".missing")
     assert res.returncode == 2 and "does not exist" in res.stderr
 
@@ -140,7 +155,7 @@ def test_bad_override_and_missing_config(files, launch):
 @pytest.mark.parametrize("kind", ["slurm"])
 def test_shell_wrappers_print_the_same_commands(files, launch, kind):
     cfg, hosts = files
-    args = ["--dry-run", "--nnodes", "2", "--hostfile", hosts, "--master-addr", "node-a", cfg, "a.b=1"]
+    args = ["--dry-run", "--nnodes", "2", "--hostfile", hosts, "--master-addr", "node-a", cfg, "train.steps=2"]
     res = launch_sh(kind, *args)
     assert res.returncode == 0, res.stderr
     assert res.stdout == launch(kind, *args).stdout
@@ -151,8 +166,86 @@ def test_local_cpu_dry_run_matches_what_runs(files, launch):
     res = launch("deepspeed", "--dry-run", "--local-cpu", cfg)
     assert res.returncode == 0, res.stderr
     (cmd,) = command_lines(res.stdout)
-    assert cmd[:3] == ["CUDA_VISIBLE_DEVICES=", "MEGAMOE_DIST_BACKEND=gloo", "OMP_NUM_THREADS=1"]
-    assert cmd[3:9] == [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"]
+    assert cmd[:4] == ["CUDA_VISIBLE_DEVICES=", "DS_ACCELERATOR=cpu", "MEGAMOE_DIST_BACKEND=gloo", "OMP_NUM_THREADS=1"]
+    assert cmd[4:11] == [PY, "-m", "deepspeed.launcher.runner", "--quiet", "--num_gpus", "2", "--master_port"]
+
+
+def test_options_and_overrides_may_be_interleaved(files, launch):
+    cfg, _ = files
+    want = launch("torchrun", "--dry-run", "--local-cpu", "--master-port", "7000", cfg, "train.steps=5").stdout
+    for order in ([cfg, "--local-cpu", "train.steps=5", "--dry-run", "--master-port", "7000"],
+                  ["--dry-run", "--local-cpu", "train.steps=5", cfg, "--master-port", "7000"]):
+        res = launch("torchrun", *order)
+        assert res.returncode == 0 and res.stdout == want, res.stderr
+    # `megamoe launch ...` (the CLI) parses the same way.
+    from megamoe import cli
+    assert cli.main(["launch", "torchrun", cfg, "--local-cpu", "train.steps=5", "--dry-run", "--master-port",
+                     "7000"]) == 0
+
+
+def test_printed_commands_carry_the_pythonpath_megamoe_needs(files, launch, monkeypatch):
+    cfg, _ = files
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    (cmd,) = command_lines(launch("torchrun", "--dry-run", cfg).stdout)
+    assert cmd[0] == f"PYTHONPATH={ROOT}"
+    monkeypatch.setenv("PYTHONPATH", "")
+    (cmd,) = command_lines(launch("torchrun", "--dry-run", cfg).stdout)
+    assert cmd[0] == PY
+
+
+@pytest.mark.parametrize("config,args,world", [
+    ("gpu_1x80gb.yaml", ["--gpus-per-node", "1"], 1),
+    ("gpu_8x80gb.yaml", [], 8),
+    ("gpu_8x80gb.yaml", ["--nnodes", "2", "--master-addr", "node-a"], 16),
+])
+def test_gpu_configs_fit_their_world_size(launch, config, args, world):
+    path = os.path.join(ROOT, "configs", config)
+    res = launch("torchrun", "--dry-run", *args, path)
+    assert res.returncode == 0, res.stderr
+    assert f"--nproc-per-node {world if world < 8 else 8}" in res.stdout
+    res = launch("torchrun", "--dry-run", "--gpus-per-node", "3", path)
+    assert res.returncode == 2 and "does not fit the world size 3" in res.stderr if world > 1 else res.returncode == 0
+
+
+def _bin_with(tmp_path, **scripts: str) -> str:
+    """A PATH folder holding the tools the launch scripts use, plus the given stand-in programs."""
+    import shutil
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("dirname", "env"):
+        os.symlink(shutil.which(tool), bindir / tool)
+    for name, body in scripts.items():
+        (bindir / name).write_text(body)
+        (bindir / name).chmod(0o755)
+    return str(bindir)
+
+
+def test_launch_scripts_find_the_repository_environment(files, tmp_path):
+    # A fresh shell: no venv activated, no MEGAMOE_PYTHON, no PYTHONPATH, a python3 on PATH
+    # that cannot import megamoe.
+    cfg, _ = files
+    venv_python = os.path.join(ROOT, ".venv", "bin", "python")
+    if not os.path.exists(venv_python):
+        pytest.skip("no .venv in this checkout (tools/bootstrap.sh makes it)")
+    path = _bin_with(tmp_path, python3="#!/bin/sh\nexit 1\n")
+    res = subprocess.run(["/bin/bash", os.path.join(ROOT, "launch", "torchrun.sh"), "--dry-run", cfg],
+                         capture_output=True, text=True, env={"PATH": path, "HOME": str(tmp_path)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (cmd,) = command_lines(res.stdout)
+    assert cmd[0] == venv_python
+
+
+def test_launch_scripts_say_how_to_set_up_without_an_environment(files, tmp_path):
+    import shutil
+    cfg, _ = files
+    repo = tmp_path / "repo"  # the launch scripts without a .venv beside them
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    path = _bin_with(tmp_path, python3="#!/bin/sh\nexit 1\n", python="#!/bin/sh\nexit 1\n")
+    res = subprocess.run(["/bin/bash", str(repo / "launch" / "deepspeed.sh"), "--dry-run", cfg],
+                         capture_output=True, text=True, env={"PATH": path, "HOME": str(tmp_path)}, timeout=60)
+    assert res.returncode != 0
+    assert "no Python environment with megamoe found" in res.stderr
+    assert f"bash {repo}/tools/bootstrap.sh" in res.stderr
 
 
 @pytest.mark.distributed

@@ -97,18 +97,19 @@ def test_rl_cli_explains_missing_mujoco_when_its_import_fails(tmp_path, monkeypa
     assert main(["rl", "--env", "HalfCheetah-v5", "--steps", "5", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "'HalfCheetah-v5' is a MuJoCo task but 'mujoco' cannot be imported" in err
-    assert "pip install 'megamoe[mujoco]'" in err
+    assert "pip install 'gymnasium[mujoco]'" in err and "pip install -e '.[mujoco]'" in err
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(not mujoco_available(), reason="needs the mujoco extra (pip install 'megamoe[mujoco]')")
+@pytest.mark.skipif(not mujoco_available(), reason="needs the mujoco extra (pip install -e '.[mujoco]')")
 def test_rl_cli_trains_on_a_mujoco_task(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory on warnings
+    monkeypatch.chdir(tmp_path)  # MuJoCo's own handler would append its warnings to ./MUJOCO_LOG.TXT
     out = tmp_path / "cheetah"
     assert main(["rl", "--env", "HalfCheetah-v5", "--steps", "80", "--start-steps", "50", "--update-after", "50",
                  "--batch-size", "16", "--hidden", "16,16", "--eval-every", "0", "--no-progress",
                  "--out", str(out)]) == 0
     assert "80 steps" in capsys.readouterr().out
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()  # HalfCheetah's model makes MuJoCo warn on load
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert (ckpt["obs_dim"], ckpt["act_dim"], ckpt["env"]) == (17, 6, "HalfCheetah-v5")
     agent = SACAgent.from_checkpoint(ckpt)

@@ -68,3 +68,83 @@ def test_unsupported_deepspeed_configs_are_refused():
     validate_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
     for stage in (1, 2, 3):
         validate_ds_config({"zero_optimization": {"stage": stage}, "fp16": {"enabled": True}})
+
+
+def test_ds_config_is_read_from_a_dict_a_json_file_or_a_yaml_file(tmp_path):
+    import json
+
+    from megamoe.integrations.deepspeed import load_ds_config
+
+    cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    (tmp_path / "ds.yaml").write_text("zero_optimization: {stage: 2}\noptimizer: {type: AdamW, params: {lr: 3e-4}}\n")
+    assert load_ds_config(cfg) == load_ds_config(str(tmp_path / "ds.json")) == load_ds_config(tmp_path / "ds.yaml")
+    with pytest.raises(ValueError, match="no such file"):
+        load_ds_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*cannot parse"):
+        load_ds_config(str(tmp_path / "bad.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_ds_config(str(tmp_path / "list.json"))
+    with pytest.raises(ValueError, match="dict or the path"):
+        load_ds_config(3)
+
+
+def test_missing_process_group_under_a_launcher_says_so(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 is set .*not initialised.*init_distributed\(\)"):
+        build_expert_parallel_groups(2)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1 without a group: a single process
+    assert build_expert_parallel_groups(1).world_size == 1
+
+
+def test_dist_backend_and_gpu_per_rank_choices():
+    from megamoe.parallel import cuda_device_for_rank, resolve_dist_backend
+
+    assert resolve_dist_backend("auto", device_type="cuda") == "nccl"
+    assert resolve_dist_backend("auto", device_type="cpu") == "gloo"
+    assert resolve_dist_backend("gloo", device_type="cuda") == "gloo"
+    with pytest.raises(ValueError, match="'nccl' needs CUDA devices"):
+        resolve_dist_backend("nccl", device_type="cpu")
+    with pytest.raises(ValueError, match="allowed values are 'auto', 'gloo', 'nccl'"):
+        resolve_dist_backend("mpi", device_type="cpu")
+    assert [cuda_device_for_rank(r, 8) for r in range(8)] == list(range(8))
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 needs GPU 1, but 1 CUDA device\(s\) are visible"):
+        cuda_device_for_rank(1, 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK=0 needs GPU 0, but 0 CUDA"):
+        cuda_device_for_rank(0, 0)
+
+
+def _clear_launcher_env(monkeypatch):
+    # setenv first, so that teardown restores each variable's original state, absent included:
+    # init_distributed sets them, and a LOCAL_RANK left behind makes later HF Trainers go distributed.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+def test_init_distributed_alone_makes_a_one_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from megamoe.parallel import init_distributed
+
+    _clear_launcher_env(monkeypatch)
+    assert not dist.is_initialized()
+    init_distributed(backend="auto", device_type="cpu")
+    try:
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0 and dist.get_backend() == "gloo"
+        groups = build_expert_parallel_groups(1)
+        assert groups.ep_group is not None and groups.world_size == 1
+        init_distributed()  # a second call keeps the group
+    finally:
+        dist.destroy_process_group()
+
+
+def test_init_distributed_with_an_incomplete_launcher_environment(monkeypatch):
+    from megamoe.parallel import init_distributed
+
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT is not"):
+        init_distributed(device_type="cpu")

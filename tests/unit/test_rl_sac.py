@@ -177,6 +177,22 @@ def test_replay_buffer_state_restores_into_a_larger_buffer_until_it_has_wrapped(
     assert torch.equal(same.sample(16, generator=g1).obs_BO, buf.sample(16, generator=g2).obs_BO)
 
 
+def test_replay_buffer_state_at_mark_survives_later_rows_and_wraps():
+    buf = ReplayBuffer(2, 1, capacity=4)
+    for i in range(3):
+        buf.add(np.full(2, i), np.array([i]), float(i), np.full(2, i + 1), False)
+    buf.mark()
+    want = buf.state_dict()
+    for i in range(3, 12):  # fills the ring, then overwrites every row twice
+        buf.add(np.full(2, i), np.array([i]), float(i), np.full(2, i + 1), i % 2 == 0)
+    got = buf.state_dict_at_mark()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, key
+    buf.mark()  # a new mark starts from the current ring
+    assert torch.equal(buf.state_dict_at_mark()["rew"], buf.state_dict()["rew"])
+
+
 class _Interrupted(Exception):
     pass
 
@@ -226,7 +242,7 @@ def test_train_interrupted_and_resumed_matches_the_uninterrupted_run(tmp_path):
     assert saved == [400]
 
 
-@pytest.mark.skipif(not mujoco_available(), reason="needs the mujoco extra (pip install 'megamoe[mujoco]')")
+@pytest.mark.skipif(not mujoco_available(), reason="needs the mujoco extra (pip install -e '.[mujoco]')")
 def test_train_resume_is_exact_on_a_mujoco_task(tmp_path):
     # Hopper's random-action episodes end early (falls), so resets (which draw from the env RNG) are frequent
     _interrupted_then_resumed_equals_uninterrupted(tmp_path, "Hopper-v5", total=400, every=150, cut=330)
@@ -237,3 +253,25 @@ def test_resume_rejects_a_foreign_state():
     agent = make_agent(env, SACConfig(components=2, hidden=(8,)))
     with pytest.raises(ValueError, match="not a megamoe.rl training state"):
         train(env, agent, total_steps=10, resume={"format": "x"})
+
+
+def _pendulum_run(total: int, *, resume=None, on_checkpoint=None):
+    cfg = SACConfig(components=3, hidden=(16, 16), batch_size=32, start_steps=100, update_after=100)
+    torch.manual_seed(0 if resume is None else 123)  # a resumed agent's weights must all come from the state
+    env = make_env("Pendulum-v1")
+    agent = make_agent(env, cfg)
+    records = train(env, agent, total_steps=total, seed=1, on_checkpoint=on_checkpoint, resume=resume)
+    return records, agent
+
+
+@pytest.mark.parametrize("short,last_end", [(300, 200), (120, 0)])
+def test_a_run_that_ends_mid_episode_can_be_extended_exactly(short, last_end):
+    # Pendulum episodes are 200 steps: a 300-step run ends mid-episode (its last episode end is
+    # step 200), a 120-step run ends inside its first episode (resumable from the start).
+    saved = []
+    _pendulum_run(short, on_checkpoint=saved.append)
+    assert [s["step"] for s in saved] == [last_end]
+    ref_records, ref = _pendulum_run(400)
+    records, extended = _pendulum_run(400, resume=saved[-1])
+    assert [r.to_json() for r in records] == [r.to_json() for r in ref_records]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), extended.state_dict().values()))

@@ -23,7 +23,7 @@ def test_shipped_configs_load_and_round_trip():
     assert cfg.parallel.backend == "torch" and cfg.model.num_experts == 8
     assert config_from_mapping(to_dict(cfg)) == cfg
     raw = yaml.safe_load(open(TINY_CFG))
-    assert raw["parallel"] == {"backend": "deepspeed", "ep_size": 2, "zero_stage": 1, "dist_backend": "gloo"}
+    assert raw["parallel"] == {"backend": "deepspeed", "ep_size": 2, "zero_stage": 1, "dist_backend": "auto"}
     cfg2 = load_config(TINY_CFG, TORCH)
     assert cfg2.model == cfg.model  # same model in both, only the parallel layout differs
 

@@ -1,0 +1,33 @@
+"""Every script in tools/ answers --help without running anything or writing a file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+
+
+def _tree(top: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for folder, _, files in os.walk(top):
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.slow
+def test_tools_help_writes_nothing(tmp_path):
+    before = _tree(os.path.join(ROOT, "tools"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for tool in TOOLS:
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--help"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and "usage:" in res.stdout, f"{tool}: {res.stderr[-2000:]}"
+    assert _tree(os.path.join(ROOT, "tools")) == before, "a tool wrote into tools/ on --help"
+    assert not list(tmp_path.iterdir()), f"a tool wrote into the working directory: {list(tmp_path.iterdir())}"
