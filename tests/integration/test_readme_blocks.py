@@ -1,8 +1,7 @@
 """The README's Python blocks run as printed (in a scratch directory, one process each).
 
-Known exceptions, by their first line: the DeepSpeed script (examples/deepspeed_moe.py, run by
-test_deepspeed_example.py) and the Hugging Face fragment, which needs a loaded HF model and
-a dataset.
+Known exception, by its first line: the DeepSpeed script (examples/deepspeed_moe.py, run by
+test_deepspeed_example.py, which also checks that the README shows it verbatim).
 """
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NOT_HERE = ('"""Train a megamoe MoE language model with DeepSpeed',  # test_deepspeed_example.py
-            "from megamoe import RouterConfig")  # HF fragment: `model`, `Trainer`, `args`, `ds` come from the user
+NOT_HERE = ('"""Train a megamoe MoE language model with DeepSpeed',)  # test_deepspeed_example.py
 BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
                                 re.S) if not b.startswith(NOT_HERE)]
 
