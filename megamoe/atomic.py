@@ -22,6 +22,14 @@ def _file_mode(executable: bool = False) -> int:
     return (0o777 if executable else 0o666) & ~mask
 
 
+def give_usual_mode(path: str | os.PathLike) -> None:
+    """Give a finished file the umask-derived mode (keeping its owner-execute bit): writers
+    that create files 0600 themselves (mkstemp, safetensors) would otherwise publish files
+    other users of a shared checkpoint folder cannot read."""
+    executable = bool(os.stat(path).st_mode & 0o100)
+    os.chmod(path, _file_mode(executable))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, executable: bool = False) -> Path:
     """Call ``write(tmp_path)`` to produce the content, then move it to ``path``.
 

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from megamoe.atomic import out_of_space_error
+from megamoe.atomic import give_usual_mode, out_of_space_error
 from megamoe.checkpoint.integrity import MANIFEST_NAME, hash_file, list_files, write_manifest
 
 CRASH_ENV = "MEGAMOE_CRASH_AT"
@@ -204,6 +204,8 @@ def seal(payload: Path, *, collective: bool = False) -> None:
     the files it can see, rank 0 writes the manifest."""
     dist = _dist() if collective else None
     if dist is None:
+        for rel in list_files(payload):
+            give_usual_mode(payload / rel)
         write_manifest(payload)
         return
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -211,8 +213,12 @@ def seal(payload: Path, *, collective: bool = False) -> None:
     listing = run_agreed(lambda: list_files(payload), collective=True)
     dist.all_gather_object(seen, listing)
     files = sorted(set().union(*seen))
-    records = run_agreed(lambda: {rel: hash_file(payload / rel, fsync=True) for rel in files[rank::world]},
-                          collective=True)
+    def share() -> dict[str, Any]:
+        for rel in files[rank::world]:
+            give_usual_mode(payload / rel)
+        return {rel: hash_file(payload / rel, fsync=True) for rel in files[rank::world]}
+
+    records = run_agreed(share, collective=True)
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, records)
     merged = {k: v for part in parts for k, v in part.items()}

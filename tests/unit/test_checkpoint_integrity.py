@@ -149,6 +149,23 @@ def test_staged_directory_publishes_sealed_and_replaces_by_swap(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging, old or lock left
 
 
+def test_published_files_get_the_umask_mode_whatever_their_writer_gave_them(tmp_path):
+    """safetensors and mkstemp create files 0600: a shared checkpoint folder must stay readable by
+    the group/others the umask allows; an executable keeps its execute bits."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    final = tmp_path / "out"
+    with StagedDirectory(final) as st:
+        for name, mode in (("weights.bin", 0o600), ("run.sh", 0o700), ("sub/meta.json", 0o640)):
+            (st.payload / name).parent.mkdir(exist_ok=True)
+            (st.payload / name).write_text(name)
+            os.chmod(st.payload / name, mode)
+    assert (final / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (final / "sub" / "meta.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (final / "run.sh").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert verify_directory(final).verified
+
+
 def test_a_failed_or_abandoned_write_leaves_everything_as_it_was(tmp_path):
     final = _sealed(tmp_path, "out")
     with pytest.raises(RuntimeError, match="boom"):
