@@ -300,6 +300,8 @@ def _slurm_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
     ])
     stem = os.path.splitext(os.path.basename(config))[0]
     path = os.path.abspath(args.sbatch_out or os.path.join("runs", "launch", f"{stem}.{args.job_name}.sbatch"))
+    from megamoe.checkpoint.staged import check_output_path
+    check_output_path(path, inputs=[config], what="--sbatch-out", directory=False, error=LaunchError)
     return LaunchPlan(kind="slurm", commands=[["sbatch", path]], sbatch_script=script, sbatch_path=path,
                       notes=[f"slurm: {args.nnodes} node(s) x {args.gpus_per_node} GPUs via sbatch + srun"])
 

@@ -101,6 +101,17 @@ def test_slurm_dry_run_two_nodes(files, tmp_path, launch):
                         "$SLURM_JOB_ID", *TRAIN, "--config", cfg, "train.lr=0.1"]
 
 
+@pytest.mark.parametrize("where", ["config", "a directory"])
+def test_slurm_sbatch_out_never_overwrites_the_config(files, tmp_path, launch, where):
+    cfg, _ = files
+    before = open(cfg).read()
+    out = cfg if where == "config" else str(tmp_path)
+    res = launch("slurm", "--dry-run", "--sbatch-out", out, cfg)
+    assert res.returncode != 0 and "--sbatch-out" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert ("is the input" in res.stderr) == (where == "config")
+    assert open(cfg).read() == before
+
+
 def test_slurm_default_sbatch_path_is_under_runs(files, tmp_path, monkeypatch, launch):
     cfg, _ = files
     monkeypatch.chdir(tmp_path)
