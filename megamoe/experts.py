@@ -18,7 +18,7 @@ Paths, all computing the same function:
 - :func:`reference_moe`: a deliberately plain per-(token, slot) reference for tests.
 ``auto`` picks triton (grouped without triton installed) on CUDA when the shapes are
 aligned, loop otherwise (on CPU the per-expert loop measured faster than grouped_mm in torch
-2.13; see tools/bench_layer.py). :meth:`ExpertBank.impl_for` is where that choice is made.
+2.13; see tools/bench/bench_layer.py). :meth:`ExpertBank.impl_for` is where that choice is made.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class EstimatorOptions:
 class BalancedOptions(EstimatorOptions):
     """Options of ``balanced``; adds group_size: consecutive tokens balanced together (null:
     the whole local batch). The exact assignment costs up to O(G^3) per group, so the default
-    256 keeps it a small share of a layer step (tools/bench_routers.py); the gradient is
+    256 keeps it a small share of a layer step (tools/bench/bench_routers.py); the gradient is
     unbiased for whichever grouping is used."""
 
     group_size: int | None = spec(256, ge=1)

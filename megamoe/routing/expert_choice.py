@@ -30,7 +30,7 @@ Options (``RouterConfig.options``, see :class:`ExpertChoiceOptions`):
   tokens) and rounding their solution keeps less of the objective, which is why the exact solve
   is the default. The solve runs on the CPU (the scores are copied there, a device sync on GPU) and is
   not cheap: 54 / 239 ms at T = 512 / 2048, E = 8 on a shared 2-core CPU, about a third of the
-  capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench_routers.py).
+  capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench/bench_routers.py).
   Statistics: ``lp_seconds``, ``lp_iterations`` and ``lp_violation`` (dykstra),
   ``over_cap_fraction`` (always 0 now).
 - ``causal_mode``: Expert Choice lets a token's selection depend on later tokens of the batch,

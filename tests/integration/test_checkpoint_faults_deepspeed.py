@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def _launch(out: Path, cache: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    from megamoe.testing import free_port
+    from megamoe.parallel import free_port
     cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--local-cpu", "--nproc", "2", "--master-port",
            str(free_port()), *flags, str(ROOT / "configs" / "tiny.yaml"), *TINY, f"train.output_dir={out}",
            f"data.cache_dir={cache}"]

@@ -251,7 +251,7 @@ def test_launch_scripts_say_how_to_set_up_without_an_environment(files, tmp_path
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_local_cpu_run_trains_with_expert_parallelism():
-    res = launch_sh("torchrun", "--local-cpu", "--nproc", "2", "--script", "tools/ep_smoke_train.py",
+    res = launch_sh("torchrun", "--local-cpu", "--nproc", "2", "--script", "tools/smoke/ep_smoke_train.py",
                  "configs/ep_smoke.yaml", "steps=3", timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # Parsed by pattern, not by line: both ranks write to one pipe, so a result may share a line.

@@ -213,7 +213,7 @@ DS_ARGS = ("train.steps=12", "train.save_interval=4", "train.eval_interval=12", 
 
 
 def _ds_cmd(out_dir, cache_dir, *extra, flags=()):
-    from megamoe.testing import free_port
+    from megamoe.parallel import free_port
     return ["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), "--local-cpu", "--nproc", "2", "--master-port",
             str(free_port()), *flags, TINY_CFG, *DS_TINY, f"train.output_dir={out_dir}",
             f"data.cache_dir={cache_dir}", *DS_ARGS, *extra]

@@ -13,8 +13,8 @@ The corpus: D domains, each an order-1 Markov chain over its own (overlapping) s
 vocabulary with a sparse random transition table; domains have unequal shares of the data
 (so a router that follows the data is unbalanced unless something balances it).
 
-    python tools/exp_alflb.py --out runs/alflb      # full run (~3 min of CPU on one idle core)
-    python tools/exp_alflb.py --steps 40            # smoke run, prints only
+    python tools/experiments/exp_alflb.py --out runs/alflb      # full run (~3 min of CPU on one idle core)
+    python tools/experiments/exp_alflb.py --steps 40            # smoke run, prints only
 
 Shape legend: B sequences, S sequence length, T = B*S tokens, D model width, V vocabulary.
 """
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         return 0
     os.makedirs(args.out, exist_ok=True)
-    command = "python tools/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/experiments/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_table(results, args, os.path.join(args.out, f"{args.name}.md"), command.strip())
     write_plot(results, os.path.join(args.out, f"{args.name}_maxvio.png"))
     print(f"wrote {args.out}/{args.name}.md and {args.name}_maxvio.png")

@@ -6,8 +6,8 @@ of the converted HF model (as loaded back by from_pretrained), whether 16 greedy
 match, and whether HF -> megamoe restores the weights bit for bit. For each HF family:
 the max abs logits diff between the dense model and its upcycled MoE at step 0.
 
-    python tools/hf_convert_check.py                                  # prints the tables
-    python tools/hf_convert_check.py --out tools/results/hf_convert.md   # and writes them there
+    python tools/experiments/hf_convert_check.py                                  # prints the tables
+    python tools/experiments/hf_convert_check.py --out tools/results/hf_convert.md   # and writes them there
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32. "
         "Models: H=128, 4 blocks, 8 heads / 2 KV heads (GQA) or MLA (q latent 48, kv latent 32, head dims "
         "16 + 8 rotary, values 16), 8 experts of I=64, random N(0, 0.1) weights; "
-        "probe 4x64 tokens. Produced by `python tools/hf_convert_check.py --out tools/results/hf_convert.md`.",
+        "probe 4x64 tokens. Produced by `python tools/experiments/hf_convert_check.py --out tools/results/hf_convert.md`.",
         "",
         "| megamoe model | auto format | max abs logits diff (fp32) | 16 greedy tokens equal | "
         "HF->megamoe weights bit-exact |",

@@ -10,7 +10,7 @@ top-2's expert compute). The score: optimizer steps until the held-out masked-LM
 exponential moving average over evaluations) first reaches a target, the target being the
 loss top-2 has at mid-run (``--target-frac``); median over seeds.
 
-    PYTHONPATH=$PWD python tools/exp_expert_choice_mlm.py --out tools/results/routers_part1_ec.md
+    PYTHONPATH=$PWD python tools/experiments/exp_expert_choice_mlm.py --out tools/results/routers_part1_ec.md
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from megamoe.config import ConfigError, check_fields, spec
-from megamoe.rl.policy import MixtureGaussianPolicy, mlp
+from megamoe.research.rl.policy import MixtureGaussianPolicy, mlp
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ assignment (projections + integral HiGHS solve), with its projection sweeps and 
 tokens over the cap in the notes; ``score_sum`` is the objective sum of S over the chosen
 (token, expert) pairs (uncapped Expert Choice is its upper bound). Medians over ``--reps`` after one warm-up.
 
-    PYTHONPATH=$PWD python tools/bench_routers.py --tokens 512 2048 --out tools/results/bench_routers.md
+    PYTHONPATH=$PWD python tools/bench/bench_routers.py --tokens 512 2048 --out tools/results/bench_routers.md
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ beside it), e.g. ``--out tools/results/routers_part2.md``.
 
 Usage (each part is a few CPU minutes; ``all`` runs the three)::
 
-    OMP_NUM_THREADS=1 python tools/routers_part2.py all --seeds 0 1 2
+    OMP_NUM_THREADS=1 python tools/experiments/routers_part2.py all --seeds 0 1 2
 
 The LM parts use a compact causal character LM defined here (megamoe.model was not on main
 yet) on a locally generated four-domain corpus: arithmetic, template English, a motif
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_savefig, atomic_write_text
 from megamoe.routing.stochastic import thor_loss
-from megamoe.single_gate import SingleGatedMoE, train_base, train_expert
+from megamoe.research.single_gate import SingleGatedMoE, train_base, train_expert
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -327,7 +327,7 @@ def main() -> int:
             if args.out is not None:
                 _plot(points, args.out.with_name("routers_part2_single_gate.png"))
                 lines += ["![accuracy vs compute](routers_part2_single_gate.png)", ""]
-        cmd = f"`OMP_NUM_THREADS=1 python tools/routers_part2.py {part} --seeds " \
+        cmd = f"`OMP_NUM_THREADS=1 python tools/experiments/routers_part2.py {part} --seeds " \
               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}`" if part != "single_gate" else "`")
         lines += [f"Command: {cmd} ({time.process_time() - c0:.0f} CPU s, {time.perf_counter() - t0:.0f} s wall on a shared 2-core "
                   "machine, 1 thread).", ""]

@@ -8,7 +8,7 @@ cluster frequencies, and skewed ones (the balanced router must then send some to
 sent to its most likely expert (no capacity), median over seeds; lower is better. Purity: the
 share of held-out tokens routed to their cluster's majority expert (1 = clean specialisation).
 
-    PYTHONPATH=$PWD python tools/exp_kool_toy.py --out tools/results/routers_part1_kool.md
+    PYTHONPATH=$PWD python tools/experiments/exp_kool_toy.py --out tools/results/routers_part1_kool.md
 """
 from __future__ import annotations
 
