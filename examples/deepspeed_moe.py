@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe import ExpertConfig, RouterConfig
+from megamoe.checkpoint import reshardable
 from megamoe.integrations import deepspeed as mds
 from megamoe.model import ModelConfig, MoETransformerLM
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups, init_distributed
@@ -71,8 +72,8 @@ engine.eval()
 with torch.no_grad():
     probe = batch(10_000)
     before = mean_over_ranks(engine(probe, labels=probe).loss)
-    mds.save_checkpoint(engine, args.out)  # every rank; staged, sealed by a sha256 manifest, swapped in
-    mds.load_checkpoint(engine, args.out)  # also works at another EP size, world size or ZeRO stage
+    reshardable.save_checkpoint(engine, args.out)  # every rank; staged, sealed by a sha256 manifest, swapped in
+    reshardable.load_checkpoint(engine, args.out)  # also works at another EP size, world size or ZeRO stage
     after = mean_over_ranks(engine(probe, labels=probe).loss)
 if rank == 0:
     print(f"saved and loaded {args.out}: held-out loss {before:.6f} before, {after:.6f} after")

@@ -86,6 +86,15 @@ class ExpertBank(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
+    @torch.no_grad()
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep only experts ``[start, stop)`` (an expert-parallel rank's slice; new parameters)."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise ValueError(f"expert slice [{start}, {stop}) is invalid for {self.num_experts} experts")
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
+        self.num_experts = stop - start
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, activation={self.config.activation!r}, "

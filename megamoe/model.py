@@ -401,14 +401,6 @@ class MoETransformerLM(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
-
-    def set_step(self, step: int) -> None:
-        """Tell every MoE layer the optimizer step (routers with schedules read it)."""
-        for m in self.moe_layers():
-            m.step = step
-
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> LMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")

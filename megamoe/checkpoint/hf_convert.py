@@ -5,7 +5,7 @@ D hidden size, B batch, L sequence, V vocabulary.
 
 megamoe -> HF (:func:`convert_to_hf`). The source is a live MoETransformerLM, a
 consolidated megamoe directory, or a DeepSpeed training checkpoint (consolidated by
-``megamoe.integrations.deepspeed.load_full_state_dict``). Target formats, in the order
+``megamoe.checkpoint.reshardable.load_full_state_dict``). Target formats, in the order
 ``auto`` tries them (the first that computes the same function wins, so no remote code
 is needed whenever a stock class fits):
 
@@ -55,10 +55,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
+from megamoe.checkpoint.consolidated import (CONFIG_NAME, is_consolidated_dir,
                                              load_state_dict_with_buffers, read_model_config, save_consolidated)
 from megamoe.checkpoint.integrity import CheckpointError, check_loaded_finite, read_json, verify_directory
-from megamoe.checkpoint.staged import check_output_path
+from megamoe.checkpoint.staged import check_output_path, write_directory
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
@@ -157,12 +157,7 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
         return load_consolidated(path, verify=not verified).eval()
     if is_deepspeed_checkpoint(path):
         cfg = read_model_config(_deepspeed_config_dir(path, tag))
-        try:
-            from megamoe.integrations.deepspeed import load_full_state_dict
-        except ImportError as exc:
-            raise ConversionError(
-                f"{path} is a DeepSpeed checkpoint, but megamoe.integrations.deepspeed.load_full_state_dict "
-                f"is not available in this installation ({exc})") from exc
+        from megamoe.checkpoint.reshardable import load_full_state_dict
         state = load_full_state_dict(str(path), tag=tag, verify=not verified)
         check_loaded_finite(state.items(), path)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -599,7 +594,7 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
             report.max_abs_diff, report.probe_shape = checked.max_abs_diff, checked.probe_shape
         report.notes.extend(_write_tokenizer(tok, tmp))
 
-    report.out_dir = atomic_dir(out, fill, overwrite=overwrite)
+    report.out_dir = write_directory(out, fill, overwrite=overwrite)
     return report
 
 

@@ -1,4 +1,4 @@
-"""CompeteSMoE competition routing (Pham et al. 2024; METHODS.md section 5), router ``compete``.
+"""CompeteSMoE competition routing (Pham et al. 2024; docs/methods.md, "CompeteSMoE"), router ``compete``.
 
 Shape legend: T tokens, D hidden size, E experts, K experts per token.
 

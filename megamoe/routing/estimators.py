@@ -13,7 +13,9 @@ In training mode each forward leaves a :class:`ScoreFunctionRecord` on the route
 (``router.pending``): the router's log-probabilities (with graph), the coefficient of each
 log-probability in the score of the sample that was drawn, and per-token loss weights. The
 training loop computes its loss *per token* (unreduced, in the layer's token order) and calls
-:func:`estimator_loss`, which returns the scalar to back-propagate instead of the plain mean:
+``megamoe.train.objectives.estimator_loss``, which takes the record
+(:meth:`ScoreFunctionRouter.take_record`) and returns the scalar to back-propagate instead of
+the plain mean:
 
     out = model(x)                                   # routers sample and record
     token_loss = F.cross_entropy(out, y, reduction="none")
@@ -28,7 +30,7 @@ unbiased here: the capacity skip and the joint assignment couple every token's w
 others' samples.) With several estimator layers the per-token loss weights multiply, which
 stays unbiased for per-token models by the tower property. ``pending`` holds the record of the
 router's latest training forward; each forward replaces it, so gradient accumulation calls
-:func:`estimator_loss` once per micro-batch.
+``estimator_loss`` once per micro-batch.
 
 ``skip``
     ``e_t ~ p(.|x_t)`` independently; tokens are visited in a uniformly random order and each
@@ -199,6 +201,11 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=ids_TK.device),
                                tokens_per_expert_E=counts_E, aux_loss=aux)
 
+    def take_record(self) -> ScoreFunctionRecord | None:
+        """The record of the latest training forward, handed over once (None afterwards)."""
+        record, self.pending = self.pending, None
+        return record
+
     def current_baseline(self) -> float:
         if self.options.baseline == "none" or int(self.baseline_steps) == 0:
             return 0.0
@@ -331,54 +338,5 @@ def seed_estimator_draws(module: nn.Module, seed: int | None, *, rank: int | Non
     return len(routers)
 
 
-def estimator_loss(model: nn.Module, token_loss: Tensor, *, reduction: str = "mean") -> Tensor:
-    """The loss to back-propagate for a model holding ``skip``/``balanced`` routers.
-
-    token_loss: per-token losses of the last training forward (any shape with T elements, in
-        the order the MoE layers saw the tokens: leading dims flattened), with graph.
-    reduction: ``mean`` (divide by T) or ``sum``.
-
-    Returns sum_t w_t * l_t (/ T), whose value is the Horvitz-Thompson estimate of the loss
-    and whose gradient adds each router's score-function term. Consumes the routers' pending
-    records (a second call without a new forward raises) and updates their baselines.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} is invalid: allowed values are 'mean', 'sum'")
-    routers = [r for r in score_function_routers(model) if r.pending is not None]
-    if not routers:
-        raise ValueError("estimator_loss found no pending routing samples: call it once after each training-mode "
-                         "forward of a model that holds a 'skip' or 'balanced' router")
-    loss_T = token_loss.reshape(-1)
-    num_tokens = loss_T.shape[0]
-    weight_T = torch.ones(num_tokens, dtype=torch.float32, device=loss_T.device)
-    for r in routers:
-        rec_tokens = r.pending.loss_weight_T.shape[0]
-        if rec_tokens != num_tokens:
-            raise ValueError(f"token_loss has {num_tokens} elements but a router saw {rec_tokens} tokens; pass the "
-                             "unreduced per-token loss (reduction='none') of the same forward")
-        weight_T = weight_T * r.pending.loss_weight_T.to(weight_T)
-    est_T = weight_T.to(loss_T.dtype) * loss_T
-    est_detached_T = est_T.detach().float()
-    total = est_T.sum()
-    for r in routers:
-        rec = r.pending
-        r.pending = None
-        b = r.current_baseline()
-        # (logp - logp.detach()) is 0 in value, so the returned value stays the loss estimate.
-        zero_TE = rec.log_probs_TE - rec.log_probs_TE.detach()
-        if rec.credit == "token":
-            adv_T = est_detached_T - b
-            r.update_baseline(float(est_detached_T.mean()) if num_tokens else 0.0)
-        else:
-            assert rec.group_T is not None
-            group_loss = torch.zeros(int(rec.group_T.max()) + 1 if num_tokens else 0, device=loss_T.device)
-            group_loss = group_loss.index_add(0, rec.group_T, est_detached_T)
-            adv_T = group_loss[rec.group_T] - b
-            r.update_baseline(float(group_loss.mean()) if num_tokens else 0.0)
-        total = total + (adv_T[:, None] * rec.score_coef_TE * zero_TE).sum().to(total.dtype)
-    return total / num_tokens if reduction == "mean" and num_tokens else total
-
-
 __all__ = ["ScoreFunctionRecord", "EstimatorOptions", "BalancedOptions", "ScoreFunctionRouter", "SkipRouter",
-           "BalancedRouter", "gumbel_assignment", "estimator_loss", "score_function_routers",
-           "seed_estimator_draws"]
+           "BalancedRouter", "gumbel_assignment", "score_function_routers", "seed_estimator_draws"]

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 from megamoe.layer import MoELayer
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 from megamoe.routing.estimators import seed_estimator_draws
 from megamoe.routing.stochastic import seed_draws
 from megamoe.testing import run_distributed

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from megamoe import ExpertConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import load_consolidated, save_consolidated  # noqa: E402
 from megamoe.checkpoint import convert_cmd, hf_convert  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 from megamoe.cli import main  # noqa: E402
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
 
@@ -28,7 +29,7 @@ def _model():
         for p in m.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
-        for layer in m.moe_layers():
+        for layer in moe_layers(m):
             layer.router.enable_selection_bias().normal_(0.0, 0.3)
     return m
 

@@ -96,19 +96,19 @@ def test_a_skipped_step_leaves_weights_optimizer_and_schedule_alone_and_names_th
     torch.manual_seed(0)
     backend = TorchBackend(MoETransformerLM(cfg.model), cfg, device=torch.device("cpu"))
     batch = [torch.randint(0, 256, (4, 32))]
-    assert not backend.train_step(batch, lambda: None).nonfinite
+    assert not backend.train_step(batch).nonfinite
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
     opt_step = {k: v["step"].clone() for k, v in backend.optimizer.state.items()}
     epoch = backend.scheduler.last_epoch
     hook = backend.model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out * float("nan"))
-    result = backend.train_step(batch, lambda: None)
+    result = backend.train_step(batch)
     hook.remove()
     assert result.nonfinite and result.where == "the output of model.layers.1.mlp (in MoE layer 1)", result
     assert all(torch.equal(before[k], v) for k, v in backend.model.state_dict().items())
     assert {k: v["step"] for k, v in backend.optimizer.state.items()} == opt_step
     assert backend.scheduler.last_epoch == epoch
     assert all(p.grad is None for p in backend.model.parameters())
-    assert not backend.train_step(batch, lambda: None).nonfinite  # and training goes on
+    assert not backend.train_step(batch).nonfinite  # and training goes on
 
 
 @pytest.fixture(scope="module")

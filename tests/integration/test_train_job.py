@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from megamoe.testing import run_distributed
 
@@ -280,3 +281,50 @@ def test_deepspeed_ep2_checkpoint_resumes_at_ep1(tmp_path, cache_dir, ds_referen
                                                                   rel=1e-5)
     meta = json.load(open(resumed / "checkpoints" / "step_00000012" / "megamoe_config.json"))
     assert meta["ep_size"] == 1
+
+
+# ------------------------------------------------------------------ ALF-LB in the train job
+def _biases(step_dir):
+    """Each MoE layer's ALF-LB bias in a torch-backend checkpoint."""
+    from safetensors.torch import load_file
+    return {k: v for k, v in load_file(str(step_dir / "model.safetensors")).items() if k.endswith("expert_bias")}
+
+
+@pytest.mark.slow
+def test_alflb_run_resumes_like_an_uninterrupted_one(tmp_path, cache_dir):
+    """``megamoe train`` with a ``balancing`` section (the torch backend): the biases move every
+    step, and a run stopped at step 3 and resumed to 6 repeats the straight 6-step run (losses,
+    biases, the balancer's update count)."""
+    alflb = ("balancing.step_size=0.001", "model.router.aux_loss_coef=0", "train.save_interval=3",
+             "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _run(straight, cache_dir, *alflb, "train.steps=6")
+    _run(stopped, cache_dir, *alflb, "train.steps=3")
+    _run(stopped, cache_dir, *alflb, "train.steps=6", "--resume")
+    got, want = _records(stopped, "train"), _records(straight, "train")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for g, w in zip(got, want):
+        assert g["loss"] == w["loss"] and g["load"] == w["load"], f"step {g['step']} differs"
+        assert g["balancer_alflb/step_size"] == 0.001 and g["balancer_alflb/bias_abs_max"] > 0
+    end = [d / "checkpoints" / "step_00000006" for d in (stopped, straight)]
+    biases = [_biases(d) for d in end]
+    assert len(biases[0]) == 2 and all(bool(b.abs().max() > 0) for b in biases[0].values())
+    assert all(torch.equal(biases[0][k], biases[1][k]) for k in biases[1])
+    for d in end:
+        assert json.load(open(d / "megamoe_config.json"))["step_state"]["balancer"]["num_updates"] == 6
+
+
+@pytest.mark.slow
+def test_alflb_defaults_with_the_deepspeed_backend_and_resume(tmp_path, cache_dir):
+    """``balancing={}`` (ALF-LB with its defaults) through the DeepSpeed backend in one process,
+    stopped at step 2 and resumed to 3: every step updates the biases once."""
+    ds = ("parallel.backend=deepspeed", "parallel.ep_size=1", "balancing={}", "train.save_interval=2",
+          "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    out = tmp_path / "ds"
+    _run(out, cache_dir, *ds, "train.steps=2")
+    _run(out, cache_dir, *ds, "train.steps=3", "--resume")
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["balancer_alflb/step_size"] == 0.001 for r in train)
+    meta = json.load(open(out / "checkpoints" / "step_00000003" / "megamoe_config.json"))
+    assert meta["step_state"]["balancer"]["num_updates"] == 3 and meta["train_config"]["balancing"]["update"] == "sign"

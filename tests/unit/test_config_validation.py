@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SINGLE_CFG = os.path.join(ROOT, "configs", "tiny_single.yaml")
 
 # Config-like dataclasses whose names do not end in Config/Options.
-EXTRA_CLASSES = [("megamoe.routing.stochastic", "ConsistencyObjective")]
+EXTRA_CLASSES = [("megamoe.train.objectives", "ConsistencyObjective")]
 # Fields for which every finite value (or every integer) is valid on purpose.
 UNBOUNDED = {"SACConfig.target_entropy", "ConsistencyObjective.ignore_index"}
 # Minimal values of required fields, per class (a new class with required fields must be added).

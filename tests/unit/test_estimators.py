@@ -13,7 +13,7 @@ import torch
 from scipy import integrate
 
 from megamoe import ConfigError, ExpertConfig, MoEConfig, MoELayer, RouterConfig
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 from megamoe.routing.estimators import gumbel_assignment
 
 Z_BOUND = 4.5        # per-coordinate z-score; ~80 coordinates -> false alarm ~ 5e-4

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from megamoe import ConfigError, ExpertConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import is_consolidated_dir, load_consolidated, save_consolidated  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 from megamoe.checkpoint.hf_convert import (ConversionError, convert_from_hf, convert_to_hf,  # noqa: E402
                                            hf_to_megamoe, megamoe_to_hf)
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
@@ -34,7 +35,7 @@ def make(cfg, *, bias=False):
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
         if bias:
-            for layer in m.moe_layers():
+            for layer in moe_layers(m):
                 layer.router.enable_selection_bias().copy_(torch.randn(cfg.num_experts) * 0.3)
     return m
 

@@ -17,7 +17,8 @@ from megamoe.checkpoint import load_consolidated, save_consolidated  # noqa: E40
 from megamoe.checkpoint.hf_convert import (ConversionError, convert_from_hf, convert_to_hf,  # noqa: E402
                                            megamoe_to_hf)
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
-from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig  # noqa: E402
+from megamoe.routing.balancing import AuxFreeBalancingConfig  # noqa: E402
+from megamoe.train.step_state import MoEStepState  # noqa: E402
 
 MLA = dict(attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6)
 
@@ -94,15 +95,15 @@ def test_mla_is_causal_and_trains_with_checkpointing():
 def _alflb_biased(cfg):
     """A model whose selection biases were set by ALF-LB updates on a few training batches."""
     model = make(cfg)
-    balancer = AuxFreeBalancer(model, AuxFreeBalancingConfig(update="sign", step_size=0.05))
+    balancer = MoEStepState(model, balancing=AuxFreeBalancingConfig(update="sign", step_size=0.05))
     model.train()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
             model(torch.randint(0, 61, (4, 16), generator=gen))
-            balancer.update()
+            balancer.end_step()
     balancer.close()
-    return model.eval(), balancer.biases()
+    return model.eval(), balancer.balancer.biases()
 
 
 def test_export_deepseek_v3_with_alflb_bias_roundtrip(tmp_path):

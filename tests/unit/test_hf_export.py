@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 from megamoe import RouterConfig  # noqa: E402
 from megamoe.checkpoint.hf_convert import ConversionError, convert_to_hf, verify_equivalent  # noqa: E402
 from megamoe.checkpoint.tokenizers import find_tokenizer, store_tokenizer  # noqa: E402
-from megamoe.integrations.hf import (MOEIFIED_MODEL_TYPE, load_moeified, moe_layers, moeify,  # noqa: E402
+from megamoe.integrations.hf import (MOEIFIED_MODEL_TYPE, load_moeified, moeify,  # noqa: E402
                                      read_moeified_config)
+from megamoe.stats import moe_layers  # noqa: E402
 
 V = 67
 

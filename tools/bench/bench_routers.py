@@ -20,7 +20,7 @@ import torch
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_write_text
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 
 ROUTERS = [
     ("topk k=2 dropless", dict(name="topk", top_k=2)),

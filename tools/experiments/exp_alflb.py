@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_savefig, atomic_write_text
-from megamoe.routing.balancing import (AuxFreeBalancer, AuxFreeBalancingConfig, ExpertLoadCounter,
-                                       evaluate_max_vio, find_balanced_routers, max_vio)
+from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.stats import evaluate_max_vio
+from megamoe.train.step_state import MoEStepState
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -135,15 +136,10 @@ def run_method(method: Method, args: argparse.Namespace, corpus: tuple[Tensor, T
                     router=RouterConfig(top_k=args.top_k, score_func="sigmoid", aux_loss_coef=method.aux_loss_coef))
     model = TinyMoELM(vocab=args.vocab, dim=args.dim, heads=4, layers=args.layers, seq=args.seq, moe=moe)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    balancer = None
-    if method.alflb is not None:
-        balancer = AuxFreeBalancer(model, method.alflb)
-        balancer.attach_to_optimizer(opt)
-    # The same measurement for every method: global counts of each step, all layers.
-    routers = [r for _, r in find_balanced_routers(model)]
-    for r in routers:
-        r.enable_selection_bias()  # zero bias for the baselines: selection is unchanged
-    meter = ExpertLoadCounter(routers)
+    # The same measurement for every method: each step's load of every layer (the step state
+    # also runs ALF-LB where the method has it).
+    state = MoEStepState(model, balancing=method.alflb)
+    state.attach_to_optimizer(opt)
     g = torch.Generator().manual_seed(args.seed + 1)  # same data order for every method
     vio_steps, losses = [], []
     t0 = time.time()
@@ -152,12 +148,11 @@ def run_method(method: Method, args: argparse.Namespace, corpus: tuple[Tensor, T
         loss = model.loss(tok)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        counts = meter.take()  # before opt.step(): the balancer hook runs inside it
-        opt.step()
-        vio_steps.append(max_vio(torch.stack(meter.per_layer(counts))).mean().item())
+        opt.step()  # ends the state's step: load statistics, then the ALF-LB update
+        vio_steps.append(state.last_metrics["moe/max_vio"])
         losses.append(loss.item())
     train_s = time.time() - t0
-    meter.remove()
+    state.close()
     model.eval()
     with torch.no_grad():
         heldout_loss = sum(model.loss(t).item() for t in heldout) / len(heldout)
@@ -194,7 +189,7 @@ def write_table(results: list[dict], args: argparse.Namespace, path: str, comman
                      f"{r['vio_batch_tail']:.3f} | {r['vio_global']:.3f} | {r['seconds']:.0f} |")
     lines += [
         "",
-        "Paper claim beside it (Han & Zhong 2025, 1B DeepSeekMoE, METHODS.md section 7): "
+        "Paper claim beside it (Han & Zhong 2025, 1B DeepSeekMoE, docs/methods.md section 7): "
         "MaxVio_global **0.04** with ALF-LB vs **0.72** with the auxiliary loss, at PPL 9.50 vs 9.56 "
         "(slightly better).",
         "",

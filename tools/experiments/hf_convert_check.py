@@ -21,6 +21,7 @@ import transformers
 from megamoe import ExpertConfig, RouterConfig
 from megamoe.checkpoint import load_consolidated, save_consolidated
 from megamoe.checkpoint.hf_convert import convert_from_hf, convert_to_hf
+from megamoe.stats import moe_layers
 from megamoe.integrations.hf import moeify
 from megamoe.model import ModelConfig, MoETransformerLM
 
@@ -67,7 +68,7 @@ def conversion_rows(tmp: Path) -> list[str]:
                 if p.dim() >= 2:
                     p.normal_(0.0, 0.1)
             if bias:
-                for layer in model.moe_layers():
+                for layer in moe_layers(model):
                     layer.router.enable_selection_bias().normal_(0.0, 0.1)
         save_consolidated(model, tmp / f"mm{i}")
         rep = convert_to_hf(tmp / f"mm{i}", tmp / f"hf{i}")

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_savefig, atomic_write_text
-from megamoe.routing.stochastic import thor_loss
+from megamoe.train.objectives import thor_loss
+from megamoe.train.step_state import MoEStepState
 from megamoe.research.single_gate import SingleGatedMoE, train_base, train_expert
 
 
@@ -105,10 +106,6 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, 4, m) for m in self.moes)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
 
-    def set_step(self, step: int) -> None:
-        for m in self.moes:
-            m.step = step
-
     def forward(self, ids: Tensor) -> Tensor:
         x = self.emb(ids) + self.pos[: ids.shape[1]]
         for blk in self.blocks:
@@ -142,9 +139,10 @@ def train_lm(router: RouterConfig | None, *, num_experts: int, seed: int, steps:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     competed = 0
+    state = MoEStepState(model)  # tells the layers the step (CompeteSMoE's schedule reads it)
+    state.attach_to_optimizer(opt)
     t0 = time.process_time()  # CPU seconds: the machine is shared, wall time is not comparable
     for step in range(steps):
-        model.set_step(step)
         idx = torch.randint(train.shape[0], (batch,), generator=gen)
         x, y = train[idx, :-1], train[idx, 1:]
         if thor_alpha is not None:
