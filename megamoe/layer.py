@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from megamoe import stats
-from megamoe.config import MoEConfig, require_config
+from megamoe.config import ConfigError, MoEConfig, require_config
 from megamoe.dispatch.base import Dispatcher
 from megamoe.dispatch.local import LocalDispatcher
 from megamoe.experts import ExpertBank, activation_fn
@@ -131,6 +131,9 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, *, dispatcher: Dispatcher | None = None, layer_index: int = -1,
                  causal: bool = False) -> None:
         require_config("MoELayer(config)", config, MoEConfig)
+        if config.hidden_size is None:
+            raise ConfigError("MoELayer(config): MoEConfig.hidden_size is unset; give the model width "
+                              "(MoEConfig(hidden_size=..., ...)), or let a ModelConfig fill it in")
         super().__init__()
         self.config = config
         self.layer_index = layer_index

@@ -165,7 +165,7 @@ def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
     for fmt in MOEIFIED_FORMATS:
         if not moeified_problems(d, fmt):
             return fmt
-    closest = "glm4_moe" if d.moe.router.score_func == "sigmoid" else "qwen2_moe"
+    closest = "glm4_moe" if getattr(d.moe.router.options, "score_func", None) == "sigmoid" else "qwen2_moe"
     raise ConversionError(f"no stock transformers MoE class computes the same function as this moeified "
                           f"{d.base_type} model (closest: {closest}):\n  - "
                           + "\n  - ".join(moeified_problems(d, closest))

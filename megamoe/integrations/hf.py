@@ -47,6 +47,7 @@ from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, f
 from megamoe.dispatch.base import Dispatcher
 from megamoe.layer import MoELayer
 from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.routing.topk import TopKOptions
 from megamoe.train.objectives import ConsistencyObjective
 from megamoe.train.step_state import MoEStepState
 
@@ -332,9 +333,10 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
         raise ConfigError(f"no module name matches the adapter's mlp_pattern {adapter.mlp_pattern!r}")
     chosen = _select(sorted(found), layers)
     activation = adapter.activation(model.config)
-    if upcycle and (not router.normalize_weights or router.capacity_factor is not None):
-        warnings.warn("upcycled experts reproduce the dense MLP at step 0 only with router.normalize_weights=True "
-                      "and dropless routing (capacity_factor=None)", stacklevel=2)
+    if upcycle and (not getattr(router.options, "normalize_weights", True)
+                    or getattr(router.options, "capacity_factor", None) is not None):
+        warnings.warn("upcycled experts reproduce the dense MLP at step 0 only with router.options.normalize_weights"
+                      "=True and dropless routing (capacity_factor=None)", stacklevel=2)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     replaced = []
     for idx in chosen:
@@ -371,11 +373,12 @@ def _router_for(config: Any, kind: str) -> RouterConfig:
         if getattr(config, "n_group", 1) > 1 and config.topk_group < config.n_group:
             raise ConfigError(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
                               "has no group-limited selection")
-        return RouterConfig(top_k=config.num_experts_per_tok, score_func="sigmoid",
-                            normalize_weights=bool(config.norm_topk_prob), aux_loss_coef=0.0,
-                            routed_scaling_factor=float(config.routed_scaling_factor))
+        return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=0.0,
+                            options=TopKOptions(score_func="sigmoid", normalize_weights=bool(config.norm_topk_prob),
+                                                routed_scaling_factor=float(config.routed_scaling_factor)))
+    normalize = True if kind == "mixtral" else bool(config.norm_topk_prob)
     return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=float(config.router_aux_loss_coef),
-                        normalize_weights=True if kind == "mixtral" else bool(config.norm_topk_prob))
+                        options=TopKOptions(normalize_weights=normalize))
 
 
 _HF_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Glm4MoeMoE": "glm4_moe",

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, RouterConfig, RouterOptions, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 from megamoe.routing.capacity import apply_capacity, expert_capacity
@@ -112,7 +112,7 @@ class ScoreFunctionRecord:
 
 
 @dataclass(frozen=True)
-class EstimatorOptions:
+class EstimatorOptions(RouterOptions):
     """Options shared by ``skip`` and ``balanced``.
 
     eval_mode: ``argmax`` (most likely expert) or ``sample`` in eval mode.
@@ -126,6 +126,14 @@ class EstimatorOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+@dataclass(frozen=True)
+class SkipOptions(EstimatorOptions):
+    """Options of ``skip``; adds capacity_factor: each expert keeps its first
+    C = ceil(T / E * capacity_factor) tokens of the random order (null: nothing is skipped)."""
+
+    capacity_factor: float | None = spec(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -151,9 +159,6 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         if config.top_k != 1:
             raise ConfigError(f"RouterConfig.top_k={config.top_k} is invalid for router {name!r}: it assigns "
                               "exactly one expert per token; set top_k: 1")
-        if config.score_func != "softmax":
-            raise ConfigError(f"RouterConfig.score_func={config.score_func!r} is invalid for router {name!r}: "
-                              "it samples from p(e|x), which must be a softmax; set score_func: softmax")
         self._init_weight(num_experts, hidden_size)
         self.pending = None
         self._generator: torch.Generator | None = None
@@ -167,7 +172,7 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
             raise ValueError(
                 f"router {cfg.name!r} is not causal in training: {self._coupling}, so a token's routing depends "
                 "on later tokens of the batch. Use it in bidirectional models (MoELayer(causal=False))"
-                + (", or set capacity_factor: null (no skipping)" if cfg.name == "skip" else "")
+                + (", or set options.capacity_factor: null (no skipping)" if cfg.name == "skip" else "")
                 + ", or use a token-choice router.")
         logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
         log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
@@ -219,19 +224,21 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         self.baseline_steps += 1
 
 
-@register_router("skip", options=EstimatorOptions)
+@register_router("skip", options=SkipOptions)
 class SkipRouter(ScoreFunctionRouter):
     """Sampled assignment, random-order capacity skip, Horvitz-Thompson weights (module docstring)."""
 
     _coupling = "whether a token is skipped depends on how many other tokens sampled its expert"
 
+    options: SkipOptions
+
     def _couples_tokens(self) -> bool:
-        return self.config.capacity_factor is not None
+        return self.options.capacity_factor is not None
 
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
-                 options: EstimatorOptions | None = None) -> None:
+                 options: SkipOptions | None = None) -> None:
         super().__init__(config, hidden_size=hidden_size, num_experts=num_experts,
-                         options=options or EstimatorOptions())
+                         options=options or SkipOptions())
 
     def _sample(self, log_probs_TE: Tensor) -> tuple[Tensor, Tensor, ScoreFunctionRecord, dict[str, Tensor]]:
         num_tokens, num_experts = log_probs_TE.shape
@@ -241,12 +248,12 @@ class SkipRouter(ScoreFunctionRouter):
         else:
             ids_T = torch.multinomial(probs_TE, 1, generator=self._gen(probs_TE.device)).squeeze(1)
         n_E = counts_per_expert(ids_T[:, None], num_experts)
-        if self.config.capacity_factor is None:
+        if self.options.capacity_factor is None:
             keep_T = torch.ones(num_tokens, dtype=torch.bool, device=ids_T.device)
             pi_T = torch.ones(num_tokens, device=ids_T.device)
         else:
             cap = expert_capacity(num_tokens, num_experts=num_experts, top_k=1,
-                                  capacity_factor=self.config.capacity_factor)
+                                  capacity_factor=self.options.capacity_factor)
             order = torch.randperm(num_tokens, device=ids_T.device, generator=self._gen(ids_T.device))
             keep_T = torch.empty(num_tokens, dtype=torch.bool, device=ids_T.device)
             keep_T[order] = apply_capacity(ids_T[order, None], probs_TE.new_ones(num_tokens, 1),
@@ -338,5 +345,6 @@ def seed_estimator_draws(module: nn.Module, seed: int | None, *, rank: int | Non
     return len(routers)
 
 
-__all__ = ["ScoreFunctionRecord", "EstimatorOptions", "BalancedOptions", "ScoreFunctionRouter", "SkipRouter",
+__all__ = ["ScoreFunctionRecord", "EstimatorOptions", "SkipOptions", "BalancedOptions", "ScoreFunctionRouter",
+           "SkipRouter",
            "BalancedRouter", "gumbel_assignment", "score_function_routers", "seed_estimator_draws"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, RouterConfig, RouterOptions, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 
@@ -36,7 +36,7 @@ EVAL_MODES = ("random", "ensemble")
 
 
 @dataclass(frozen=True)
-class StochasticOptions:
+class StochasticOptions(RouterOptions):
     """``RouterConfig.options`` of the ``stochastic`` router.
 
     granularity: in training, one expert per call (``batch``) or per token (``token``).

@@ -5,7 +5,7 @@ Sections: ``model`` (megamoe.model.ModelConfig), ``data`` (DataConfig), ``train`
 the path of a JSON/YAML file holding one) and ``balancing`` (the auxiliary-loss-free balancer,
 megamoe.routing.balancing.AuxFreeBalancingConfig: ``{}`` for its defaults, or null for none).
 :func:`load_config` reads the YAML, applies ``key=value`` overrides with dotted keys
-(``train.steps=50``, ``model.router.top_k=1``; values parsed as YAML), and rejects unknown
+(``train.steps=50``, ``model.moe.router.top_k=1``; values parsed as YAML), and rejects unknown
 keys with a did-you-mean. :func:`check_world_size` refuses a config that
 cannot run on the given number of processes; the CLI calls it before any process group
 starts.
@@ -246,7 +246,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
     """Build and fully validate a TrainConfig (router options and balancer options included)."""
     cfg = from_dict(TrainConfig, data)
     from megamoe.routing.base import router_options
-    router_options(cfg.model.router)
+    router_options(cfg.model.moe.router)  # an unknown router name
     _check_data_files(cfg.data)
     _check_backend_available(cfg)
     return cfg
@@ -360,9 +360,9 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.ep_size={p.ep_size} does not fit the world size {world_size}: it must "
                           f"divide the number of processes (launch a multiple of {p.ep_size} processes, or "
                           "lower ep_size)")
-    if m.num_experts % p.ep_size != 0:
-        raise ConfigError(f"parallel.ep_size={p.ep_size} is invalid: it must divide model.num_experts="
-                          f"{m.num_experts}")
+    if m.moe.num_experts % p.ep_size != 0:
+        raise ConfigError(f"parallel.ep_size={p.ep_size} is invalid: it must divide model.moe.num_experts="
+                          f"{m.moe.num_experts}")
 
 
 def world_size_from_env() -> int:

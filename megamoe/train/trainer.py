@@ -266,7 +266,7 @@ def evaluate(backend, model, batches: list[tuple[str, np.ndarray]], device: torc
     layers = moe_layers(model)
     domains = sorted({d for d, _ in batches})
     num_layers = len(layers)
-    num_experts = model.config.num_experts
+    num_experts = model.config.moe.num_experts
     # Per domain: [loss_sum, tokens, counts_LE...]
     acc = torch.zeros(len(domains), 2 + num_layers * num_experts, dtype=torch.float64)
     with LoadCounter([layer.router for layer in layers], training_only=False) as counter:
@@ -391,8 +391,8 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
 
     logger = MetricsLogger(out_dir, start_step=start_step, tensorboard=t.tensorboard) if rank == 0 else None
     _log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-         f"{cfg.model.num_layers} layers, {cfg.model.num_experts} experts top-{cfg.model.router.top_k} "
-         f"router {cfg.model.router.name!r}; backend {backend.name} (optimizer {backend.optimizer_name}), "
+         f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts top-{cfg.model.moe.router.top_k} "
+         f"router {cfg.model.moe.router.name!r}; backend {backend.name} (optimizer {backend.optimizer_name}), "
          f"world {world}, EP {cfg.parallel.ep_size}; data {len(data.train_NS)} x {cfg.data.seq_len} tokens, "
          f"global batch {global_batch}")
 

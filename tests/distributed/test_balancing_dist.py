@@ -29,7 +29,7 @@ class Net(nn.Module):
     def __init__(self, score_func: str):
         super().__init__()
         cfg = MoEConfig(hidden_size=DIM, num_experts=EXPERTS, experts=ExpertConfig(intermediate_size=16),
-                        router=RouterConfig(top_k=TOP_K, score_func=score_func, aux_loss_coef=0.0))
+                        router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, options={"score_func": score_func}))
         self.inp = nn.Linear(DIM, DIM)
         self.moe1 = MoELayer(cfg, layer_index=0)
         self.moe2 = MoELayer(cfg, layer_index=1)

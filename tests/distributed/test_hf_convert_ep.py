@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from megamoe.checkpoint.hf_convert import convert_to_hf  # noqa: E402
-from megamoe.config import ExpertConfig, RouterConfig, to_dict  # noqa: E402
+from megamoe.config import ExpertConfig, MoEConfig, RouterConfig, to_dict  # noqa: E402
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups  # noqa: E402
 from megamoe.testing import run_distributed  # noqa: E402
@@ -30,9 +30,9 @@ from megamoe.testing import run_distributed  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 WORLD, EP_SIZES = 2, (2, 1)
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
-                     max_seq_len=64, experts=ExpertConfig(intermediate_size=16, impl="loop"),
-                     router=RouterConfig(top_k=2, aux_loss_coef=0.0))
+CONFIG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                     moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=16, impl="loop"),
+                                   router=RouterConfig(top_k=2, aux_loss_coef=0.0)))
 
 
 def build() -> MoETransformerLM:

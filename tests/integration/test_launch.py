@@ -59,12 +59,13 @@ TRAIN = ["-m", "megamoe.cli", "train"]
 def test_deepspeed_dry_run_two_nodes(files, launch):
     cfg, hosts = files
     res = launch("deepspeed", "--dry-run", "--nnodes", "2", "--gpus-per-node", "8", "--hostfile", hosts, cfg,
-                 "model.num_experts=8", "train.output_dir=two words")
+                 "model.moe.num_experts=8", "train.output_dir=two words")
     assert res.returncode == 0, res.stderr
     (cmd,) = command_lines(res.stdout)
     assert cmd == [PY, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--num_nodes", "2",
                    "--master_addr", "node-a", "--num_gpus", "8", "--master_port", "29500", "--no_local_rank",
-                   "--module", "megamoe.cli", "train", "--config", cfg, "model.num_experts=8", "train.output_dir=two words"]
+                   "--module", "megamoe.cli", "train", "--config", cfg, "model.moe.num_experts=8",
+                   "train.output_dir=two words"]
 
 
 def test_torchrun_dry_run_two_nodes(files, launch):

@@ -18,7 +18,8 @@ TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 # A very small model and corpus so a step takes milliseconds on one core.
 TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
-        "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+        "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+        "model.moe.experts.intermediate_size=32",
         "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.lr=0.01", "train.threads=1", "train.progress=false"]
 
@@ -54,7 +55,7 @@ def _records(out_dir, kind):
 
 # One uninterrupted run serves as the output check and as the reference for the resume test.
 ARGS = ("train.steps=40", "train.save_interval=4", "train.eval_interval=20", "train.keep_last=2",
-        "model.router.jitter_eps=0.1")  # jitter makes the RNG state part of what must survive a resume
+        "model.moe.router.jitter_eps=0.1")  # jitter makes the RNG state part of what must survive a resume
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ DS_TINY = [o for o in TINY if not o.startswith("parallel.")] + [
     "parallel.backend=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=1", "train.plots=false",
     "train.tensorboard=false"]
 DS_ARGS = ("train.steps=12", "train.save_interval=4", "train.eval_interval=12", "train.keep_last=3",
-           "model.router.jitter_eps=0.1")
+           "model.moe.router.jitter_eps=0.1")
 
 
 def _ds_cmd(out_dir, cache_dir, *extra, flags=()):
@@ -295,7 +296,9 @@ def test_alflb_run_resumes_like_an_uninterrupted_one(tmp_path, cache_dir):
     """``megamoe train`` with a ``balancing`` section (the torch backend): the biases move every
     step, and a run stopped at step 3 and resumed to 6 repeats the straight 6-step run (losses,
     biases, the balancer's update count)."""
-    alflb = ("balancing.step_size=0.001", "model.router.aux_loss_coef=0", "train.save_interval=3",
+    # (with the config's aux loss kept: a balancer built on routers with an aux loss once left
+    # every router but the first without a bias, and the first update crashed)
+    alflb = ("balancing.step_size=0.001", "train.save_interval=3",
              "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _run(straight, cache_dir, *alflb, "train.steps=6")
@@ -328,3 +331,51 @@ def test_alflb_defaults_with_the_deepspeed_backend_and_resume(tmp_path, cache_di
     assert all(r["balancer_alflb/step_size"] == 0.001 for r in train)
     meta = json.load(open(out / "checkpoints" / "step_00000003" / "megamoe_config.json"))
     assert meta["step_state"]["balancer"]["num_updates"] == 3 and meta["train_config"]["balancing"]["update"] == "sign"
+
+
+# ------------------------------------------------------------------ checkpoints of the older config layout
+def _old_layout(model: dict) -> dict:
+    """A model section as megamoe wrote it before ``model.moe`` and typed router options: the MoE
+    fields at the model level, the top-k options beside ``router.top_k``."""
+    old = {k: v for k, v in model.items() if k != "moe"}
+    moe = dict(model["moe"])
+    moe.pop("hidden_size", None)
+    router = dict(moe.pop("router"))
+    router.update(router.pop("options"))
+    return {**old, **moe, "router": router}
+
+
+def test_a_checkpoint_in_the_older_config_layout_resumes_converts_and_loads(tmp_path, cache_dir):
+    """A run's checkpoint whose megamoe_config.json holds the model (and train_config) in the layout
+    megamoe wrote before, resealed: ``--resume`` continues it and ``megamoe convert`` reads it, each
+    with one ConfigLayoutWarning saying what moved; load_trained_model reads it too."""
+    from megamoe.checkpoint.integrity import write_manifest
+    from megamoe.config import ConfigLayoutWarning
+    from megamoe.train.trainer import load_trained_model
+
+    out = tmp_path / "run"
+    common = ("train.save_interval=2", "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    _run(out, cache_dir, *common, "train.steps=2")
+    step = out / "checkpoints" / "step_00000002"
+    meta = json.load(open(step / "megamoe_config.json"))
+    meta["model"] = _old_layout(meta["model"])
+    meta["train_config"]["model"] = _old_layout(meta["train_config"]["model"])
+    meta["train_config"]["balancing"] = None
+    del meta["step_state"], meta["train_config"]["train"]["dead_expert_window"]
+    assert "num_experts" in meta["model"] and "score_func" in meta["model"]["router"]
+    (step / "megamoe_config.json").write_text(json.dumps(meta, indent=1))
+    write_manifest(step)  # sealed as the older megamoe sealed it
+    with pytest.warns(ConfigLayoutWarning, match=r"model\.num_experts -> model\.moe\.num_experts"):
+        model = load_trained_model(str(step))
+    assert model.config.moe.num_experts == 4
+    convert = subprocess.run([sys.executable, "-m", "megamoe.cli", "convert", str(step), str(tmp_path / "hf")],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert convert.stderr.count("ConfigLayoutWarning") == 1, convert.stderr[-3000:]
+    assert "model.router.score_func -> model.moe.router.options.score_func" in convert.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    proc = _run(out, cache_dir, *common, "train.steps=3", "--resume")
+    assert proc.stderr.count("ConfigLayoutWarning") == 1, proc.stderr[-3000:]
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    new_meta = json.load(open(out / "checkpoints" / "step_00000003" / "megamoe_config.json"))
+    assert new_meta["model"]["moe"]["num_experts"] == 4  # the next checkpoint is written in the new layout

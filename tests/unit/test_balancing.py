@@ -21,7 +21,7 @@ DIM, EXPERTS, TOP_K = 8, 4, 2
 
 def moe_cfg(score_func="softmax", top_k=TOP_K, experts=EXPERTS):
     return MoEConfig(hidden_size=DIM, num_experts=experts, experts=ExpertConfig(intermediate_size=16),
-                     router=RouterConfig(top_k=top_k, score_func=score_func, aux_loss_coef=0.0))
+                     router=RouterConfig(top_k=top_k, aux_loss_coef=0.0, options={"score_func": score_func}))
 
 
 class Net(nn.Module):
@@ -87,7 +87,8 @@ def test_no_balanceable_router_is_an_error():
 
 
 # --------------------------------------------------------------------------- formulas
-@pytest.mark.parametrize("schedule, expected", [("constant", lambda u, n: u), ("inv_sqrt", lambda u, n: u / math.sqrt(n)),
+@pytest.mark.parametrize("schedule, expected", [("constant", lambda u, n: u), ("inv_sqrt", lambda u,
+                                                                               n: u / math.sqrt(n)),
                                                 ("inv", lambda u, n: u / n)])
 def test_schedules_match_their_formulas(schedule, expected):
     cfg = AuxFreeBalancingConfig(step_size=0.3, schedule=schedule)
@@ -350,7 +351,7 @@ def test_counts_selected_slots_before_capacity_drops():
     """Balancing controls the load routers ask for; with a capacity factor the dropped slots
     are still counted (otherwise an overloaded expert would look only 'full')."""
     cfg = MoEConfig(hidden_size=DIM, num_experts=EXPERTS, experts=ExpertConfig(intermediate_size=16),
-                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, capacity_factor=0.5))
+                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, options={"capacity_factor": 0.5}))
     layer = MoELayer(cfg)
     bal = MoEStepState(layer, balancing=AuxFreeBalancingConfig())
     x = torch.randn(40, DIM)

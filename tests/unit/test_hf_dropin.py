@@ -93,7 +93,7 @@ def test_layer_selection_noise_and_errors():
     with pytest.raises(ConfigError, match="no built-in MoE adapter for model_type='mixtral'.*MLPAdapter"):
         moeify(bert_like, num_experts=2)
     with pytest.warns(UserWarning, match="normalize_weights"):
-        moeify(_llama_like("llama"), num_experts=2, router=RouterConfig(top_k=2, normalize_weights=False))
+        moeify(_llama_like("llama"), num_experts=2, router=RouterConfig(top_k=2, options={"normalize_weights": False}))
 
 
 def test_dispatcher_factory_is_used_per_block():

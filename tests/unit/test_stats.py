@@ -104,7 +104,7 @@ def test_load_report_collects_the_same_numbers():
 
 
 def test_counter_counts_training_forwards_selected_kept_and_aux():
-    moe = layer(top_k=2, capacity_factor=0.5, aux_loss_coef=0.1)
+    moe = layer(top_k=2, aux_loss_coef=0.1, options={"capacity_factor": 0.5})
     x = torch.randn(40, 8)
     with LoadCounter([moe.router]) as counter:
         out = moe.compute(x)

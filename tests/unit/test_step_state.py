@@ -142,7 +142,7 @@ def test_a_model_without_moe_layers_is_refused():
 
 
 def test_counts_match_the_routers_decisions_under_capacity():
-    layer = moe(0, capacity_factor=0.5, aux_loss_coef=0.0)
+    layer = moe(0, aux_loss_coef=0.0, options={"capacity_factor": 0.5})
     state = MoEStepState(layer)
     out = layer.compute(torch.randn(20, DIM))
     report = state.end_step()

@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, shape: str, tokens: int, warmup: int, iters: 
     grad = torch.randn(tokens, hidden, device=device)
 
     cfg = MoEConfig(hidden_size=hidden, num_experts=experts, experts=ExpertConfig(intermediate_size=inter),
-                    router=RouterConfig(top_k=top_k, capacity_factor=capacity, aux_loss_coef=0.01))
+                    router=RouterConfig(top_k=top_k, aux_loss_coef=0.01, options={"capacity_factor": capacity}))
     torch.manual_seed(0)
     ours = apply_expert_parallel(MoELayer(cfg), build_expert_parallel_groups(world)).to(device)
 

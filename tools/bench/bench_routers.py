@@ -24,13 +24,13 @@ from megamoe.train.objectives import estimator_loss
 
 ROUTERS = [
     ("topk k=2 dropless", dict(name="topk", top_k=2)),
-    ("topk k=1 c=1.25", dict(name="topk", top_k=1, capacity_factor=1.25)),
-    ("expert_choice c=2", dict(name="expert_choice", capacity_factor=2.0)),
-    ("expert_choice c=2 cap b=2 exact", dict(name="expert_choice", capacity_factor=2.0,
-                                             options={"max_experts_per_token": 2})),
-    ("expert_choice c=2 cap b=2 dykstra", dict(name="expert_choice", capacity_factor=2.0,
-                                               options={"max_experts_per_token": 2, "lp_solver": "dykstra"})),
-    ("skip c=1.25", dict(name="skip", top_k=1, capacity_factor=1.25)),
+    ("topk k=1 c=1.25", dict(name="topk", top_k=1, options={"capacity_factor": 1.25})),
+    ("expert_choice c=2", dict(name="expert_choice", options={"capacity_factor": 2.0})),
+    ("expert_choice c=2 cap b=2 exact", dict(name="expert_choice",
+                                             options={"capacity_factor": 2.0, "max_experts_per_token": 2})),
+    ("expert_choice c=2 cap b=2 dykstra", dict(name="expert_choice", options={
+        "capacity_factor": 2.0, "max_experts_per_token": 2, "lp_solver": "dykstra"})),
+    ("skip c=1.25", dict(name="skip", top_k=1, options={"capacity_factor": 1.25})),
     ("balanced (whole batch)", dict(name="balanced", top_k=1, options={"group_size": None})),
     ("balanced group 256", dict(name="balanced", top_k=1, options={"group_size": 256})),
 ]

@@ -133,7 +133,8 @@ def run_method(method: Method, args: argparse.Namespace, corpus: tuple[Tensor, T
     torch.manual_seed(args.seed)
     moe = MoEConfig(hidden_size=args.dim, num_experts=args.experts,
                     experts=ExpertConfig(intermediate_size=args.dim * 2),
-                    router=RouterConfig(top_k=args.top_k, score_func="sigmoid", aux_loss_coef=method.aux_loss_coef))
+                    router=RouterConfig(top_k=args.top_k, aux_loss_coef=method.aux_loss_coef,
+                                        options={"score_func": "sigmoid"}))
     model = TinyMoELM(vocab=args.vocab, dim=args.dim, heads=4, layers=args.layers, seq=args.seq, moe=moe)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # The same measurement for every method: each step's load of every layer (the step state
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
-    p.add_argument("--out", default=None, help="write <out>/<name>.md and <out>/<name>_maxvio.png (default: print only)")
+    p.add_argument("--out", default=None,
+                   help="write <out>/<name>.md and <out>/<name>_maxvio.png (default: print only)")
     p.add_argument("--name", default="alflb", help="output files <out>/<name>.md and <out>/<name>_maxvio.png")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "seq", "dim", "layers", "experts", "top_k", "vocab", "domains", "heldout"):

@@ -23,9 +23,9 @@ from megamoe.atomic import atomic_write_text
 from megamoe.train.objectives import estimator_loss
 
 ROUTERS = {
-    "topk-cap (biased)": dict(name="topk", top_k=1, capacity_factor=1.0, normalize_weights=False,
-                              aux_loss_coef=0.01),
-    "skip": dict(name="skip", top_k=1, capacity_factor=1.0, aux_loss_coef=0.0),
+    "topk-cap (biased)": dict(name="topk", top_k=1, aux_loss_coef=0.01, options={"capacity_factor": 1.0,
+                                                                                 "normalize_weights": False}),
+    "skip": dict(name="skip", top_k=1, aux_loss_coef=0.0, options={"capacity_factor": 1.0}),
     "balanced": dict(name="balanced", top_k=1, aux_loss_coef=0.0),
 }
 REGIMES = {"uniform": [0.25, 0.25, 0.25, 0.25], "skewed": [0.4, 0.3, 0.2, 0.1]}

@@ -18,19 +18,20 @@ from pathlib import Path
 import torch
 import transformers
 
-from megamoe import ExpertConfig, RouterConfig
+from megamoe import ExpertConfig, MoEConfig, RouterConfig
 from megamoe.checkpoint import load_consolidated, save_consolidated
 from megamoe.checkpoint.hf_convert import convert_from_hf, convert_to_hf
 from megamoe.stats import moe_layers
 from megamoe.integrations.hf import moeify
-from megamoe.model import ModelConfig, MoETransformerLM
+from megamoe.model import OLD_MOE_FIELDS, ModelConfig, MoETransformerLM
 
 
 def mm_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=512, hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=2, num_experts=8,
                 max_seq_len=256, experts=ExpertConfig(intermediate_size=64), router=RouterConfig(top_k=2))
     base.update(kw)
-    return ModelConfig(**base)
+    moe = {k: base.pop(k) for k in OLD_MOE_FIELDS if k in base}  # the MoE layer's fields
+    return ModelConfig(**base, moe=MoEConfig(**moe))
 
 
 CASES = {
@@ -38,15 +39,17 @@ CASES = {
     "top-2 softmax, gated shared expert, dense every other": (
         mm_cfg(num_shared_experts=1, shared_expert_gate=True, moe_layers="every_other"), False),
     "top-2 softmax, unnormalised, ungated shared": (
-        mm_cfg(router=RouterConfig(top_k=2, normalize_weights=False), num_shared_experts=2), False),
+        mm_cfg(router=RouterConfig(top_k=2, options={"normalize_weights": False}), num_shared_experts=2), False),
     "top-4 sigmoid + ALF-LB bias, shared, 1 dense prefix": (
-        mm_cfg(router=RouterConfig(top_k=4, score_func="sigmoid"), moe_layers=[1, 2, 3], num_shared_experts=1,
+        mm_cfg(router=RouterConfig(top_k=4, options={"score_func": "sigmoid"}), moe_layers=[1, 2, 3],
+               num_shared_experts=1,
                shared_intermediate_size=96), True),
     "MLA (q and kv latents), top-4 sigmoid + ALF-LB bias, scaling 2.5, shared, 1 dense prefix": (
         mm_cfg(num_kv_heads=None, attention="mla", q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
                qk_rope_head_dim=8, v_head_dim=16, moe_layers=[1, 2, 3], num_shared_experts=1,
-               router=RouterConfig(top_k=4, score_func="sigmoid", routed_scaling_factor=2.5)), True),
-    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")),
+               router=RouterConfig(top_k=4, options={"score_func": "sigmoid", "routed_scaling_factor": 2.5})), True),
+    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0,
+                                                                                 "drop_policy": "position"})),
                                     False),
 }
 
