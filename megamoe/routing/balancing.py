@@ -125,11 +125,11 @@ class AuxFreeBalancer:
         self.routers = [router for _, router in routers]
         for router in self.routers:
             router.enable_selection_bias()
-            if getattr(router.config, "aux_loss_coef", 0) > 0:
-                warnings.warn(f"router {router.config.name!r} also has aux_loss_coef="
-                              f"{router.config.aux_loss_coef}: ALF-LB is meant to replace the auxiliary "
-                              "loss (set RouterConfig.aux_loss_coef=0)", stacklevel=3)
-                break
+        with_aux = [r for r in self.routers if getattr(r.config, "aux_loss_coef", 0) > 0]
+        if with_aux:  # one warning for the model (every router still gets its bias)
+            cfg = with_aux[0].config
+            warnings.warn(f"router {cfg.name!r} also has aux_loss_coef={cfg.aux_loss_coef}: ALF-LB is meant to "
+                          "replace the auxiliary loss (set RouterConfig.aux_loss_coef=0)", stacklevel=3)
         self.num_updates = 0
         self.last_metrics: dict[str, float] = {}
         self.sync_biases()

@@ -81,6 +81,18 @@ def test_config_from_dict_rejects_unknown_key():
         AuxFreeBalancingConfig.from_dict({"stepsize": 1e-3})
 
 
+def test_every_router_gets_a_bias_when_they_also_have_an_aux_loss():
+    model = Net()
+    for moe in (model.moe1, model.moe2):  # as in the train job's configs: an aux loss besides ALF-LB
+        moe.router = moe.router.__class__(RouterConfig(top_k=TOP_K, aux_loss_coef=0.01), hidden_size=DIM,
+                                          num_experts=EXPERTS)
+    with pytest.warns(UserWarning, match="aux_loss_coef") as record:
+        bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
+    assert len(record) == 1 and all(b is not None for b in bal.balancer.biases().values())
+    model(torch.randn(8, DIM))
+    assert bal.end_step().metrics["alflb/slots"] == 8 * TOP_K and bal.balancer.num_updates == 1
+
+
 def test_no_balanceable_router_is_an_error():
     with pytest.raises(ValueError, match="enable_selection_bias"):
         MoEStepState(nn.Linear(2, 2), balancing=AuxFreeBalancingConfig())
