@@ -48,6 +48,7 @@ from megamoe.dispatch.base import Dispatcher
 from megamoe.layer import MoELayer
 from megamoe.routing.balancing import AuxFreeBalancingConfig
 from megamoe.routing.topk import TopKOptions
+from megamoe.stats import named_moe_layers
 from megamoe.train.objectives import ConsistencyObjective
 from megamoe.train.step_state import MoEStepState
 
@@ -581,8 +582,8 @@ def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: Dispatc
     spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
     moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
     state = dict(state)
-    for name, layer in model.named_modules():
-        if isinstance(layer, MoELayer) and layer.dispatcher.num_local_experts != layer.config.num_experts:
+    for name, layer in named_moe_layers(model):
+        if layer.dispatcher.num_local_experts != layer.config.num_experts:
             # An expert-parallel rank keeps its own slice of each stacked expert tensor.
             lo = layer.dispatcher.local_expert_offset
             for key in [k for k in state if k.startswith(f"{name}.experts.")]:
