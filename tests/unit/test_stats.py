@@ -78,14 +78,15 @@ def test_load_percentiles_by_hand():
 def test_dead_experts_need_a_whole_window_without_tokens():
     dead = DeadExperts([3, 2], window=2)
     c = lambda *rows: [torch.tensor(r) for r in rows]  # noqa: E731
-    assert dead.update(c([0, 1, 1], [0, 0])) == [0, 0]  # one empty step is not yet a window
-    assert dead.update(c([0, 1, 0], [0, 3])) == [1, 0]  # expert 0 of layer 0: 2 empty steps
-    assert dead.update(c([0, 0, 0], [0, 3])) == [1, 1]  # layer 1's expert 0: 3 empty steps; others < 2
-    assert dead.update(c([5, 0, 0], [1, 0])) == [2, 0]  # a token revives expert 0
+    assert dead.update(c([0, 1, 1], [1, 0])) == [0, 0]  # one empty step is not yet a window
+    assert dead.update(c([0, 1, 1], [0, 3])) == [1, 0]  # expert 0 of layer 0: 2 empty steps
+    assert dead.update(c([0, 0, 1], [0, 3])) == [1, 1]  # layer 1's expert 0: 2 empty steps; the others < 2
+    assert dead.update(c([5, 1, 0], [1, 0])) == [0, 0]  # a token revives expert 0 (of both layers)
     saved = dead.state_dict()
     again = DeadExperts([3, 2], window=2)
     again.load_state_dict(saved)
-    assert again.update(c([0, 0, 0], [0, 0])) == dead.update(c([0, 0, 0], [0, 0])) == [2, 1]
+    # runs were [0, 0, 1] and [0, 1]: one more empty step kills layer 0's expert 2 and layer 1's expert 1
+    assert again.update(c([0, 0, 0], [0, 0])) == dead.update(c([0, 0, 0], [0, 0])) == [1, 1]
     with pytest.raises(ValueError, match="window"):
         DeadExperts([3], window=0)
 
