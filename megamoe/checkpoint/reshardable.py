@@ -159,11 +159,24 @@ def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state:
     else:
         run_agreed(lambda: os.makedirs(final, exist_ok=True), collective=True)
         _write(engine, save_dir, tag, state, client_state)
+        # DeepSpeed copies its recovery scripts beside <tag>, here into the caller's checkpoint;
+        # megamoe's reshardable files need none (staged, they go away with the staging folder).
+        run_agreed(lambda: _remove_recovery_scripts(save_dir) if rank == 0 else None, collective=True)
         seal(Path(final), collective=True)
     run_agreed(lambda: atomic_write_text(os.path.join(save_dir, "latest"), tag) if rank == 0 else None,
                collective=True)
     dist.barrier()
     return final
+
+
+DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def _remove_recovery_scripts(directory: str) -> None:
+    for name in DEEPSPEED_RECOVERY_SCRIPTS:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def _write(engine, parent: str, tag: str, state: dict[str, torch.Tensor], client_state: dict) -> None:
