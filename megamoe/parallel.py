@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Sequence
 from datetime import timedelta
 
 import torch
@@ -226,7 +227,8 @@ def is_expert_param(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups, *,
+                          layers: Sequence[tuple[str, nn.Module]] | None = None) -> nn.Module:
     """Shard every MoELayer of ``model`` over ``groups`` (in place; returns ``model``).
 
     Each layer keeps experts ``[ep_rank * E_local, (ep_rank + 1) * E_local)`` and gets an
@@ -234,8 +236,10 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
     DeepSpeed (``allreduce=False``, ``group_name``). Build the full model with the same seed
     on every rank before calling this, so the shards together equal the full model.
     Raises ValueError naming the layer when its experts do not divide by ``ep_size``.
+    ``layers``: ``(name, layer)`` of the model's MoE layers when the caller has found them
+    already (``megamoe.stats.named_moe_layers``; the train job's step state has).
     """
-    layers = named_moe_layers(model)
+    layers = list(layers) if layers is not None else named_moe_layers(model)
     for name, layer in layers:
         num_experts = layer.config.num_experts
         if num_experts % groups.ep_size != 0:

@@ -25,6 +25,7 @@ line with the fp16 loss scale.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def _finite(x: float | None) -> bool:
 
 
 def _locate_nonfinite(model: nn.Module, micro_batches: Sequence[Tensor], losses: Sequence[Tensor],
-                      forward: Callable[[Tensor], Any]) -> str | None:
+                      forward: Callable[[Tensor], Any], step_state: Any = None) -> str | None:
     """Where the first NaN/inf of a bad step appeared: the first module whose output was
     non-finite when the first micro batch with a non-finite loss (on any rank) is run again
     (no gradient, RNG untouched), else the first non-finite gradient. Collective: every rank
@@ -141,7 +142,9 @@ def _locate_nonfinite(model: nn.Module, micro_batches: Sequence[Tensor], losses:
     first_bad = int(_reduce(first_bad, dist.ReduceOp.MIN))
     if first_bad < len(micro_batches):
         x_BS = micro_batches[first_bad]
-        with torch.no_grad(), torch.random.fork_rng(devices=[x_BS.device] if x_BS.is_cuda else []):
+        # The re-run is not part of the step's load: the step state does not count it.
+        paused = step_state.paused() if step_state is not None else contextlib.nullcontext()
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_BS.device] if x_BS.is_cuda else []), paused:
             where = first_nonfinite_module(model, lambda: forward(x_BS))
         if where:
             return "the output of " + where
@@ -171,7 +174,7 @@ class TorchBackend:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device, step_state: Any = None) -> None:
         self.model = model.to(device)
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.step_state = cfg, device, step_state
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.world > 1:
@@ -201,7 +204,7 @@ class TorchBackend:
         loss = float(torch.stack(losses).mean())
         result = StepResult(loss, grad_norm, nonfinite=_any_rank(not (_finite(loss) and _finite(grad_norm))))
         if result.nonfinite:  # drop the step: weights, optimizer state and schedule stay as they were
-            result.where = _locate_nonfinite(self.model, micro_batches, losses, self._loss)
+            result.where = _locate_nonfinite(self.model, micro_batches, losses, self._loss, self.step_state)
         else:
             self.optimizer.step()
             self.scheduler.step()
@@ -302,10 +305,11 @@ class DeepSpeedBackend:
             raise ConfigError(f"parallel.backend='deepspeed' needs megamoe.parallel and "
                               f"megamoe.integrations.deepspeed ({exc}); use parallel.backend=torch") from exc
         self._checkpoints = reshardable
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.step_state = cfg, device, step_state
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         groups = parallel.build_expert_parallel_groups(cfg.parallel.ep_size)
-        self.model = parallel.apply_expert_parallel(model, groups).to(device)
+        found = list(zip(step_state.layer_names, step_state.layers)) if step_state is not None else None
+        self.model = parallel.apply_expert_parallel(model, groups, layers=found).to(device)
         ds_cfg = deepspeed_config(cfg, self.world)
         kw: dict[str, Any] = {}
         self.optimizer_name = "deepspeed-config"
@@ -342,7 +346,7 @@ class DeepSpeedBackend:
         result = StepResult(loss, norm, nonfinite=bad)
         if bad:
             result.where = _locate_nonfinite(self.model, micro_batches, losses,
-                                             lambda x_BS: self.engine(x_BS, labels=x_BS).loss)
+                                             lambda x_BS: self.engine(x_BS, labels=x_BS).loss, self.step_state)
         return result
 
     @torch.no_grad()

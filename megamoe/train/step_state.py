@@ -49,7 +49,7 @@ class StepReport:
     step: the number of steps ended so far (this one included).
     metrics: flat scalars: the balancer's ``alflb/...`` and, when any slot was routed on any
         rank, ``moe/max_vio``, ``moe/dropped_fraction``, ``moe/routing_entropy``,
-        ``moe/dead_experts`` and ``moe/aux_loss``.
+        ``moe/dead_experts`` and ``moe/aux_loss`` (the mean over the ranks).
     load: the per-layer statistics (None when nothing was routed).
     extra: the caller's ``extra`` values summed over the ranks.
     aux_loss: the mean over micro-batches of the summed aux losses, summed over the ranks.
@@ -156,8 +156,9 @@ class MoEStepState:
         :meth:`begin_step` shows it to the routers). Collective over the group."""
         selected_F, kept_F, aux_L, calls = self.counter.take()
         micro = max(1, calls[0] if calls else 0)
-        head = torch.tensor([*map(float, extra), float(aux_L.sum()) / micro], dtype=torch.float64)
-        flat = stats.all_reduce_sum(torch.cat([head.to(selected_F.device), selected_F, kept_F]), self.group).cpu()
+        head = torch.tensor([float(v) for v in extra], dtype=torch.float64, device=selected_F.device)
+        aux_1 = (aux_L.sum() / micro).reshape(1)  # stays on the device: one host copy per step, below
+        flat = stats.all_reduce_sum(torch.cat([head, aux_1, selected_F, kept_F]), self.group).cpu()
         num_extra, total = len(extra), selected_F.numel()
         extra_sums = flat[:num_extra].tolist()
         aux = float(flat[num_extra])
@@ -175,7 +176,7 @@ class MoEStepState:
                 rows = [stats.LoadReport.of(s[None], k[None]) for s, k in zip(selected, kept)]
                 report.load = _concat_reports(rows, dead)
             report.metrics.update({f"moe/{k}": v for k, v in report.load.summary().items()})
-            report.metrics["moe/aux_loss"] = aux
+            report.metrics["moe/aux_loss"] = aux / stats.group_size(self.group)
         self.step += 1
         self.last_metrics = dict(report.metrics)
         self.last_report = report
