@@ -78,7 +78,14 @@ def test_short_run_learns_and_writes_everything(reference):
     assert len(train[0]["load"]) == 2 and len(train[0]["load"][0]) == 4
     assert sum(train[0]["load"][0]) == pytest.approx(1.0)
     assert evals[1]["max_vio_global"] >= 0 and len(evals[1]["domain_load"]) >= 3
-    for name in ("loss.png", "expert_load.png", "max_vio.png", "expert_domains.png"):
+    # The load statistics of every step: MaxVio, dropped fraction, routing entropy, load percentiles
+    # and dead experts, overall and per layer, logged and plotted.
+    stats = train[-1]
+    assert len(stats["routing_entropy_layers"]) == 2 and 0 < stats["routing_entropy"] <= 1
+    assert stats["dropped_fraction"] == 0 and stats["dead_experts"] == sum(stats["dead_experts_layers"]) >= 0
+    p10, p50, p90 = stats["load_percentiles_layers"][0]
+    assert 0 <= p10 <= p50 <= p90
+    for name in ("loss.png", "expert_load.png", "max_vio.png", "expert_domains.png", "load_stats.png"):
         assert os.path.getsize(out / "plots" / name) > 1000
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
     ckpts = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step_"))
