@@ -348,7 +348,8 @@ def resolve_router_options(name: str, options: Any, *, where: str) -> Any:
         for key in [k for k in mapping if k not in fields and k in _TOKEN_CHOICE_DEFAULTS]:
             value = mapping.pop(key)
             if value != _TOKEN_CHOICE_DEFAULTS[key]:
-                why = _NOT_USED_BECAUSE.get(key, f"router {name!r} has no such option")
+                why = _NOT_USED_BECAUSE.get(key, "it has no such option; remove it (its options: "
+                                                 + (", ".join(sorted(fields)) or "none") + ")")
                 raise ConfigError(f"{where}.{key}={value!r} is invalid for router {name!r}: {why.format(name=name)}")
         if cls is None:
             if mapping:

@@ -33,6 +33,9 @@ def test_each_router_gets_its_typed_options():
     assert RouterConfig(name="skip", top_k=1, options={"score_func": "softmax"}).options == SkipOptions()
     with pytest.raises(ConfigError, match="routed_scaling_factor=2.0 is invalid for router 'compete'"):
         RouterConfig(name="compete", options={"routed_scaling_factor": 2.0})
+    with pytest.raises(ConfigError, match=r"options\.drop_policy='position' is invalid for router 'expert_choice': "
+                                          r"it has no such option; remove it \(its options: capacity_factor, "):
+        RouterConfig(name="expert_choice", top_k=1, options={"drop_policy": "position"})
 
 
 def test_model_config_holds_the_moe_layer_config():
