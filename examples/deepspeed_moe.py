@@ -9,7 +9,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from megamoe import ExpertConfig, RouterConfig
+from megamoe import ExpertConfig, MoEConfig, RouterConfig
+from megamoe.checkpoint import reshardable
 from megamoe.integrations import deepspeed as mds
 from megamoe.model import ModelConfig, MoETransformerLM
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups, init_distributed
@@ -29,8 +30,8 @@ groups = build_expert_parallel_groups(ep_size=args.ep_size)  # every rank calls 
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same full model on every rank ...
 model = MoETransformerLM(ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64,
-                                     num_experts=4, experts=ExpertConfig(intermediate_size=128),
-                                     router=RouterConfig(top_k=2, aux_loss_coef=0.01)))
+                                     moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=128),
+                                                   router=RouterConfig(top_k=2, aux_loss_coef=0.01))))
 apply_expert_parallel(model, groups)  # ... of which each rank keeps its experts
 
 micro = args.batch // world
@@ -71,8 +72,8 @@ engine.eval()
 with torch.no_grad():
     probe = batch(10_000)
     before = mean_over_ranks(engine(probe, labels=probe).loss)
-    mds.save_checkpoint(engine, args.out)  # every rank; staged, sealed by a sha256 manifest, swapped in
-    mds.load_checkpoint(engine, args.out)  # also works at another EP size, world size or ZeRO stage
+    reshardable.save_checkpoint(engine, args.out)  # every rank; staged, sealed by a sha256 manifest, swapped in
+    reshardable.load_checkpoint(engine, args.out)  # also works at another EP size, world size or ZeRO stage
     after = mean_over_ranks(engine(probe, labels=probe).loss)
 if rank == 0:
     print(f"saved and loaded {args.out}: held-out loss {before:.6f} before, {after:.6f} after")

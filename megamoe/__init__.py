@@ -6,9 +6,10 @@ transformers; integrations import them lazily.
 from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, from_dict, to_dict
 from megamoe.layer import MoELayer, MoEOutput, MoEStats
 from megamoe.routing import RoutingContext, RoutingDecision, build_router, known_routers, register_router
+from megamoe.routing.topk import TopKOptions
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "ExpertConfig", "MoEConfig", "RouterConfig", "from_dict", "to_dict", "MoELayer",
            "MoEOutput", "MoEStats", "RoutingContext", "RoutingDecision", "build_router", "known_routers",
-           "register_router", "__version__"]
+           "register_router", "TopKOptions", "__version__"]

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megamoe.train.demo", "train a tiny MoE model on synthetic data on the CPU and print its loss"),
     "convert": ("megamoe.checkpoint.convert_cmd", "convert megamoe checkpoints to Hugging Face format and back"),
     "launch": ("megamoe.train.launch", "build (--dry-run: print) deepspeed/torchrun/SLURM multi-node launch commands"),
-    "rl": ("megamoe.rl.cli", "train a PMOE mixture-of-experts policy (or unimodal SAC) on a gymnasium task"),
+    "rl": ("megamoe.research.rl.cli", "train a PMOE mixture-of-experts policy (or unimodal SAC) on a gymnasium task"),
     "train": ("megamoe.train.train_cmd", "train an MoE language model from a YAML config (the main job)"),
     "tokenizer": ("megamoe.train.tokenizer_cmd", "train a sentencepiece tokenizer for data.tokenizer"),
 }

@@ -2,8 +2,10 @@
 
 Each component has one small frozen dataclass, validated on construction. A YAML mapping
 maps 1:1 onto these classes through :func:`from_dict`, which rejects unknown keys with a
-did-you-mean suggestion. Router-specific settings live in ``RouterConfig.options`` and are
-validated by the options dataclass the router registered (see ``megamoe.routing.base``).
+did-you-mean suggestion. Router-specific settings live in ``RouterConfig.options``: an
+instance of the options dataclass the router registered with its name (see
+``megamoe.routing.base.register_router``), built from a mapping and validated here. Keys of an
+older layout are moved to their place with one :class:`ConfigLayoutWarning`.
 """
 from __future__ import annotations
 
@@ -16,13 +18,12 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import yaml
 
-SCORE_FUNCS = ("softmax", "sigmoid")
-DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 EXPERT_IMPLS = ("auto", "triton", "grouped", "loop")
@@ -264,7 +265,7 @@ def _describe_one(alt: Any, sp: Spec, plural: bool = False) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(alt):
         return f"a mapping of {alt.__name__} fields"
-    return getattr(alt, "__name__", repr(alt))
+    return getattr(alt, "described_as", None) or getattr(alt, "__name__", repr(alt))
 
 
 def check_arg(owner: str, name: str, value: Any, hint: Any, **bounds: Any) -> None:
@@ -301,53 +302,113 @@ def arg_type(kind: type, **bounds: Any) -> Callable[[str], Any]:
     return parse
 
 
+# ----------------------------------------------------------------------------- routers
+# Every router registers the dataclass of its own options with its name
+# (``megamoe.routing.base.register_router(name, options=...)``); ``RouterConfig.options`` holds an
+# instance of it. The table lives here so that a config can be built and validated from YAML
+# without importing the routers (``import megamoe`` registers the built-in ones).
+_ROUTER_OPTIONS: dict[str, type | None] = {}
+
+
+class RouterOptions:
+    """Base of every router's options dataclass (``TopKOptions``, ``ExpertChoiceOptions``, ...):
+    what ``RouterConfig.options`` holds once the config is built."""
+
+    described_as = "the router's options (its RouterOptions dataclass)"  # in "must be ..." messages
+
+
+def register_router_options(name: str, options: type | None) -> None:
+    """Record that router ``name`` takes ``options`` (a RouterOptions dataclass, or None)."""
+    _ROUTER_OPTIONS[name] = options
+
+
+# The token-choice options a router may lack, with the value that means "not used", and why a
+# router without them refuses any other value (the same words as when they were RouterConfig's).
+_TOKEN_CHOICE_DEFAULTS: dict[str, Any] = {"score_func": "softmax", "normalize_weights": True,
+                                          "capacity_factor": None, "eval_capacity_factor": None,
+                                          "drop_policy": "probs", "routed_scaling_factor": 1.0}
+_NOT_USED_BECAUSE = {
+    "eval_capacity_factor": "only token-choice top-k routers ('topk', 'compete') use it; set it to null",
+    "routed_scaling_factor": "only the 'topk' router scales its weights (router {name!r} needs 1.0)",
+    "score_func": "its scores are a softmax (it has no score_func option); leave it out or set score_func: softmax",
+}
+
+
+def resolve_router_options(name: str, options: Any, *, where: str) -> Any:
+    """``options`` (a mapping, or an instance of the router's options class) as router
+    ``name``'s typed options; ConfigError naming ``where`` otherwise. The token-choice keys
+    a router lacks are accepted at their "not used" value (configs written when they were
+    every router's fields carry them) and refused by name at any other."""
+    if name not in _ROUTER_OPTIONS:
+        return options  # an unknown router: build_router names the known ones
+    cls = _ROUTER_OPTIONS[name]
+    if isinstance(options, Mapping):
+        mapping = dict(options)
+        fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+        for key in [k for k in mapping if k not in fields and k in _TOKEN_CHOICE_DEFAULTS]:
+            value = mapping.pop(key)
+            if value != _TOKEN_CHOICE_DEFAULTS[key]:
+                why = _NOT_USED_BECAUSE.get(key, "it has no such option; remove it (its options: "
+                                                 + (", ".join(sorted(fields)) or "none") + ")")
+                raise ConfigError(f"{where}.{key}={value!r} is invalid for router {name!r}: {why.format(name=name)}")
+        if cls is None:
+            if mapping:
+                raise ConfigError(f"{where}={mapping!r} is invalid: router {name!r} takes no options")
+            return None
+        return from_dict(cls, mapping, where=where)
+    if cls is None:
+        raise ConfigError(f"{where}={options!r} is invalid: router {name!r} takes no options")
+    if not isinstance(options, cls):
+        raise ConfigError(f"{where}={options!r} is invalid: router {name!r} takes {cls.__name__} "
+                          f"({cls.__module__}); pass {cls.__name__}(...) or a mapping of its fields")
+    return options
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """How tokens are assigned to experts.
 
     name: a registered router (``megamoe.routing.known_routers()``).
-    top_k: experts per token (token-choice routers).
-    score_func: ``softmax`` or ``sigmoid``, computed in fp32.
-    normalize_weights: renormalise the selected top-k scores to sum to 1.
+    top_k: experts per token (token-choice routers; 1 for skip, balanced and stochastic).
     jitter_eps: multiplicative input jitter U(1-eps, 1+eps) in training (Switch).
     aux_loss_coef: Switch/GShard load-balancing loss coefficient (0 disables).
     z_loss_coef: router z-loss coefficient (0 disables).
-    capacity_factor: None for dropless; else C = ceil(T*K/E * capacity_factor).
-    eval_capacity_factor: the capacity factor in eval mode (``topk`` routers only): None =
-        the same as ``capacity_factor``, a number > 0, or ``"dropless"`` (as DeepSpeed's
-        ``eval_capacity_factor``; e.g. train with drops, evaluate and generate dropless).
-    drop_policy: which slots an over-full expert keeps: ``probs`` (highest score) or
-        ``position`` (earliest token; causal within a sequence, see megamoe/routing/topk.py).
-    options: router-specific settings, validated by the router's options dataclass.
-    routed_scaling_factor: multiplies the routed experts' combine weights (after any
-        renormalisation; shared experts are not scaled), as DeepSeek-V3 / GLM-4-MoE do.
-        ``topk`` router only.
+    options: the router's own settings: an instance of the options dataclass it registered
+        (``megamoe.routing.topk.TopKOptions`` for ``topk``: score function, weight
+        normalisation, capacity and drop policy, routed scaling; ``ExpertChoiceOptions``,
+        ``SkipOptions``, ``BalancedOptions``, ``CompeteOptions``, ``StochasticOptions``), or a
+        mapping of its fields (YAML), validated here; omitted: the router's defaults.
+
+    Configs written before options were typed kept the top-k settings beside ``top_k``
+    (``router: {top_k: 2, score_func: sigmoid}``); :func:`from_dict` moves them into
+    ``options`` and says so (:class:`ConfigLayoutWarning`).
     """
 
     name: str = spec("topk", nonempty=True)
     top_k: int = spec(2, ge=1)
-    score_func: str = spec("softmax", choices=SCORE_FUNCS)
-    normalize_weights: bool = True
     jitter_eps: float = spec(0.0, ge=0, lt=1)
     aux_loss_coef: float = spec(0.01, ge=0)
     z_loss_coef: float = spec(0.0, ge=0)
-    capacity_factor: float | None = spec(None, gt=0)
-    drop_policy: str = spec("probs", choices=DROP_POLICIES)
-    options: Mapping[str, Any] = field(default_factory=dict)
-    routed_scaling_factor: float = spec(1.0, gt=0)
-    eval_capacity_factor: float | str | None = spec(None, gt=0, choices=("dropless",))
+    options: RouterOptions | Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.routed_scaling_factor != 1.0 and self.name != "topk":
-            raise ConfigError(f"RouterConfig.routed_scaling_factor={self.routed_scaling_factor!r} is invalid: only "
-                              f"the 'topk' router scales its weights (router {self.name!r} needs 1.0)")
+        object.__setattr__(self, "options", resolve_router_options(self.name, self.options,
+                                                                   where=f"{type(self).__name__}.options"))
 
-    def capacity_factor_for(self, training: bool) -> float | None:
-        """The capacity factor in force in training or eval mode (None: dropless)."""
-        if training or self.eval_capacity_factor is None:
-            return self.capacity_factor
-        return None if self.eval_capacity_factor == "dropless" else float(self.eval_capacity_factor)
+    @classmethod
+    def _migrate(cls, data: dict[str, Any], where: str) -> list[tuple[str, str]]:
+        """Old flat top-k keys -> ``options`` (in place); returns (old, new) dotted paths."""
+        moved = [k for k in _TOKEN_CHOICE_DEFAULTS if k in data]
+        if not moved:
+            return []
+        options = data.get("options")
+        options = dict(options) if isinstance(options, Mapping) else {}
+        for key in moved:
+            merge_moved(options, key, data.pop(key))
+        data["options"] = options
+        base = f"{where}." if where else ""
+        return [(f"{base}{k}", f"{base}options.{k}") for k in moved]
 
 
 @dataclass(frozen=True)
@@ -378,11 +439,12 @@ class ExpertConfig:
         return self.activation in GATED_ACTIVATIONS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """One MoE layer.
 
-    hidden_size: H, the model width the layer reads and writes.
+    hidden_size: H, the model width the layer reads and writes (inside a ``ModelConfig``:
+        leave it unset, it is the model's ``hidden_size``).
     num_experts: E, routed experts (across all expert-parallel ranks).
     num_shared_experts: dense experts every token always goes through (0 = none); they are
         fused into one MLP of width ``shared_intermediate_size``.
@@ -390,7 +452,7 @@ class MoEConfig:
     shared_expert_gate: scale the shared expert by sigmoid(x w) (Qwen2-MoE style).
     """
 
-    hidden_size: int = spec(ge=1)
+    hidden_size: int | None = spec(None, ge=1)
     num_experts: int = spec(ge=1)
     experts: ExpertConfig
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -420,17 +482,54 @@ def _suggest(key: str, known: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+class ConfigLayoutWarning(FutureWarning):
+    """A config (a YAML file, an override, a checkpoint's stored config) used keys of an older
+    layout; they were read in the current one. The message lists what moved where."""
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested config dataclasses.
 
-    ``where`` is the dotted path of ``data`` in the whole config (``"model.router"``); every
+    ``where`` is the dotted path of ``data`` in the whole config (``"model.moe.router"``); every
     error names the offending key by that path: unknown keys (with a did-you-mean and the
     known keys), a section that is not a mapping, and the values the class's own checks
     refuse (its ``ClassName.field`` messages are re-addressed to ``where.field``).
+
+    Older layouts: a class with a ``_migrate(data, where)`` classmethod moves the keys of its
+    older layout to where they live now (``ModelConfig``: the MoE fields into ``moe``;
+    ``RouterConfig``: the top-k fields into ``options``); one :class:`ConfigLayoutWarning` then
+    lists every key that moved.
     """
+    moved: list[tuple[str, str]] = []
+    try:
+        return _from_dict(cls, data, where, moved)
+    finally:  # also when the config is refused: its error names the keys' new places
+        if moved:
+            warnings.warn(ConfigLayoutWarning(
+                "this config uses keys of an older megamoe layout, read as: "
+                + ", ".join(f"{old} -> {new}" for old, new in _as_written(moved))
+                + " (write them there to silence this; see the README, 'Config layout')"), stacklevel=2)
+
+
+def _as_written(moved: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``moved`` with each old path spelled as the config wrote it: a key found inside a section
+    that itself moved (``model.router`` -> ``model.moe.router``, then its ``score_func``) is named
+    at the section's old place (``model.router.score_func``)."""
+    out: list[tuple[str, str]] = []
+    for old, new in moved:
+        section = next(((o, n) for o, n in out if old.startswith(n + ".")), None)
+        out.append((section[0] + old[len(section[1]):] if section else old, new))
+    return out
+
+
+def _from_dict(cls: type[T], data: Mapping[str, Any], where: str, moved: list[tuple[str, str]]) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__}" + (" is empty (null)" if data is None else f"={data!r} is invalid")
                           + f": it must be a mapping of {cls.__name__} fields")
+    migrate = getattr(cls, "_migrate", None)
+    if migrate is not None:
+        data = dict(data)
+        moved.extend(migrate(data, where))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -443,8 +542,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
         hint = hints[key]
         sub = _dataclass_in(hint)
         if sub is not None and isinstance(value, Mapping):
-            value = from_dict(sub, value, where=path)
-        elif sub is not None and not isinstance(value, sub) and not (value is None and type(None) in _alternatives(hint)):
+            value = _from_dict(sub, value, path, moved)
+        elif sub is not None and not isinstance(value,
+                                                sub) and not (value is None and type(None) in _alternatives(hint)):
             has_default = (fields[key].default is not dataclasses.MISSING
                            or fields[key].default_factory is not dataclasses.MISSING)  # type: ignore[misc]
             raise ConfigError((f"{path} is empty (null)" if value is None else f"{path}={value!r} is invalid")
@@ -460,6 +560,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
                    if f.name not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         raise ConfigError(f"{where or cls.__name__}: missing required keys {missing}") from exc
+
+
+def merge_moved(target: dict[str, Any], key: str, value: Any) -> None:
+    """Put an old-layout ``value`` at ``target[key]``; mappings merge, the old value winning where
+    both set a key (an old-layout override given after a new-layout file)."""
+    current = target.get(key)
+    if isinstance(current, Mapping) and isinstance(value, Mapping):
+        merged = dict(current)
+        for k, v in value.items():
+            merge_moved(merged, k, v)
+        target[key] = merged
+    else:
+        target[key] = value
 
 
 def _readdressed(exc: ConfigError, cls: type, where: str) -> ConfigError:
@@ -482,12 +595,17 @@ def _dataclass_in(hint: Any) -> type | None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Inverse of :func:`from_dict` (plain dicts, suitable for YAML/JSON)."""
-    out = dataclasses.asdict(cfg)
-    return _plain(out)
+    """Inverse of :func:`from_dict` (plain dicts, suitable for YAML/JSON). A class with a
+    ``_trim_dict(data)`` method leaves out what it derives from its other fields (a
+    ``ModelConfig`` its ``moe.hidden_size``, which is always the model's)."""
+    return _plain(cfg)
 
 
 def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        trim = getattr(obj, "_trim_dict", None)
+        return trim(out) if trim is not None else out
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

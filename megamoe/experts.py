@@ -18,7 +18,7 @@ Paths, all computing the same function:
 - :func:`reference_moe`: a deliberately plain per-(token, slot) reference for tests.
 ``auto`` picks triton (grouped without triton installed) on CUDA when the shapes are
 aligned, loop otherwise (on CPU the per-expert loop measured faster than grouped_mm in torch
-2.13; see tools/bench_layer.py). :meth:`ExpertBank.impl_for` is where that choice is made.
+2.13; see tools/bench/bench_layer.py). :meth:`ExpertBank.impl_for` is where that choice is made.
 """
 from __future__ import annotations
 
@@ -85,6 +85,15 @@ class ExpertBank(nn.Module):
         for b in (self.first_bias, self.down_proj_bias):
             if b is not None:
                 nn.init.zeros_(b)
+
+    @torch.no_grad()
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep only experts ``[start, stop)`` (an expert-parallel rank's slice; new parameters)."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise ValueError(f"expert slice [{start}, {stop}) is invalid for {self.num_experts} experts")
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
+        self.num_experts = stop - start
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from megamoe.stats import moe_layers
+
 
 class NonFiniteError(FloatingPointError):
     """A tensor that must be finite holds NaN or inf; the message says where."""
@@ -50,12 +52,10 @@ def require_finite(t: Tensor, what: str) -> None:
 def set_finite_checks(model: nn.Module, enabled: bool = True) -> int:
     """Turn the per-layer NaN/inf check of every MoE layer in ``model`` on or off; returns
     how many layers were set."""
-    n = 0
-    for module in model.modules():
-        if hasattr(module, "check_finite"):
-            module.check_finite = bool(enabled)
-            n += 1
-    return n
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.check_finite = bool(enabled)
+    return len(layers)
 
 
 def _tensors(obj: Any) -> list[Tensor]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import MoEConfig, require_config
+from megamoe import stats
+from megamoe.config import ConfigError, MoEConfig, require_config
 from megamoe.dispatch.base import Dispatcher
 from megamoe.dispatch.local import LocalDispatcher
 from megamoe.experts import ExpertBank, activation_fn
@@ -47,15 +48,12 @@ class MoEStats:
     @property
     def dropped_fraction(self) -> Tensor:
         """Dropped slots / selected slots (0 when nothing was selected)."""
-        kept, selected = self.tokens_per_expert_E, self.selected_per_expert_E
-        num_selected = selected.sum()
-        return torch.where(num_selected > 0, 1.0 - kept.sum().float() / num_selected.clamp_min(1).float(),
-                           torch.zeros((), device=kept.device))
+        return stats.dropped_fraction(self.tokens_per_expert_E, self.selected_per_expert_E)
 
     @property
     def max_vio(self) -> Tensor:
         """(max_e load_e - mean load) / mean load, on selected slots."""
-        return max_violation(self.selected_per_expert_E)
+        return stats.max_vio(self.selected_per_expert_E)
 
     def as_floats(self) -> dict[str, float]:
         out = {"dropped_fraction": float(self.dropped_fraction), "max_vio": float(self.max_vio),
@@ -64,11 +62,23 @@ class MoEStats:
         return out
 
 
-def max_violation(load_E: Tensor) -> Tensor:
-    """MaxVio = (max load - mean load) / mean load (0 when there is no load)."""
-    load = load_E.float()
-    mean = load.mean()
-    return torch.where(mean > 0, (load.max() - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+@dataclass
+class StepSignals:
+    """What the training side tells the MoE layers of a model, read by every forward.
+
+    step: optimizer steps taken so far (routers with schedules read it through
+        :class:`~megamoe.routing.base.RoutingContext`).
+    aux_loss_scale: d(total loss) / d(aux loss): the weight the aux loss has in the loss that
+        is back-propagated (1 / gradient-accumulation steps, times the fp16 loss scale under
+        DeepSpeed's dynamic loss scaling).
+
+    A layer starts with its own (step 0, scale 1); one training-side owner
+    (``megamoe.train.step_state.MoEStepState``) shares one instance with every layer of a
+    model (:meth:`MoELayer.use_signals`) and is the only writer of its fields.
+    """
+
+    step: int = 0
+    aux_loss_scale: float = 1.0
 
 
 @dataclass
@@ -109,9 +119,10 @@ class MoELayer(nn.Module):
         layer_index: position in the host model (routers may use it for schedules).
         causal: the host model is autoregressive (routers that see future tokens refuse).
 
-    Attributes set by trainers: ``step`` (optimizer step, for routers with schedules) and
-    ``aux_loss_grad_scale`` (weight of the aux loss in the total loss, e.g.
-    1/gradient_accumulation_steps). ``last_stats`` holds the most recent call's MoEStats.
+    The layer holds what one forward needs and nothing of the optimizer step: ``signals``
+    (:class:`StepSignals`: the step for router schedules, the aux loss's weight in the total
+    loss) belongs to the training side, which shares one with every layer of a model
+    (``megamoe.train.step_state``). ``last_stats`` holds the most recent call's MoEStats.
     ``check_finite`` (off by default; ``megamoe.finite.set_finite_checks(model)`` sets it on
     every layer) raises NonFiniteError naming the layer when its input or output holds NaN or
     inf, at the cost of a host sync per call. Inputs are checked by :func:`checked_input`.
@@ -120,6 +131,9 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, *, dispatcher: Dispatcher | None = None, layer_index: int = -1,
                  causal: bool = False) -> None:
         require_config("MoELayer(config)", config, MoEConfig)
+        if config.hidden_size is None:
+            raise ConfigError("MoELayer(config): MoEConfig.hidden_size is unset; give the model width "
+                              "(MoEConfig(hidden_size=..., ...)), or let a ModelConfig fill it in")
         super().__init__()
         self.config = config
         self.layer_index = layer_index
@@ -135,8 +149,7 @@ class MoELayer(nn.Module):
         if config.num_shared_experts > 0:
             self.shared_expert = SharedExpert(config.hidden_size, config.shared_size, config.experts.activation,
                                               config.experts.bias, config.shared_expert_gate)
-        self.step = 0
-        self.aux_loss_grad_scale = 1.0
+        self.signals = StepSignals()
         self.check_finite = False
         self.last_stats: MoEStats | None = None
 
@@ -145,11 +158,31 @@ class MoELayer(nn.Module):
     def _compute_all_experts(self, x_TD: Tensor) -> Tensor:
         return self.dispatcher.run_all(x_TD, self.experts)
 
+    @property
+    def num_experts(self) -> int:
+        """E, routed experts across all expert-parallel ranks (DeepSpeed's MoE bookkeeping reads it)."""
+        return self.config.num_experts
+
+    def shard_experts(self, dispatcher: Dispatcher) -> None:
+        """Keep only the experts ``dispatcher`` serves on this rank and route through it
+        (expert parallelism, applied after the full model is built: ``megamoe.parallel``)."""
+        if dispatcher.num_experts != self.config.num_experts:
+            raise ValueError(f"dispatcher serves {dispatcher.num_experts} experts, "
+                             f"config has num_experts={self.config.num_experts}")
+        start = dispatcher.local_expert_offset
+        self.experts.keep_experts(start, start + dispatcher.num_local_experts)
+        self.dispatcher = dispatcher
+
+    def use_signals(self, signals: StepSignals) -> None:
+        """Read the step and the aux-loss scale from ``signals`` (the training side's, shared by
+        every layer of the model) from now on."""
+        self.signals = signals
+
     def _name(self) -> str:
         return f"MoE layer {self.layer_index}" if self.layer_index >= 0 else "MoELayer"
 
     def routing_context(self, sequence_length: int | None = None) -> RoutingContext:
-        return RoutingContext(layer_index=self.layer_index, step=self.step,
+        return RoutingContext(layer_index=self.layer_index, step=self.signals.step,
                               compute_all_experts=self._compute_all_experts, causal=self.causal,
                               sequence_length=sequence_length)
 
@@ -173,7 +206,7 @@ class MoELayer(nn.Module):
         if self.check_finite:
             require_finite(result.out, f"the output of {self._name()} (its input was finite)")
         self.last_stats = result.stats
-        return attach_aux_loss(result.out, result.aux_loss, grad_scale=self.aux_loss_grad_scale)
+        return attach_aux_loss(result.out, result.aux_loss, grad_scale=self.signals.aux_loss_scale)
 
     @torch.no_grad()
     def _stats(self, decision: RoutingDecision) -> MoEStats:
@@ -221,4 +254,4 @@ def dense_mlp_reference(layer: MoELayer, x: Tensor, expert: int = 0) -> Tensor:
     return layer.experts.expert_forward(x.reshape(-1, x.shape[-1]), expert).reshape(x.shape)
 
 
-__all__ = ["MoELayer", "MoEOutput", "MoEStats", "SharedExpert", "max_violation", "dense_mlp_reference", "checked_input"]
+__all__ = ["MoELayer", "MoEOutput", "MoEStats", "StepSignals", "SharedExpert", "dense_mlp_reference", "checked_input"]

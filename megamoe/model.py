@@ -23,19 +23,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, ExpertConfig, MoEConfig, check_fields, merge_moved, spec
 from megamoe.layer import MoELayer
 
 ATTENTIONS = ("gqa", "mla")
 MOE_LAYER_PATTERNS = ("all", "every_other", "none")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+DEFAULT_NUM_EXPERTS, DEFAULT_EXPERT_WIDTH = 8, 256
+# ModelConfig's MoE fields before they moved into ``moe`` (read with a ConfigLayoutWarning).
+OLD_MOE_FIELDS = ("num_experts", "experts", "router", "num_shared_experts", "shared_intermediate_size",
+                  "shared_expert_gate")
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,11 @@ class ModelConfig:
     moe_layers: which blocks use an MoE MLP: ``"all"``, ``"every_other"`` (1, 3, 5, ...,
         Switch style) or a list of block indices. Other blocks use a dense SwiGLU MLP of
         width ``dense_intermediate_size``.
-    num_experts, top_k-carrying ``router``, ``experts``, ``num_shared_experts``,
-    ``shared_expert_gate``: the MoE layer (see megamoe.config.MoEConfig).
+    moe: the MoE layer of every MoE block (megamoe.config.MoEConfig: experts, router, shared
+        experts); its ``hidden_size`` is the model's (leave it unset). Configs written before
+        this section kept ``num_experts``, ``experts``, ``router``, ``num_shared_experts``,
+        ``shared_intermediate_size`` and ``shared_expert_gate`` at the model level; they are
+        read into ``moe`` with a ConfigLayoutWarning.
     gradient_checkpointing: recompute each block in backward (saves activation memory).
     attention: ``"gqa"`` (grouped-query attention, ``num_kv_heads``/``head_dim``) or ``"mla"``
         (DeepSeek-V2/V3 multi-head latent attention, see :class:`MLAttention`), which needs
@@ -70,12 +77,8 @@ class ModelConfig:
     rms_norm_eps: float = spec(1e-5, gt=0)
     initializer_range: float = spec(0.02, gt=0)
     tie_embeddings: bool = False
-    num_experts: int = spec(8, ge=1)
-    experts: ExpertConfig = field(default_factory=lambda: ExpertConfig(intermediate_size=256))
-    router: RouterConfig = field(default_factory=RouterConfig)
-    num_shared_experts: int = spec(0, ge=0)
-    shared_intermediate_size: int | None = spec(None, ge=1)
-    shared_expert_gate: bool = False
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(
+        num_experts=DEFAULT_NUM_EXPERTS, experts=ExpertConfig(intermediate_size=DEFAULT_EXPERT_WIDTH)))
     moe_layers: str | Sequence[int] = spec("all", choices=MOE_LAYER_PATTERNS, ge=0)
     dense_intermediate_size: int | None = spec(None, ge=1)
     gradient_checkpointing: bool = False
@@ -91,6 +94,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         n = type(self).__name__
+        if self.moe.hidden_size is None:
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, hidden_size=self.hidden_size))
+        elif self.moe.hidden_size != self.hidden_size:
+            raise ConfigError(f"{n}.moe.hidden_size={self.moe.hidden_size} is invalid: it must equal {n}.hidden_size="
+                              f"{self.hidden_size} (leave it unset: the MoE layers take the model's width)")
         if self.attention == "mla":
             self._check_mla(n)
             if self.qkv_bias:
@@ -116,23 +124,47 @@ class ModelConfig:
                 raise ConfigError(f"{n}.moe_layers={list(self.moe_layers)!r} is invalid: indices must be in "
                                   f"[0, {self.num_layers})")
         if self.moe_layers != "all" and self.dense_intermediate_size is None:
-            object.__setattr__(self, "dense_intermediate_size", self.experts.intermediate_size * self.router.top_k)
-        self.moe_config()  # validates top_k <= num_experts etc.
+            object.__setattr__(self, "dense_intermediate_size",
+                               self.moe.experts.intermediate_size * self.moe.router.top_k)
         self._check_router_causal()
 
+    @classmethod
+    def _migrate(cls, data: dict, where: str) -> list[tuple[str, str]]:
+        """(In place, for :func:`megamoe.config.from_dict`.) The MoE fields of the layout before
+        ``moe`` (model level) move into ``moe``; a ``moe`` section that leaves out
+        ``num_experts`` or ``experts`` gets the defaults a model without one has."""
+        moved = [k for k in OLD_MOE_FIELDS if k in data]
+        moe = data.get("moe")
+        if not moved and not isinstance(moe, Mapping):
+            return []
+        moe = dict(moe) if isinstance(moe, Mapping) else {}
+        for key in moved:
+            merge_moved(moe, key, data.pop(key))
+        moe.setdefault("num_experts", DEFAULT_NUM_EXPERTS)
+        moe.setdefault("experts", {"intermediate_size": DEFAULT_EXPERT_WIDTH})
+        data["moe"] = moe
+        base = f"{where}." if where else ""
+        return [(f"{base}{k}", f"{base}moe.{k}") for k in moved]
+
+    def _trim_dict(self, data: dict) -> dict:
+        """(For :func:`megamoe.config.to_dict`.) ``moe.hidden_size`` is always the model's: it is
+        left out, so that a saved config takes another ``hidden_size`` as a whole."""
+        data["moe"].pop("hidden_size", None)
+        return data
+
     def _check_router_causal(self) -> None:
-        from megamoe.routing.base import router_class, router_options
+        from megamoe.routing.base import router_class
         n = type(self).__name__
         if self.moe_layers == "none" or self.allow_noncausal_drops:
             return
-        router_options(self.router)
-        problem = router_class(self.router).causal_problem(self.router)
+        router = self.moe.router
+        problem = router_class(router).causal_problem(router)
         if problem:
             raise ConfigError(
-                f"{n}.router is invalid for this causal (decoder) LM: {problem}. Use router.drop_policy: position "
-                "(earlier tokens first: causal within a sequence), or dropless routing (router.capacity_factor: "
-                "null and router.eval_capacity_factor: null or 'dropless'), or set "
-                f"{n}.allow_noncausal_drops: true to accept the leak.")
+                f"{n}.moe.router is invalid for this causal (decoder) LM: {problem}. Use "
+                "moe.router.options.drop_policy: position (earlier tokens first: causal within a sequence), or "
+                "dropless routing (moe.router.options.capacity_factor: null and eval_capacity_factor: null or "
+                f"'dropless'), or set {n}.allow_noncausal_drops: true to accept the leak.")
 
     def _check_mla(self, n: str) -> None:
         for name in ("num_kv_heads", "head_dim"):
@@ -181,16 +213,10 @@ class ModelConfig:
         moe = self.moe_indices()
         kw: dict = dict(moe_layers="all" if len(moe) == self.num_layers else moe,
                         dense_intermediate_size=self.dense_intermediate_size if len(moe) < self.num_layers else None,
-                        shared_intermediate_size=self.moe_config().shared_size if self.num_shared_experts else None)
+                        moe=dataclasses.replace(self.moe, shared_intermediate_size=self.moe.shared_size or None))
         if self.attention == "gqa":
             kw.update(num_kv_heads=self.kv_heads, head_dim=self.head_size)
         return dataclasses.replace(self, **kw)
-
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig(hidden_size=self.hidden_size, num_experts=self.num_experts, experts=self.experts,
-                         router=self.router, num_shared_experts=self.num_shared_experts,
-                         shared_intermediate_size=self.shared_intermediate_size,
-                         shared_expert_gate=self.shared_expert_gate)
 
 
 def _apex_rms_norm():
@@ -259,7 +285,8 @@ class Attention(nn.Module):
         q = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos_SH.to(q.dtype), sin_SH.to(q.dtype)), apply_rotary(k, cos_SH.to(k.dtype), sin_SH.to(k.dtype))
+        q, k = apply_rotary(q, cos_SH.to(q.dtype), sin_SH.to(q.dtype)), apply_rotary(k, cos_SH.to(k.dtype),
+                                                                                     sin_SH.to(k.dtype))
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -337,7 +364,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(index):
-            self.mlp: nn.Module = MoELayer(cfg.moe_config(), layer_index=index, causal=True)
+            self.mlp: nn.Module = MoELayer(cfg.moe, layer_index=index, causal=True)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
 
@@ -401,14 +428,6 @@ class MoETransformerLM(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
-
-    def set_step(self, step: int) -> None:
-        """Tell every MoE layer the optimizer step (routers with schedules read it)."""
-        for m in self.moe_layers():
-            m.step = step
-
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> LMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -443,7 +462,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         if ".experts." in name:
             cfg = getattr(model, "config", None)
-            frac = (cfg.router.top_k / cfg.num_experts) if isinstance(cfg, ModelConfig) else 1.0
+            frac = (cfg.moe.router.top_k / cfg.moe.num_experts) if isinstance(cfg, ModelConfig) else 1.0
             active += p.numel() * frac
         else:
             active += p.numel()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Sequence
 from datetime import timedelta
 
 import torch
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megamoe.dispatch.all_to_all import AllToAllDispatcher
+from megamoe.stats import named_moe_layers
 
 ProcessGroup = dist.ProcessGroup
 
@@ -210,13 +212,6 @@ def build_expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
                                 rank=rank, edp_rank=rank // ep_size)
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, layer) of every MoELayer in ``model``, in module order."""
-    from megamoe.layer import MoELayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
-
-
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
     """Tag parameters the way DeepSpeed recognises expert parameters.
 
@@ -232,14 +227,8 @@ def is_expert_param(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-@torch.no_grad()
-def _shard_expert_bank(bank: nn.Module, start: int, stop: int) -> None:
-    for name, p in list(bank.named_parameters(recurse=False)):
-        setattr(bank, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
-    bank.num_experts = stop - start
-
-
-def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups, *,
+                          layers: Sequence[tuple[str, nn.Module]] | None = None) -> nn.Module:
     """Shard every MoELayer of ``model`` over ``groups`` (in place; returns ``model``).
 
     Each layer keeps experts ``[ep_rank * E_local, (ep_rank + 1) * E_local)`` and gets an
@@ -247,8 +236,10 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
     DeepSpeed (``allreduce=False``, ``group_name``). Build the full model with the same seed
     on every rank before calling this, so the shards together equal the full model.
     Raises ValueError naming the layer when its experts do not divide by ``ep_size``.
+    ``layers``: ``(name, layer)`` of the model's MoE layers when the caller has found them
+    already (``megamoe.stats.named_moe_layers``; the train job's step state has).
     """
-    layers = moe_layers(model)
+    layers = list(layers) if layers is not None else named_moe_layers(model)
     for name, layer in layers:
         num_experts = layer.config.num_experts
         if num_experts % groups.ep_size != 0:
@@ -258,14 +249,11 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
             raise ValueError(f"MoE layer {name or '<root>'!r} is already expert-parallel "
                              f"({layer.dispatcher!r}); apply_expert_parallel expects the full model")
     for _, layer in layers:
-        dispatcher = AllToAllDispatcher(layer.config.num_experts, groups.ep_group)
-        start = dispatcher.local_expert_offset
-        _shard_expert_bank(layer.experts, start, start + dispatcher.num_local_experts)
-        layer.dispatcher = dispatcher
+        layer.shard_experts(AllToAllDispatcher(layer.config.num_experts, groups.ep_group))
         mark_expert_params(layer.experts, groups.group_name)
     return model
 
 
 __all__ = ["ExpertParallelGroups", "build_expert_parallel_groups", "init_distributed", "resolve_dist_backend",
-           "cuda_device_for_rank", "launcher_world_size", "free_port", "apply_expert_parallel", "moe_layers",
+           "cuda_device_for_rank", "launcher_world_size", "free_port", "apply_expert_parallel",
            "mark_expert_params", "is_expert_param", "expert_group_name", "ep_group_ranks", "edp_group_ranks"]

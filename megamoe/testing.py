@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megamoe.parallel import cuda_device_for_rank, free_port  # noqa: F401  (free_port: re-exported for tests)
+from megamoe.parallel import cuda_device_for_rank, free_port
 
 BACKENDS = ("gloo", "nccl")
 BACKEND_LINE = "megamoe.testing:"  # prefix of the line each run prints (collected by tests/conftest.py)

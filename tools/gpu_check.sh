@@ -4,7 +4,7 @@
 #   2. tests  on CUDA: every Triton kernel against its reference, the layer pipeline against
 #             the references, no host sync (set_sync_debug_mode), CUDA-graph capture/replay
 #             of forward+backward, torch.compile (tests/unit/test_kernels*.py), layer tests
-#   3. bench  tools/bench_layer.py --device cuda --dtype bf16: the five shapes, every peer,
+#   3. bench  tools/bench/bench_layer.py --device cuda --dtype bf16: the five shapes, every peer,
 #             TFLOP/s and share of a dense GEMM measured in the same run
 #   4. train  a short `megamoe train` on CUDA (torch backend, bf16 autocast)
 # then prints one summary table (also written to $OUT/summary.md). A failing step does not
@@ -92,7 +92,7 @@ else
   skip tests "pytest is not importable by $PY"
 fi
 
-step bench 300 "$PY" tools/bench_layer.py "${BENCH_ARGS[@]}" --json "$OUT/bench_layer_$DEVICE.json"
+step bench 300 "$PY" tools/bench/bench_layer.py "${BENCH_ARGS[@]}" --json "$OUT/bench_layer_$DEVICE.json"
 
 if has yaml && has sentencepiece; then
   step train 180 "$PY" -m megamoe.cli train --config configs/tiny_single.yaml --overwrite \

@@ -15,7 +15,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,26 +23,11 @@ from torch import Tensor
 from megamoe.checkpoint.integrity import (MANIFEST_KEY, MANIFEST_NAME, CheckpointError, check_finite,
                                           check_loaded_finite, load_safetensors, read_json, unverified_warning,
                                           verify_directory)
-from megamoe.checkpoint.staged import StagedDirectory, check_output_path
+from megamoe.checkpoint.staged import write_directory
 from megamoe.config import ConfigError, from_dict, to_dict
 
 CONFIG_NAME = "megamoe_config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """Create ``out_dir`` through the staged protocol (:class:`StagedDirectory`): ``fill(path)``
-    writes the files into a hidden staged copy, which is sealed with a manifest and swapped in
-    (an existing ``out_dir`` is replaced only with ``overwrite=True``)."""
-    out = Path(os.path.abspath(out_dir))
-    check_output_path(out, what="output directory")
-    if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
-    with StagedDirectory(out) as staged:
-        if os.path.lexists(out) and not overwrite:  # published by an interrupted writer we just recovered
-            raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
-        fill(staged.payload)
-    return out
 
 
 def _model_config_cls():
@@ -96,7 +81,7 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, ext
         disp = getattr(m, "dispatcher", None)
         if disp is not None and disp.num_local_experts != disp.num_experts:
             raise ValueError("save_consolidated needs every expert in this process; this model is expert-parallel "
-                             "(use megamoe.integrations.deepspeed.load_full_state_dict on its checkpoint)")
+                             "(use megamoe.checkpoint.reshardable.load_full_state_dict on its checkpoint)")
     state = _contiguous_cpu(model.state_dict())
     check_finite(state.items(), what=f"the model directory {out_dir}")
     meta = dict(extra or {})
@@ -110,7 +95,7 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, *, ext
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
 
-    return atomic_dir(out_dir, fill, overwrite=overwrite)
+    return write_directory(out_dir, fill, overwrite=overwrite)
 
 
 def load_consolidated(path: str | os.PathLike, *, map_location: str = "cpu", verify: bool = True):

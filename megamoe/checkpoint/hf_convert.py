@@ -5,7 +5,7 @@ D hidden size, B batch, L sequence, V vocabulary.
 
 megamoe -> HF (:func:`convert_to_hf`). The source is a live MoETransformerLM, a
 consolidated megamoe directory, or a DeepSpeed training checkpoint (consolidated by
-``megamoe.integrations.deepspeed.load_full_state_dict``). Target formats, in the order
+``megamoe.checkpoint.reshardable.load_full_state_dict``). Target formats, in the order
 ``auto`` tries them (the first that computes the same function wins, so no remote code
 is needed whenever a stock class fits):
 
@@ -55,11 +55,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from megamoe.checkpoint.consolidated import (CONFIG_NAME, atomic_dir, is_consolidated_dir,
+from megamoe.checkpoint.consolidated import (CONFIG_NAME, is_consolidated_dir,
                                              load_state_dict_with_buffers, read_model_config, save_consolidated)
 from megamoe.checkpoint.integrity import CheckpointError, check_loaded_finite, read_json, verify_directory
-from megamoe.checkpoint.staged import check_output_path
+from megamoe.checkpoint.staged import check_output_path, write_directory
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
+from megamoe.routing.topk import TopKOptions
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "megamoe")
 STOCK_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
@@ -157,12 +158,7 @@ def load_megamoe_source(source: Any, *, tag: str | None = None):
         return load_consolidated(path, verify=not verified).eval()
     if is_deepspeed_checkpoint(path):
         cfg = read_model_config(_deepspeed_config_dir(path, tag))
-        try:
-            from megamoe.integrations.deepspeed import load_full_state_dict
-        except ImportError as exc:
-            raise ConversionError(
-                f"{path} is a DeepSpeed checkpoint, but megamoe.integrations.deepspeed.load_full_state_dict "
-                f"is not available in this installation ({exc})") from exc
+        from megamoe.checkpoint.reshardable import load_full_state_dict
         state = load_full_state_dict(str(path), tag=tag, verify=not verified)
         check_loaded_finite(state.items(), path)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -196,14 +192,15 @@ def moe_problems(moe: MoEConfig, fmt: str, *, moe_indices: list[int], num_layers
     blocks (for messages); ``selection_bias``: some router carries a non-zero expert_bias.
     Shared by megamoe models and moeified Hugging Face models."""
     r = moe.router
+    o = r.options if isinstance(r.options, TopKOptions) else TopKOptions()  # others are refused below
     probs: list[str] = []
     if r.name != "topk":
         probs.append(f"router {r.name!r} has no {fmt} equivalent (only the token-choice 'topk' router does)")
-    if r.capacity_factor_for(training=False) is not None:  # conversion is for inference: eval capacity
-        what = f"router.capacity_factor={r.capacity_factor}" if r.eval_capacity_factor is None \
-            else f"router.eval_capacity_factor={r.eval_capacity_factor}"
+    if o.capacity_factor_for(training=False) is not None:  # conversion is for inference: eval capacity
+        what = f"router.options.capacity_factor={o.capacity_factor}" if o.eval_capacity_factor is None \
+            else f"router.options.eval_capacity_factor={o.eval_capacity_factor}"
         probs.append(f"{what} drops tokens at inference; {fmt} routing is dropless (set "
-                     "router.eval_capacity_factor: dropless)")
+                     "router.options.eval_capacity_factor: dropless)")
     if moe.experts.activation not in _ACT_TO_HF:
         probs.append(f"experts.activation={moe.experts.activation!r}: {fmt} experts are gated "
                      f"(swiglu or geglu only)")
@@ -212,16 +209,16 @@ def moe_problems(moe: MoEConfig, fmt: str, *, moe_indices: list[int], num_layers
     if not moe_indices:
         probs.append("the model has no MoE blocks")
     if fmt in ("mixtral", "qwen2_moe"):
-        if r.score_func != "softmax":
-            probs.append(f"router.score_func={r.score_func!r}: {fmt} routers use softmax")
+        if o.score_func != "softmax":
+            probs.append(f"router.options.score_func={o.score_func!r}: {fmt} routers use softmax")
         if selection_bias:
             probs.append(f"the routers carry a non-zero selection bias (expert_bias); {fmt} has none")
-        if r.routed_scaling_factor != 1.0:
-            probs.append(f"router.routed_scaling_factor={r.routed_scaling_factor}: {fmt} does not scale the "
+        if o.routed_scaling_factor != 1.0:
+            probs.append(f"router.options.routed_scaling_factor={o.routed_scaling_factor}: {fmt} does not scale the "
                          "routed weights (glm4_moe and deepseek_v3 do)")
     if fmt == "mixtral":
-        if not r.normalize_weights:
-            probs.append("router.normalize_weights=False: Mixtral always renormalises the top-k weights "
+        if not o.normalize_weights:
+            probs.append("router.options.normalize_weights=False: Mixtral always renormalises the top-k weights "
                          "(qwen2_moe supports both)")
         if len(moe_indices) != num_layers:
             probs.append(f"{layers_field} has dense blocks: Mixtral has none (qwen2_moe does)")
@@ -229,8 +226,8 @@ def moe_problems(moe: MoEConfig, fmt: str, *, moe_indices: list[int], num_layers
             probs.append("a shared expert is used: Mixtral has none (qwen2_moe does)")
     if fmt in ("glm4_moe", "deepseek_v3"):
         name = {"glm4_moe": "GLM-4-MoE", "deepseek_v3": "DeepSeek-V3"}[fmt]
-        if r.score_func != "sigmoid":
-            probs.append(f"router.score_func={r.score_func!r}: {name} routers use sigmoid")
+        if o.score_func != "sigmoid":
+            probs.append(f"router.options.score_func={o.score_func!r}: {name} routers use sigmoid")
         if moe_indices and moe_indices != list(range(moe_indices[0], num_layers)):
             probs.append(f"{layers_field}: {name} only has dense blocks as a prefix (first_k_dense_replace)")
         if moe.num_shared_experts and moe.shared_expert_gate:
@@ -259,7 +256,7 @@ def format_problems(model, fmt: str) -> list[str]:
     if fmt == "mixtral" and cfg.qkv_bias:
         probs.append("qkv_bias=True: Mixtral attention has no biases (qwen2_moe and glm4_moe do)")
     nonzero_bias = any(bool(b.abs().max() > 0) for b in _bias_state(model).values())
-    return probs + moe_problems(cfg.moe_config(), fmt, moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
+    return probs + moe_problems(cfg.moe, fmt, moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
                                 layers_field=f"moe_layers={cfg.moe_layers!r}", selection_bias=nonzero_bias)
 
 
@@ -278,7 +275,8 @@ def choose_format(model, requested: str = "auto") -> tuple[str, list[str]]:
         if not format_problems(model, fmt):
             return fmt, []
     closest = ("deepseek_v3" if model.config.attention == "mla" else
-               "qwen2_moe" if model.config.router.score_func == "softmax" else "glm4_moe")
+               "qwen2_moe" if getattr(model.config.moe.router.options, "score_func", None) == "softmax"
+               else "glm4_moe")
     why = format_problems(model, closest)
     return "megamoe", ["no stock transformers class computes the same function ("
                        + "; ".join(why) + "); writing the megamoe model class (import megamoe.integrations.hf_model "
@@ -295,6 +293,7 @@ def moe_hf_fields(fmt: str, moe: MoEConfig, *, moe_indices: list[int], num_layer
     """The MoE-block fields of ``fmt``'s transformers config (everything but attention,
     norms, embeddings and RoPE). Shared by megamoe models and moeified HF models."""
     r, inter = moe.router, moe.experts.intermediate_size
+    o = r.options  # a top-k router's (moe_problems refuses the others first)
     dense_inter = dense_intermediate_size or inter
     kw: dict[str, Any] = dict(num_experts_per_tok=r.top_k, hidden_act=_ACT_TO_HF[moe.experts.activation])
     if fmt == "mixtral":
@@ -302,13 +301,13 @@ def moe_hf_fields(fmt: str, moe: MoEConfig, *, moe_indices: list[int], num_layer
                     router_aux_loss_coef=r.aux_loss_coef, router_jitter_noise=0.0)
     if fmt == "qwen2_moe":
         return dict(kw, intermediate_size=dense_inter, moe_intermediate_size=inter, num_experts=moe.num_experts,
-                    shared_expert_intermediate_size=moe.shared_size, norm_topk_prob=r.normalize_weights,
+                    shared_expert_intermediate_size=moe.shared_size, norm_topk_prob=o.normalize_weights,
                     decoder_sparse_step=1, mlp_only_layers=[i for i in range(num_layers) if i not in moe_indices],
                     router_aux_loss_coef=r.aux_loss_coef)
     # glm4_moe, deepseek_v3: n_group = topk_group = 1 is plain top-k over all experts.
     return dict(kw, intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=moe.num_experts,
-                n_shared_experts=-(-moe.shared_size // inter), routed_scaling_factor=float(r.routed_scaling_factor),
-                n_group=1, topk_group=1, first_k_dense_replace=moe_indices[0], norm_topk_prob=r.normalize_weights)
+                n_shared_experts=-(-moe.shared_size // inter), routed_scaling_factor=float(o.routed_scaling_factor),
+                n_group=1, topk_group=1, first_k_dense_replace=moe_indices[0], norm_topk_prob=o.normalize_weights)
 
 
 def hf_config(model, fmt: str, **token_ids: Any):
@@ -320,7 +319,7 @@ def hf_config(model, fmt: str, **token_ids: Any):
     if fmt == "megamoe":
         from megamoe.integrations.hf_model import MegaMoEConfig
         return MegaMoEConfig.from_model_config(cfg, selection_bias_layers=sorted(_bias_state(model)), **token_ids)
-    moe = moe_hf_fields(fmt, cfg.moe_config(), moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
+    moe = moe_hf_fields(fmt, cfg.moe, moe_indices=cfg.moe_indices(), num_layers=cfg.num_layers,
                         dense_intermediate_size=cfg.dense_intermediate_size)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
@@ -398,7 +397,7 @@ def to_hf_state_dict(model, fmt: str) -> dict[str, Tensor]:
     if fmt == "megamoe":
         return state
     cfg = model.config
-    out = moe_blocks_to_hf(state, fmt, moe=cfg.moe_config(), moe_indices=cfg.moe_indices(),
+    out = moe_blocks_to_hf(state, fmt, moe=cfg.moe, moe_indices=cfg.moe_indices(),
                            hidden_size=cfg.hidden_size)
     if fmt == "deepseek_v3":
         _permute_mla_rope(out, cfg, to_interleaved=True)
@@ -599,7 +598,7 @@ def convert_to_hf(source: Any, out_dir: str | os.PathLike, *, format: str = "aut
             report.max_abs_diff, report.probe_shape = checked.max_abs_diff, checked.probe_shape
         report.notes.extend(_write_tokenizer(tok, tmp))
 
-    report.out_dir = atomic_dir(out, fill, overwrite=overwrite)
+    report.out_dir = write_directory(out, fill, overwrite=overwrite)
     return report
 
 
@@ -668,21 +667,24 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
         rms_norm_eps=config.rms_norm_eps, initializer_range=config.initializer_range,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
     top_k = config.num_experts_per_tok
+    moe_kw: dict[str, Any] = {}
     if mt == "mixtral":
-        kw.update(num_experts=config.num_local_experts, experts=ExpertConfig(config.intermediate_size, act or "swiglu"),
-                  router=RouterConfig(top_k=top_k, aux_loss_coef=config.router_aux_loss_coef,
-                                      jitter_eps=float(config.router_jitter_noise or 0.0)))
+        moe_kw.update(num_experts=config.num_local_experts,
+                      experts=ExpertConfig(config.intermediate_size, act or "swiglu"),
+                      router=RouterConfig(top_k=top_k, aux_loss_coef=config.router_aux_loss_coef,
+                                          jitter_eps=float(config.router_jitter_noise or 0.0)))
     elif mt == "qwen2_moe":
         moe = [i for i in range(config.num_hidden_layers) if i not in config.mlp_only_layers
                and (i + 1) % config.decoder_sparse_step == 0]
-        kw.update(num_experts=config.num_experts, experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
-                  router=RouterConfig(top_k=top_k, normalize_weights=bool(config.norm_topk_prob),
-                                      aux_loss_coef=config.router_aux_loss_coef),
-                  moe_layers="all" if len(moe) == config.num_hidden_layers else moe,
+        moe_kw.update(num_experts=config.num_experts,
+                      experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
+                      router=RouterConfig(top_k=top_k, aux_loss_coef=config.router_aux_loss_coef,
+                                          options=TopKOptions(normalize_weights=bool(config.norm_topk_prob))))
+        kw.update(moe_layers="all" if len(moe) == config.num_hidden_layers else moe,
                   dense_intermediate_size=config.intermediate_size)
         if config.shared_expert_intermediate_size:
-            kw.update(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
-                      shared_expert_gate=not _zero_or_absent(state, (".mlp.shared_expert_gate.weight",)))
+            moe_kw.update(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
+                          shared_expert_gate=not _zero_or_absent(state, (".mlp.shared_expert_gate.weight",)))
     else:  # glm4_moe, deepseek_v3
         if config.n_group > 1 and config.topk_group < config.n_group:
             problems.append(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
@@ -692,16 +694,19 @@ def megamoe_config_from_hf(config, state: Mapping[str, Tensor]):
             problems.append(f"routed_scaling_factor={rsf!r}: must be a finite number > 0")
             rsf = 1.0
         k = config.first_k_dense_replace
-        kw.update(num_experts=config.n_routed_experts, experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
-                  router=RouterConfig(top_k=top_k, score_func="sigmoid", normalize_weights=bool(config.norm_topk_prob),
-                                      aux_loss_coef=0.0, routed_scaling_factor=float(rsf)),
-                  moe_layers="all" if k == 0 else list(range(k, config.num_hidden_layers)),
+        moe_kw.update(num_experts=config.n_routed_experts,
+                      experts=ExpertConfig(config.moe_intermediate_size, act or "swiglu"),
+                      router=RouterConfig(top_k=top_k, aux_loss_coef=0.0,
+                                          options=TopKOptions(score_func="sigmoid",
+                                                              normalize_weights=bool(config.norm_topk_prob),
+                                                              routed_scaling_factor=float(rsf))))
+        kw.update(moe_layers="all" if k == 0 else list(range(k, config.num_hidden_layers)),
                   dense_intermediate_size=config.intermediate_size)
         if config.n_shared_experts:
-            kw.update(num_shared_experts=config.n_shared_experts,
-                      shared_intermediate_size=_used_shared_width(state))
+            moe_kw.update(num_shared_experts=config.n_shared_experts,
+                          shared_intermediate_size=_used_shared_width(state))
     _refuse(mt, problems)
-    return ModelConfig(**kw)
+    return ModelConfig(**kw, moe=MoEConfig(**moe_kw))
 
 
 _ATTN_BIASES = tuple(f".self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj",
@@ -740,7 +745,7 @@ def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Te
                    .replace(".mlp.shared_expert_gate.weight", ".mlp.shared_expert.gate.weight")
                    .replace(".mlp.shared_experts.", ".mlp.shared_expert."))
         out[key] = v.float() if v.is_floating_point() else v
-    if mt == "qwen2_moe" and cfg.num_shared_experts and not cfg.shared_expert_gate:
+    if mt == "qwen2_moe" and cfg.moe.num_shared_experts and not cfg.moe.shared_expert_gate:
         # All gates are zero (how an ungated megamoe shared expert is written): sigmoid(0) = 1/2
         # is folded back into the down projection, exactly.
         for key in [k for k in out if k.endswith(".mlp.shared_expert.gate.weight")]:
@@ -749,12 +754,12 @@ def from_hf_state_dict(config, state: Mapping[str, Tensor], cfg) -> dict[str, Te
             out[down] = out[down] * 0.5
     if mt == "deepseek_v3" and getattr(config, "rope_interleave", True):
         _permute_mla_rope(out, cfg, to_interleaved=False)
-    if mt in ("glm4_moe", "deepseek_v3") and cfg.num_shared_experts:
-        width = cfg.moe_config().shared_size
+    if mt in ("glm4_moe", "deepseek_v3") and cfg.moe.num_shared_experts:
+        width = cfg.moe.shared_size
         for key in list(out):
             if ".mlp.shared_expert." in key:
                 out[key] = out[key][:, :width] if "down_proj" in key else out[key][:width]
-    if not cfg.num_shared_experts:  # zero-width shared MLPs of Qwen2-MoE / GLM-4-MoE
+    if not cfg.moe.num_shared_experts:  # zero-width shared MLPs of Qwen2-MoE / GLM-4-MoE
         out = {k: v for k, v in out.items() if ".shared_expert." not in k}
     return out
 

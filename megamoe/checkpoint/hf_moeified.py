@@ -38,7 +38,7 @@ from megamoe.checkpoint.hf_convert import (DEFAULT_ATOL, ConversionError, Conver
                                            moe_blocks_to_hf, moe_hf_fields, moe_problems, probe_batch,
                                            verify_equivalent)
 from megamoe.config import MoEConfig, to_dict
-from megamoe.layer import MoELayer
+from megamoe.stats import named_moe_layers
 
 MOEIFIED_FORMATS = ("mixtral", "qwen2_moe", "glm4_moe")  # the order auto tries
 GQA_FAMILIES = ("llama", "mistral", "qwen2")
@@ -75,7 +75,7 @@ def describe(model: nn.Module) -> Moeified:
     """Inspect a moeified model (raises ConversionError when it is not one we can read)."""
     config = model.config
     base_type = getattr(config, "model_type", None)
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    blocks = named_moe_layers(model)
     if not blocks:
         raise ConversionError(f"{type(model).__name__} has no megamoe MoE blocks: moeify it first")
     for name, m in blocks:
@@ -165,7 +165,7 @@ def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
     for fmt in MOEIFIED_FORMATS:
         if not moeified_problems(d, fmt):
             return fmt
-    closest = "glm4_moe" if d.moe.router.score_func == "sigmoid" else "qwen2_moe"
+    closest = "glm4_moe" if getattr(d.moe.router.options, "score_func", None) == "sigmoid" else "qwen2_moe"
     raise ConversionError(f"no stock transformers MoE class computes the same function as this moeified "
                           f"{d.base_type} model (closest: {closest}):\n  - "
                           + "\n  - ".join(moeified_problems(d, closest))

@@ -313,6 +313,28 @@ def _recover_legacy(final: Path, *, log: Callable[[str], None] | None) -> None:
     remove_stale_legacy(root, (f".{name}.tmp-", f".{name}.old-"), log=log)
 
 
+def promote_legacy_staging(root: str | os.PathLike, *, prefix: str, complete: Callable[[str], bool],
+                           log: Callable[[str], None] | None = None) -> None:
+    """Directories an older megamoe staged in ``root`` as ``.tmp-<name>`` before this protocol
+    existed (those whose name starts with ``prefix``, itself starting with ``.tmp-``): one that
+    ``complete(path)`` accepts becomes ``<name>`` when that name is free; the others are removed."""
+    if not prefix.startswith(".tmp-"):
+        raise ValueError(f"prefix={prefix!r} is invalid: legacy staging names start with '.tmp-'")
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for entry in sorted(os.listdir(root)):
+        if not entry.startswith(prefix):
+            continue
+        tmp, final = root / entry, root / entry[len(".tmp-"):]
+        if complete(str(tmp)) and not os.path.lexists(final):
+            os.replace(tmp, final)
+            if log:
+                log(f"recovered {final} from {entry} (a directory an older megamoe was interrupted replacing)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_tree(path: str | os.PathLike) -> None:
     """Delete a directory so that a kill midway never leaves a half-deleted one under its
     name: it is renamed to ``.<name>.deleting`` first (removed by :func:`recover_root`)."""
@@ -444,6 +466,21 @@ class StagedDirectory:
                 self._lock = None
 
 
+def write_directory(out_dir: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Create ``out_dir`` (one process) through the protocol: ``fill(path)`` writes the files into
+    the staged copy, which is sealed and swapped in (an existing ``out_dir`` is replaced only with
+    ``overwrite=True``). Returns ``out_dir`` made absolute."""
+    out = Path(os.path.abspath(out_dir))
+    check_output_path(out, what="output directory")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
+    with StagedDirectory(out) as staged:
+        if os.path.lexists(out) and not overwrite:  # published by an interrupted writer we just recovered
+            raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (CLI: --overwrite)")
+        fill(staged.payload)
+    return out
+
+
 # ----------------------------------------------------------------------------- output paths
 def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), what: str = "output",
                       directory: bool = True, error: type[Exception] = ValueError) -> Path:
@@ -483,6 +520,6 @@ def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
     return out_abs
 
 
-__all__ = ["StagedDirectory", "DirLock", "BusyError", "agree", "run_agreed", "seal", "publish", "recover",
-           "recover_root", "remove_tree", "remove_stale_legacy", "is_sealed", "check_output_path",
+__all__ = ["StagedDirectory", "write_directory", "DirLock", "BusyError", "agree", "run_agreed", "seal", "publish", "recover",
+           "recover_root", "promote_legacy_staging", "remove_tree", "remove_stale_legacy", "is_sealed", "check_output_path",
            "crash_point", "CRASH_ENV", "CRASH_EXIT_CODE", "LEGACY_STALE_S"]

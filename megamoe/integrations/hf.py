@@ -16,8 +16,10 @@ expert width.
   train with megamoe's routers, dispatchers and balancers.
 - The aux loss rides on each MoELayer's output (``attach_aux_loss``), so ``generate``, the
   HF ``Trainer`` and DeepSpeed need no change to the model's forward or loss;
-  :class:`MoETrainerCallback` tells the layers the optimizer step and the gradient
-  accumulation factor.
+  :class:`MoETrainerCallback` is the HF Trainer's adapter of the per-step state
+  (``megamoe.train.step_state.MoEStepState``: the optimizer step, the gradient accumulation
+  factor of the aux loss, load statistics and ALF-LB), and :class:`ThorTrainerMixin` trains
+  with THOR's two-pass objective.
 - :func:`load_moeified` reloads a ``save_pretrained`` directory of a moeified model: the
   moeify arguments are recorded in ``config.megamoe_moeify``.
 - ``save_pretrained`` of a moeified model keeps its own layout (so the HF ``Trainer``
@@ -44,6 +46,11 @@ from torch import Tensor, nn
 from megamoe.config import ConfigError, ExpertConfig, MoEConfig, RouterConfig, from_dict, to_dict
 from megamoe.dispatch.base import Dispatcher
 from megamoe.layer import MoELayer
+from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.routing.topk import TopKOptions
+from megamoe.stats import named_moe_layers
+from megamoe.train.objectives import ConsistencyObjective
+from megamoe.train.step_state import MoEStepState
 
 LayerSpec = str | Sequence[int]
 DispatcherFactory = Callable[[MoEConfig, int], Dispatcher]
@@ -327,9 +334,10 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
         raise ConfigError(f"no module name matches the adapter's mlp_pattern {adapter.mlp_pattern!r}")
     chosen = _select(sorted(found), layers)
     activation = adapter.activation(model.config)
-    if upcycle and (not router.normalize_weights or router.capacity_factor is not None):
-        warnings.warn("upcycled experts reproduce the dense MLP at step 0 only with router.normalize_weights=True "
-                      "and dropless routing (capacity_factor=None)", stacklevel=2)
+    if upcycle and (not getattr(router.options, "normalize_weights", True)
+                    or getattr(router.options, "capacity_factor", None) is not None):
+        warnings.warn("upcycled experts reproduce the dense MLP at step 0 only with router.options.normalize_weights"
+                      "=True and dropless routing (capacity_factor=None)", stacklevel=2)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     replaced = []
     for idx in chosen:
@@ -360,21 +368,18 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
     return replaced
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 # ---------------------------------------------------------------------------------- HF MoE blocks
 def _router_for(config: Any, kind: str) -> RouterConfig:
     if kind in ("glm4_moe", "deepseek_v3"):
         if getattr(config, "n_group", 1) > 1 and config.topk_group < config.n_group:
             raise ConfigError(f"n_group={config.n_group}, topk_group={config.topk_group}: megamoe's top-k router "
                               "has no group-limited selection")
-        return RouterConfig(top_k=config.num_experts_per_tok, score_func="sigmoid",
-                            normalize_weights=bool(config.norm_topk_prob), aux_loss_coef=0.0,
-                            routed_scaling_factor=float(config.routed_scaling_factor))
+        return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=0.0,
+                            options=TopKOptions(score_func="sigmoid", normalize_weights=bool(config.norm_topk_prob),
+                                                routed_scaling_factor=float(config.routed_scaling_factor)))
+    normalize = True if kind == "mixtral" else bool(config.norm_topk_prob)
     return RouterConfig(top_k=config.num_experts_per_tok, aux_loss_coef=float(config.router_aux_loss_coef),
-                        normalize_weights=True if kind == "mixtral" else bool(config.norm_topk_prob))
+                        options=TopKOptions(normalize_weights=normalize))
 
 
 _HF_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Glm4MoeMoE": "glm4_moe",
@@ -445,17 +450,91 @@ def _trainer_callback_base():
 
 
 class MoETrainerCallback(_trainer_callback_base()):
-    """HF Trainer callback: tells every MoELayer the optimizer step (router schedules) and
-    scales the aux loss by 1/gradient_accumulation_steps (the Trainer averages the main loss
-    over micro-batches; the aux loss is added once per micro-batch)."""
+    """The HF Trainer's adapter of :class:`~megamoe.train.step_state.MoEStepState`.
+
+    Each optimizer step begins with the Trainer's step number (router schedules read it) and
+    ends (``on_step_end`` fires only at gradient-accumulation boundaries) with one all-reduce
+    of the step's load, the ALF-LB update when balancing, and the load statistics, which are
+    added to the Trainer's logs and ``state.log_history``. The aux loss is weighted by
+    1/gradient_accumulation_steps: the Trainer averages the main loss over micro-batches and
+    the aux loss joins once per micro-batch.
+
+    Pass a ready ``step_state`` (build it before ``Trainer(...)`` when resuming a balanced run,
+    so the bias buffers exist before the weights load), or ``balancing`` (an
+    :class:`AuxFreeBalancingConfig`; the state is then built on the Trainer's model at
+    ``on_train_begin``), or neither (no balancing).
+    """
+
+    def __init__(self, step_state: MoEStepState | None = None, *, balancing: AuxFreeBalancingConfig | None = None,
+                 group: Any = None) -> None:
+        if step_state is not None and not isinstance(step_state, MoEStepState):
+            raise TypeError(f"MoETrainerCallback takes a MoEStepState, got {type(step_state).__name__}")
+        if balancing is not None and not isinstance(balancing, AuxFreeBalancingConfig):
+            raise TypeError(f"balancing must be an AuxFreeBalancingConfig, got {type(balancing).__name__}")
+        self.step_state = step_state
+        self._balancing = balancing
+        self._group = group
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        for layer in moe_layers(model) if model is not None else []:
-            layer.aux_loss_grad_scale = 1.0 / max(1, args.gradient_accumulation_steps)
+        resuming = state.global_step > 0
+        if self.step_state is None:
+            if resuming and self._balancing is not None:
+                # The Trainer loaded the checkpoint before this hook, into a model without bias
+                # buffers, so the saved biases were dropped; building now would restart at zero.
+                raise RuntimeError(
+                    "MoETrainerCallback: resuming a balanced run needs the biases to exist before the weights load; "
+                    "build MoEStepState(model, balancing=...) before Trainer(...) and pass it as "
+                    "MoETrainerCallback(step_state)")
+            if model is None:
+                raise RuntimeError("MoETrainerCallback: the Trainer passed no model to on_train_begin")
+            self.step_state = MoEStepState(model, balancing=self._balancing, group=self._group)
+        self.step_state.set_accumulation_steps(max(1, args.gradient_accumulation_steps))
+        balancer = self.step_state.balancer
+        if resuming and balancer is not None and balancer.num_updates == 0:
+            # One update per optimizer step: the schedule continues where the run stopped.
+            balancer.num_updates = state.global_step
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        for layer in moe_layers(model) if model is not None else []:
-            layer.step = state.global_step
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_state.begin_step(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_state.end_step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer.log has already appended a copy of ``logs`` to log_history and shown it to
+        # the callbacks registered before this one (reporting integrations come first), so
+        # the metrics are added to both the live dict and that history entry.
+        if logs is None or self.step_state is None or "loss" not in logs:
+            return
+        metrics = dict(self.step_state.last_metrics)
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+class ThorTrainerMixin:
+    """Mix into ``transformers.Trainer`` to train with THOR's two-pass objective
+    (:class:`megamoe.train.objectives.ConsistencyObjective`)::
+
+        class ThorTrainer(ThorTrainerMixin, Trainer):
+            thor_alpha = 1.0
+            thor_shift_labels = True   # causal LMs
+
+    The labels are withheld from the model (so it does not compute its own loss) and the
+    two-pass objective is returned instead.
+    """
+
+    thor_alpha: float = 1.0
+    thor_shift_labels: bool = False
+    thor_ignore_index: int = -100
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D401
+        objective = ConsistencyObjective(alpha=self.thor_alpha, ignore_index=self.thor_ignore_index,
+                                         shift_labels=self.thor_shift_labels)
+        result = objective(model, inputs)
+        if return_outputs:
+            return result.loss, {"logits": result.logits1}
+        return result.loss
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -503,8 +582,8 @@ def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: Dispatc
     spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
     moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
     state = dict(state)
-    for name, layer in model.named_modules():
-        if isinstance(layer, MoELayer) and layer.dispatcher.num_local_experts != layer.config.num_experts:
+    for name, layer in named_moe_layers(model):
+        if layer.dispatcher.num_local_experts != layer.config.num_experts:
             # An expert-parallel rank keeps its own slice of each stacked expert tensor.
             lo = layer.dispatcher.local_expert_offset
             for key in [k for k in state if k.startswith(f"{name}.experts.")]:
@@ -523,5 +602,5 @@ def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: Dispatc
 
 
 __all__ = ["ADAPTERS", "MOEIFIED_MODEL_TYPE", "DenseMLPWeights", "DropoutAfter", "MLPAdapter", "MoETrainerCallback",
-           "adapter_for", "build_moeified", "is_moeified_config", "is_moeified_dir", "load_moeified", "moe_layers", "moeify", "read_moeified_config",
-           "swap_moe_blocks"]
+           "ThorTrainerMixin", "adapter_for", "build_moeified", "is_moeified_config", "is_moeified_dir",
+           "load_moeified", "moeify", "read_moeified_config", "swap_moe_blocks"]

@@ -7,8 +7,9 @@ mark unused slots with expert id -1).
 A router maps ``x_TD`` to a :class:`RoutingDecision`. Everything about parallelism lives in
 the dispatcher; a router sees only its local tokens. Routers register by name with
 :func:`register_router` and are built from a :class:`~megamoe.config.RouterConfig` by
-:func:`build_router`. A router may declare an options dataclass; ``RouterConfig.options``
-is validated against it at build time, so typos fail at config load, not deep in training.
+:func:`build_router`. A router declares the dataclass of its own options with its name;
+``RouterConfig.options`` holds an instance of it (built from YAML and validated when the
+config is), so typos fail at config load, not deep in training.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig, check_arg, from_dict, require_config
+from megamoe.config import (ConfigError, RouterConfig, check_arg, register_router_options, require_config,
+                            resolve_router_options)
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,6 @@ class Router(nn.Module):
     non-trainable state (e.g. a load-balancing bias) is a registered buffer.
     """
 
-    #: Whether the router honours ``RouterConfig.eval_capacity_factor`` (others refuse it).
-    supports_eval_capacity_factor = False
-
     @classmethod
     def causal_problem(cls, config: RouterConfig) -> str | None:
         """Why ``config`` leaks later tokens into earlier ones' routing in a causal model, as
@@ -131,7 +130,7 @@ _REGISTRY: dict[str, _Entry] = {}
 def register_router(name: str, *, options: type | None = None) -> Callable[[R], R]:
     """Class decorator: make a Router subclass buildable as ``RouterConfig(name=name)``.
 
-    options: a dataclass validating ``RouterConfig.options`` for this router.
+    options: the dataclass of this router's ``RouterConfig.options`` (None: it takes none).
     """
     if options is not None and not dataclasses.is_dataclass(options):
         raise TypeError(f"options for router {name!r} must be a dataclass")
@@ -140,6 +139,7 @@ def register_router(name: str, *, options: type | None = None) -> Callable[[R], 
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"router name {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
         _REGISTRY[name] = _Entry(cls, options)
+        register_router_options(name, options)
         return cls
 
     return deco
@@ -151,20 +151,10 @@ def known_routers() -> list[str]:
 
 
 def router_options(config: RouterConfig) -> Any:
-    """Validate ``config.options`` against the router's options dataclass, and the fields only
-    some routers use (ConfigError)."""
-    entry = _lookup(config.name)
-    if config.eval_capacity_factor is not None and not entry.cls.supports_eval_capacity_factor:
-        raise ConfigError(f"RouterConfig.eval_capacity_factor={config.eval_capacity_factor!r} is invalid for router "
-                          f"{config.name!r}: only token-choice top-k routers ('topk', 'compete') use it; set it to "
-                          "null")
-    if entry.options is None:
-        if config.options:
-            raise ConfigError(
-                f"RouterConfig.options={dict(config.options)!r} is invalid: router "
-                f"{config.name!r} takes no options")
-        return None
-    return from_dict(entry.options, config.options, where="router.options")
+    """The typed options of ``config`` (validated when the config was built); ConfigError for
+    an unknown router."""
+    _lookup(config.name)
+    return config.options
 
 
 def router_class(config: RouterConfig) -> type[Router]:
@@ -176,8 +166,9 @@ def build_router(config: RouterConfig, *, hidden_size: int, num_experts: int) ->
     """Build the registered router ``config.name``. Raises ConfigError naming known routers."""
     require_config("build_router(config)", config, RouterConfig)
     entry = _lookup(config.name)
-    opts = router_options(config)
-    return entry.cls(config, hidden_size=hidden_size, num_experts=num_experts, options=opts)
+    # A router registered after the config was built: its options are still the raw mapping.
+    options = resolve_router_options(config.name, config.options, where="RouterConfig.options")
+    return entry.cls(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
 
 
 def _lookup(name: str) -> _Entry:

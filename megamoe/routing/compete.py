@@ -1,4 +1,4 @@
-"""CompeteSMoE competition routing (Pham et al. 2024; METHODS.md section 5), router ``compete``.
+"""CompeteSMoE competition routing (Pham et al. 2024; docs/methods.md, "CompeteSMoE"), router ``compete``.
 
 Shape legend: T tokens, D hidden size, E experts, K experts per token.
 
@@ -41,16 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megamoe.config import ConfigError, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, RouterConfig, spec
 from megamoe.routing.base import RoutingContext, RoutingDecision, counts_per_expert, register_router
-from megamoe.routing.topk import TopKRouter
+from megamoe.routing.topk import TokenChoiceOptions, TopKRouter
 
 AFFINITIES = ("softplus_mean", "l2_norm")
 
 
 @dataclass(frozen=True)
-class CompeteOptions:
-    """``RouterConfig.options`` of the ``compete`` router.
+class CompeteOptions(TokenChoiceOptions):
+    """``RouterConfig.options`` of the ``compete`` router: the top-k options of its ordinary
+    steps (:class:`~megamoe.routing.topk.TokenChoiceOptions`) and
 
     affinity: ``softplus_mean`` (mean_d softplus(y), CompeteSMoE v2) or ``l2_norm`` (v1).
     warmup_steps: steps (``MoELayer.step``) without competition at the start of training.
@@ -77,7 +78,7 @@ class CompeteOptions:
     compete_in_eval: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.max_compete_layers is not None and self.num_layers is None:
             raise ConfigError(f"CompeteOptions.max_compete_layers={self.max_compete_layers} needs "
                               "CompeteOptions.num_layers (the number of MoE layers in the model) to pick which "

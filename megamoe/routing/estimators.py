@@ -13,7 +13,9 @@ In training mode each forward leaves a :class:`ScoreFunctionRecord` on the route
 (``router.pending``): the router's log-probabilities (with graph), the coefficient of each
 log-probability in the score of the sample that was drawn, and per-token loss weights. The
 training loop computes its loss *per token* (unreduced, in the layer's token order) and calls
-:func:`estimator_loss`, which returns the scalar to back-propagate instead of the plain mean:
+``megamoe.train.objectives.estimator_loss``, which takes the record
+(:meth:`ScoreFunctionRouter.take_record`) and returns the scalar to back-propagate instead of
+the plain mean:
 
     out = model(x)                                   # routers sample and record
     token_loss = F.cross_entropy(out, y, reduction="none")
@@ -28,7 +30,7 @@ unbiased here: the capacity skip and the joint assignment couple every token's w
 others' samples.) With several estimator layers the per-token loss weights multiply, which
 stays unbiased for per-token models by the tower property. ``pending`` holds the record of the
 router's latest training forward; each forward replaces it, so gradient accumulation calls
-:func:`estimator_loss` once per micro-batch.
+``estimator_loss`` once per micro-batch.
 
 ``skip``
     ``e_t ~ p(.|x_t)`` independently; tokens are visited in a uniformly random order and each
@@ -79,7 +81,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megamoe.config import ConfigError, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, RouterConfig, RouterOptions, check_fields, spec
 from megamoe.routing.base import (PrivateDrawsMixin, Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 from megamoe.routing.capacity import apply_capacity, expert_capacity
@@ -110,7 +112,7 @@ class ScoreFunctionRecord:
 
 
 @dataclass(frozen=True)
-class EstimatorOptions:
+class EstimatorOptions(RouterOptions):
     """Options shared by ``skip`` and ``balanced``.
 
     eval_mode: ``argmax`` (most likely expert) or ``sample`` in eval mode.
@@ -127,10 +129,18 @@ class EstimatorOptions:
 
 
 @dataclass(frozen=True)
+class SkipOptions(EstimatorOptions):
+    """Options of ``skip``; adds capacity_factor: each expert keeps its first
+    C = ceil(T / E * capacity_factor) tokens of the random order (null: nothing is skipped)."""
+
+    capacity_factor: float | None = spec(None, gt=0)
+
+
+@dataclass(frozen=True)
 class BalancedOptions(EstimatorOptions):
     """Options of ``balanced``; adds group_size: consecutive tokens balanced together (null:
     the whole local batch). The exact assignment costs up to O(G^3) per group, so the default
-    256 keeps it a small share of a layer step (tools/bench_routers.py); the gradient is
+    256 keeps it a small share of a layer step (tools/bench/bench_routers.py); the gradient is
     unbiased for whichever grouping is used."""
 
     group_size: int | None = spec(256, ge=1)
@@ -149,9 +159,6 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         if config.top_k != 1:
             raise ConfigError(f"RouterConfig.top_k={config.top_k} is invalid for router {name!r}: it assigns "
                               "exactly one expert per token; set top_k: 1")
-        if config.score_func != "softmax":
-            raise ConfigError(f"RouterConfig.score_func={config.score_func!r} is invalid for router {name!r}: "
-                              "it samples from p(e|x), which must be a softmax; set score_func: softmax")
         self._init_weight(num_experts, hidden_size)
         self.pending = None
         self._generator: torch.Generator | None = None
@@ -165,7 +172,7 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
             raise ValueError(
                 f"router {cfg.name!r} is not causal in training: {self._coupling}, so a token's routing depends "
                 "on later tokens of the batch. Use it in bidirectional models (MoELayer(causal=False))"
-                + (", or set capacity_factor: null (no skipping)" if cfg.name == "skip" else "")
+                + (", or set options.capacity_factor: null (no skipping)" if cfg.name == "skip" else "")
                 + ", or use a token-choice router.")
         logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
         log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
@@ -199,6 +206,11 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=ids_TK.device),
                                tokens_per_expert_E=counts_E, aux_loss=aux)
 
+    def take_record(self) -> ScoreFunctionRecord | None:
+        """The record of the latest training forward, handed over once (None afterwards)."""
+        record, self.pending = self.pending, None
+        return record
+
     def current_baseline(self) -> float:
         if self.options.baseline == "none" or int(self.baseline_steps) == 0:
             return 0.0
@@ -212,19 +224,21 @@ class ScoreFunctionRouter(PrivateDrawsMixin, LinearRouterMixin, Router):
         self.baseline_steps += 1
 
 
-@register_router("skip", options=EstimatorOptions)
+@register_router("skip", options=SkipOptions)
 class SkipRouter(ScoreFunctionRouter):
     """Sampled assignment, random-order capacity skip, Horvitz-Thompson weights (module docstring)."""
 
     _coupling = "whether a token is skipped depends on how many other tokens sampled its expert"
 
+    options: SkipOptions
+
     def _couples_tokens(self) -> bool:
-        return self.config.capacity_factor is not None
+        return self.options.capacity_factor is not None
 
     def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
-                 options: EstimatorOptions | None = None) -> None:
+                 options: SkipOptions | None = None) -> None:
         super().__init__(config, hidden_size=hidden_size, num_experts=num_experts,
-                         options=options or EstimatorOptions())
+                         options=options or SkipOptions())
 
     def _sample(self, log_probs_TE: Tensor) -> tuple[Tensor, Tensor, ScoreFunctionRecord, dict[str, Tensor]]:
         num_tokens, num_experts = log_probs_TE.shape
@@ -234,12 +248,12 @@ class SkipRouter(ScoreFunctionRouter):
         else:
             ids_T = torch.multinomial(probs_TE, 1, generator=self._gen(probs_TE.device)).squeeze(1)
         n_E = counts_per_expert(ids_T[:, None], num_experts)
-        if self.config.capacity_factor is None:
+        if self.options.capacity_factor is None:
             keep_T = torch.ones(num_tokens, dtype=torch.bool, device=ids_T.device)
             pi_T = torch.ones(num_tokens, device=ids_T.device)
         else:
             cap = expert_capacity(num_tokens, num_experts=num_experts, top_k=1,
-                                  capacity_factor=self.config.capacity_factor)
+                                  capacity_factor=self.options.capacity_factor)
             order = torch.randperm(num_tokens, device=ids_T.device, generator=self._gen(ids_T.device))
             keep_T = torch.empty(num_tokens, dtype=torch.bool, device=ids_T.device)
             keep_T[order] = apply_capacity(ids_T[order, None], probs_TE.new_ones(num_tokens, 1),
@@ -331,54 +345,6 @@ def seed_estimator_draws(module: nn.Module, seed: int | None, *, rank: int | Non
     return len(routers)
 
 
-def estimator_loss(model: nn.Module, token_loss: Tensor, *, reduction: str = "mean") -> Tensor:
-    """The loss to back-propagate for a model holding ``skip``/``balanced`` routers.
-
-    token_loss: per-token losses of the last training forward (any shape with T elements, in
-        the order the MoE layers saw the tokens: leading dims flattened), with graph.
-    reduction: ``mean`` (divide by T) or ``sum``.
-
-    Returns sum_t w_t * l_t (/ T), whose value is the Horvitz-Thompson estimate of the loss
-    and whose gradient adds each router's score-function term. Consumes the routers' pending
-    records (a second call without a new forward raises) and updates their baselines.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} is invalid: allowed values are 'mean', 'sum'")
-    routers = [r for r in score_function_routers(model) if r.pending is not None]
-    if not routers:
-        raise ValueError("estimator_loss found no pending routing samples: call it once after each training-mode "
-                         "forward of a model that holds a 'skip' or 'balanced' router")
-    loss_T = token_loss.reshape(-1)
-    num_tokens = loss_T.shape[0]
-    weight_T = torch.ones(num_tokens, dtype=torch.float32, device=loss_T.device)
-    for r in routers:
-        rec_tokens = r.pending.loss_weight_T.shape[0]
-        if rec_tokens != num_tokens:
-            raise ValueError(f"token_loss has {num_tokens} elements but a router saw {rec_tokens} tokens; pass the "
-                             "unreduced per-token loss (reduction='none') of the same forward")
-        weight_T = weight_T * r.pending.loss_weight_T.to(weight_T)
-    est_T = weight_T.to(loss_T.dtype) * loss_T
-    est_detached_T = est_T.detach().float()
-    total = est_T.sum()
-    for r in routers:
-        rec = r.pending
-        r.pending = None
-        b = r.current_baseline()
-        # (logp - logp.detach()) is 0 in value, so the returned value stays the loss estimate.
-        zero_TE = rec.log_probs_TE - rec.log_probs_TE.detach()
-        if rec.credit == "token":
-            adv_T = est_detached_T - b
-            r.update_baseline(float(est_detached_T.mean()) if num_tokens else 0.0)
-        else:
-            assert rec.group_T is not None
-            group_loss = torch.zeros(int(rec.group_T.max()) + 1 if num_tokens else 0, device=loss_T.device)
-            group_loss = group_loss.index_add(0, rec.group_T, est_detached_T)
-            adv_T = group_loss[rec.group_T] - b
-            r.update_baseline(float(group_loss.mean()) if num_tokens else 0.0)
-        total = total + (adv_T[:, None] * rec.score_coef_TE * zero_TE).sum().to(total.dtype)
-    return total / num_tokens if reduction == "mean" and num_tokens else total
-
-
-__all__ = ["ScoreFunctionRecord", "EstimatorOptions", "BalancedOptions", "ScoreFunctionRouter", "SkipRouter",
-           "BalancedRouter", "gumbel_assignment", "estimator_loss", "score_function_routers",
-           "seed_estimator_draws"]
+__all__ = ["ScoreFunctionRecord", "EstimatorOptions", "SkipOptions", "BalancedOptions", "ScoreFunctionRouter",
+           "SkipRouter",
+           "BalancedRouter", "gumbel_assignment", "score_function_routers", "seed_estimator_draws"]

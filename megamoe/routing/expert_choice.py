@@ -5,7 +5,7 @@ K slots per token (here the most experts any token got; unused slots hold -1),
 N sequences and S sequence length (causal-safe mode).
 
 Router ``expert_choice``. Scores ``S = softmax(x W^T)`` [T, E] in fp32. With capacity
-factor ``c`` (``RouterConfig.capacity_factor``; null means the paper's default 2) each expert
+factor ``c`` (``options.capacity_factor``; null means the paper's default 2) each expert
 takes exactly ``k = min(T, ceil(T * c / E))`` tokens: its top-k by ``S[:, e]``. The combine
 weight of a (token, expert) pair is ``S[t, e]``, not renormalised. There is no balance loss
 (``aux_loss_coef`` is ignored; balance is exact by construction); ``z_loss_coef`` applies.
@@ -30,7 +30,7 @@ Options (``RouterConfig.options``, see :class:`ExpertChoiceOptions`):
   tokens) and rounding their solution keeps less of the objective, which is why the exact solve
   is the default. The solve runs on the CPU (the scores are copied there, a device sync on GPU) and is
   not cheap: 54 / 239 ms at T = 512 / 2048, E = 8 on a shared 2-core CPU, about a third of the
-  capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench_routers.py).
+  capped layer's train step (tools/results/bench_routers_cpu.md, tools/bench/bench_routers.py).
   Statistics: ``lp_seconds``, ``lp_iterations`` and ``lp_violation`` (dykstra),
   ``over_cap_fraction`` (always 0 now).
 - ``causal_mode``: Expert Choice lets a token's selection depend on later tokens of the batch,
@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megamoe.config import ConfigError, RouterConfig, check_fields, spec
+from megamoe.config import ConfigError, RouterConfig, RouterOptions, check_fields, spec
 from megamoe.routing.base import Router, RoutingContext, RoutingDecision, counts_per_expert, register_router
 from megamoe.routing.losses import z_loss
-from megamoe.routing.topk import LinearRouterMixin, score
+from megamoe.routing.topk import SCORE_FUNCS, LinearRouterMixin, score
 
 CAUSAL_MODES = ("off", "prefix")
 LP_SOLVERS = ("exact", "dykstra")
@@ -66,9 +66,11 @@ DEFAULT_CAPACITY_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
-class ExpertChoiceOptions:
+class ExpertChoiceOptions(RouterOptions):
     """Options of the ``expert_choice`` router.
 
+    score_func: ``softmax`` (the paper) or ``sigmoid`` scores, in fp32.
+    capacity_factor: c; each expert takes ceil(T * c / E) tokens (null: the paper's 2).
     max_experts_per_token: b, cap on experts per token via the entropy-regularised LP
         (null: no cap). Must be >= the capacity factor, or the LP is infeasible.
     lp_solver: ``exact`` (integral optimum of the LP on the scores) or ``dykstra`` (the
@@ -80,6 +82,8 @@ class ExpertChoiceOptions:
     causal_mode: ``off`` (plain EC, refused in causal models) or ``prefix`` (causal-safe).
     """
 
+    score_func: str = spec("softmax", choices=SCORE_FUNCS)
+    capacity_factor: float | None = spec(None, gt=0)
     max_experts_per_token: int | None = spec(None, ge=1)
     lp_solver: str = spec("exact", choices=LP_SOLVERS)
     lp_entropy: float = spec(1e-3, gt=0)
@@ -214,7 +218,7 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
                  options: ExpertChoiceOptions | None = None) -> None:
         options = options or ExpertChoiceOptions()
         super().__init__(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
-        self.capacity_factor = float(config.capacity_factor or DEFAULT_CAPACITY_FACTOR)
+        self.capacity_factor = float(options.capacity_factor or DEFAULT_CAPACITY_FACTOR)
         b = options.max_experts_per_token
         if b is not None:
             if b < self.capacity_factor:
@@ -238,7 +242,7 @@ class ExpertChoiceRouter(LinearRouterMixin, Router):
                 "router.options.causal_mode: prefix (each token is routed from its own sequence prefix), "
                 "use a token-choice router, or build the layer with causal=False for a bidirectional model.")
         logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
-        scores_TE = score(logits_TE, cfg.score_func)
+        scores_TE = score(logits_TE, opts.score_func)
         num_tokens = x_TD.shape[0]
         self._lp_stats: dict[str, Tensor] = {}
         if opts.causal_mode == "prefix":

@@ -11,8 +11,10 @@ An optional selection bias ``expert_bias`` [E] (a buffer, no gradient) shifts wh
 experts are *selected* without changing the combine weights; load balancers such as
 ALF-LB own and update it.
 
-Capacity in eval mode is ``RouterConfig.eval_capacity_factor`` (None: the training one;
-``"dropless"``: none).
+Its settings are :class:`TopKOptions` (``RouterConfig.options``); :class:`TokenChoiceOptions`,
+the part other top-k-style routers share (``compete``), holds the score function, weight
+normalisation, capacity and drop policy. Capacity in eval mode is ``eval_capacity_factor``
+(None: the training one; ``"dropless"``: none).
 
 Causality. Tokens are flattened [batch, seq] -> T in row-major order, so with drop policy
 ``position`` an over-full expert keeps the slots of the earliest flattened tokens: a token's
@@ -27,12 +29,13 @@ drops differently from training; ``eval_capacity_factor: dropless`` avoids that.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megamoe.config import RouterConfig
+from megamoe.config import RouterConfig, RouterOptions, check_fields, spec
 from megamoe.routing.base import (Router, RoutingContext, RoutingDecision, counts_per_expert,
                                   register_router)
 from megamoe.routing.capacity import apply_capacity, expert_capacity
@@ -58,6 +61,51 @@ class LinearRouterMixin(nn.Module):
             return F.linear(x, self.weight.to(dtype))
 
 
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass(frozen=True)
+class TokenChoiceOptions(RouterOptions):
+    """Options every token-choice top-k router has (``RouterConfig.options``).
+
+    score_func: ``softmax`` or ``sigmoid``, computed in fp32.
+    normalize_weights: renormalise the selected top-k scores to sum to 1.
+    capacity_factor: None for dropless; else C = ceil(T*K/E * capacity_factor).
+    eval_capacity_factor: the capacity factor in eval mode: None = the same as
+        ``capacity_factor``, a number > 0, or ``"dropless"`` (as DeepSpeed's
+        ``eval_capacity_factor``; e.g. train with drops, evaluate and generate dropless).
+    drop_policy: which slots an over-full expert keeps: ``probs`` (highest score) or
+        ``position`` (earliest token; causal within a sequence, see the module docstring).
+    """
+
+    score_func: str = spec("softmax", choices=SCORE_FUNCS)
+    normalize_weights: bool = True
+    capacity_factor: float | None = spec(None, gt=0)
+    eval_capacity_factor: float | str | None = spec(None, gt=0, choices=("dropless",))
+    drop_policy: str = spec("probs", choices=DROP_POLICIES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor in force in training or eval mode (None: dropless)."""
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return None if self.eval_capacity_factor == "dropless" else float(self.eval_capacity_factor)
+
+
+@dataclass(frozen=True)
+class TopKOptions(TokenChoiceOptions):
+    """Options of the ``topk`` router: :class:`TokenChoiceOptions` and
+
+    routed_scaling_factor: multiplies the routed experts' combine weights (after any
+        renormalisation; shared experts are not scaled), as DeepSeek-V3 / GLM-4-MoE do.
+    """
+
+    routed_scaling_factor: float = spec(1.0, gt=0)
+
+
 def score(logits_TE: Tensor, score_func: str) -> Tensor:
     if score_func == "softmax":
         return torch.softmax(logits_TE, dim=-1)
@@ -66,25 +114,27 @@ def score(logits_TE: Tensor, score_func: str) -> Tensor:
     raise ValueError(f"unknown score_func {score_func!r}")
 
 
-@register_router("topk")
+@register_router("topk", options=TopKOptions)
 class TopKRouter(LinearRouterMixin, Router):
     """Token-choice top-k router (see module docstring)."""
 
     expert_bias: Tensor | None
+    options: TokenChoiceOptions
 
-    supports_eval_capacity_factor = True
-
-    def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int, options=None) -> None:
-        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts, options=options)
+    def __init__(self, config: RouterConfig, *, hidden_size: int, num_experts: int,
+                 options: TokenChoiceOptions | None = None) -> None:
+        super().__init__(config, hidden_size=hidden_size, num_experts=num_experts,
+                         options=options or TopKOptions())
         self._init_weight(num_experts, hidden_size)
         self.register_buffer("expert_bias", None, persistent=True)
 
     @classmethod
     def causal_problem(cls, config: RouterConfig) -> str | None:
-        factors = [config.capacity_factor, config.capacity_factor_for(training=False)]
-        if config.drop_policy == "probs" and any(f is not None for f in factors):
-            return (f"router {config.name!r} with a capacity (capacity_factor={config.capacity_factor}, "
-                    f"eval_capacity_factor={config.eval_capacity_factor}) and drop_policy='probs' is not causal: an "
+        o = config.options
+        factors = [o.capacity_factor, o.capacity_factor_for(training=False)]
+        if o.drop_policy == "probs" and any(f is not None for f in factors):
+            return (f"router {config.name!r} with a capacity (capacity_factor={o.capacity_factor}, "
+                    f"eval_capacity_factor={o.eval_capacity_factor}) and drop_policy='probs' is not causal: an "
                     "over-full expert keeps the highest-scoring tokens of the whole batch, so a later token can "
                     "cause an earlier one to be dropped")
         return None
@@ -96,27 +146,28 @@ class TopKRouter(LinearRouterMixin, Router):
         return self.expert_bias
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
-        cfg = self.config
+        cfg, o = self.config, self.options
         logits_TE = self.logits(x_TD, jitter_eps=cfg.jitter_eps)
-        scores_TE = score(logits_TE, cfg.score_func)
+        scores_TE = score(logits_TE, o.score_func)
         select_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
         _, ids_TK = torch.topk(select_TE.detach(), cfg.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
-        if cfg.normalize_weights:
+        if o.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * cfg.routed_scaling_factor
+        scaling = getattr(o, "routed_scaling_factor", 1.0)
+        if scaling != 1.0:
+            weights_TK = weights_TK * scaling
         selected_E = counts_per_expert(ids_TK, self.num_experts)
 
         aux = self._aux_loss(logits_TE, scores_TE, selected_E)
 
         stats: dict[str, Tensor] = {}
-        capacity_factor = cfg.capacity_factor_for(self.training)
+        capacity_factor = o.capacity_factor_for(self.training)
         if capacity_factor is not None:
             cap = expert_capacity(x_TD.shape[0], num_experts=self.num_experts, top_k=cfg.top_k,
                                   capacity_factor=capacity_factor)
             keep_TK = apply_capacity(ids_TK, weights_TK, num_experts=self.num_experts, capacity=cap,
-                                     policy=cfg.drop_policy)
+                                     policy=o.drop_policy)
             ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, -1))
             weights_TK = weights_TK * keep_TK
             kept_E = counts_per_expert(ids_TK, self.num_experts)
@@ -130,7 +181,7 @@ class TopKRouter(LinearRouterMixin, Router):
         cfg = self.config
         total = None
         if cfg.aux_loss_coef > 0:
-            probs = scores_TE if cfg.score_func == "softmax" else \
+            probs = scores_TE if self.options.score_func == "softmax" else \
                 scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
             total = cfg.aux_loss_coef * load_balancing_loss(probs, selected_E, top_k=cfg.top_k)
         if cfg.z_loss_coef > 0:

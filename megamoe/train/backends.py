@@ -2,9 +2,8 @@
 
 Shape legend: B micro batch, S sequence length.
 
-A backend owns the optimizer step: ``train_step(micro_batches_BS, on_forward)`` runs forward
-and backward on each micro batch (calling ``on_forward()`` after each forward so the trainer
-can read the MoE layers' statistics) and one optimizer step, and returns a :class:`StepResult`:
+A backend owns the optimizer step: ``train_step(micro_batches_BS)`` runs forward and backward
+on each micro batch and one optimizer step, and returns a :class:`StepResult`:
 the mean loss over the micro batches on this rank, the gradient norm, and whether the step
 was non-finite (a NaN/inf loss on any rank or gradient norm; such a step is not applied) and
 where the first non-finite value appeared. ``forward`` runs the model for evaluation;
@@ -15,12 +14,18 @@ run follow a changed ``train.lr`` or schedule.
 - :class:`TorchBackend`: one process, or data parallel over torch.distributed with all
   experts on every rank (gradients averaged by a flat all-reduce, so experts a rank did not
   use this step still agree everywhere). Plain torch optimizer and LambdaLR schedule.
-- :class:`DeepSpeedBackend`: glue to ``megamoe.parallel`` (expert-parallel groups, expert
-  sharding) and ``megamoe.integrations.deepspeed`` (engine with MoE parameter groups, ZeRO,
-  checkpoints that load across EP sizes).
+- :class:`DeepSpeedBackend`: expert parallelism from ``megamoe.parallel`` (groups, expert
+  sharding), then one ``megamoe.integrations.deepspeed.initialize`` (engine with MoE parameter
+  groups, ZeRO, the aux-loss scale through the step state); checkpoints that load across EP
+  sizes come from ``megamoe.checkpoint.reshardable``.
+
+Both are built with the run's :class:`~megamoe.train.step_state.MoEStepState` (the trainer ends
+its steps); the DeepSpeed backend hands it to the engine, which keeps its aux-loss scale in
+line with the fp16 loss scale.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -126,7 +131,7 @@ def _finite(x: float | None) -> bool:
 
 
 def _locate_nonfinite(model: nn.Module, micro_batches: Sequence[Tensor], losses: Sequence[Tensor],
-                      forward: Callable[[Tensor], Any]) -> str | None:
+                      forward: Callable[[Tensor], Any], step_state: Any = None) -> str | None:
     """Where the first NaN/inf of a bad step appeared: the first module whose output was
     non-finite when the first micro batch with a non-finite loss (on any rank) is run again
     (no gradient, RNG untouched), else the first non-finite gradient. Collective: every rank
@@ -137,7 +142,9 @@ def _locate_nonfinite(model: nn.Module, micro_batches: Sequence[Tensor], losses:
     first_bad = int(_reduce(first_bad, dist.ReduceOp.MIN))
     if first_bad < len(micro_batches):
         x_BS = micro_batches[first_bad]
-        with torch.no_grad(), torch.random.fork_rng(devices=[x_BS.device] if x_BS.is_cuda else []):
+        # The re-run is not part of the step's load: the step state does not count it.
+        paused = step_state.paused() if step_state is not None else contextlib.nullcontext()
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_BS.device] if x_BS.is_cuda else []), paused:
             where = first_nonfinite_module(model, lambda: forward(x_BS))
         if where:
             return "the output of " + where
@@ -165,9 +172,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device, step_state: Any = None) -> None:
         self.model = model.to(device)
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.step_state = cfg, device, step_state
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.world > 1:
@@ -182,12 +189,11 @@ class TorchBackend:
         with _autocast(self.device, self.cfg.train.precision):
             return self.model(x_BS, labels=x_BS).loss
 
-    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Tensor]) -> StepResult:
         self.model.train()
         losses = []
         for x_BS in micro_batches:
             loss = self._loss(x_BS)
-            on_forward()
             (loss / len(micro_batches)).backward()
             losses.append(loss.detach().float())
         if self.world > 1:
@@ -198,7 +204,7 @@ class TorchBackend:
         loss = float(torch.stack(losses).mean())
         result = StepResult(loss, grad_norm, nonfinite=_any_rank(not (_finite(loss) and _finite(grad_norm))))
         if result.nonfinite:  # drop the step: weights, optimizer state and schedule stay as they were
-            result.where = _locate_nonfinite(self.model, micro_batches, losses, self._loss)
+            result.where = _locate_nonfinite(self.model, micro_batches, losses, self._loss, self.step_state)
         else:
             self.optimizer.step()
             self.scheduler.step()
@@ -285,25 +291,28 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 class DeepSpeedBackend:
-    """Expert parallelism + ZeRO through megamoe.parallel and megamoe.integrations.deepspeed."""
+    """Expert parallelism + ZeRO: megamoe.parallel shards the experts, then one
+    megamoe.integrations.deepspeed.initialize builds the engine."""
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device, step_state: Any = None) -> None:
         try:
             from megamoe import parallel
+            from megamoe.checkpoint import reshardable
             from megamoe.integrations import deepspeed as mds
         except ImportError as exc:
             raise ConfigError(f"parallel.backend='deepspeed' needs megamoe.parallel and "
                               f"megamoe.integrations.deepspeed ({exc}); use parallel.backend=torch") from exc
-        self._mds = mds
-        self.cfg, self.device = cfg, device
+        self._checkpoints = reshardable
+        self.cfg, self.device, self.step_state = cfg, device, step_state
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.groups = parallel.build_expert_parallel_groups(cfg.parallel.ep_size)
-        parallel.apply_expert_parallel(model, self.groups)
-        self.model = model.to(device)
+        groups = parallel.build_expert_parallel_groups(cfg.parallel.ep_size)
+        found = list(zip(step_state.layer_names, step_state.layers)) if step_state is not None else None
+        self.model = parallel.apply_expert_parallel(model, groups, layers=found).to(device)
         ds_cfg = deepspeed_config(cfg, self.world)
         kw: dict[str, Any] = {}
+        self.optimizer_name = "deepspeed-config"
         if "optimizer" not in ds_cfg:
             # DeepSpeed calls these with the engine's (MoE-aware) parameter groups.
             def make_optimizer(params):
@@ -312,17 +321,15 @@ class DeepSpeedBackend:
             kw["optimizer"] = make_optimizer
         if "scheduler" not in ds_cfg:
             kw["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))
-        self.optimizer_name = "deepspeed-config"
-        kw["model_parameters"] = mds.moe_param_groups(self.model, weight_decay=cfg.train.weight_decay)
-        self.engine = mds.initialize(self.model, ds_cfg, self.groups, **kw)
+        self.engine = mds.initialize(self.model, ds_cfg, groups, step_state=step_state,
+                                     weight_decay=cfg.train.weight_decay, **kw)
 
-    def train_step(self, micro_batches: Sequence[Tensor], on_forward: Callable[[], None]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Tensor]) -> StepResult:
         self.engine.train()
         losses = []
         skipped_before = self.engine.skipped_steps
         for x_BS in micro_batches:
             loss = self.engine(x_BS, labels=x_BS).loss
-            on_forward()
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
@@ -339,7 +346,7 @@ class DeepSpeedBackend:
         result = StepResult(loss, norm, nonfinite=bad)
         if bad:
             result.where = _locate_nonfinite(self.model, micro_batches, losses,
-                                             lambda x_BS: self.engine(x_BS, labels=x_BS).loss)
+                                             lambda x_BS: self.engine(x_BS, labels=x_BS).loss, self.step_state)
         return result
 
     @torch.no_grad()
@@ -358,13 +365,14 @@ class DeepSpeedBackend:
         set_lr_schedule(self.engine.lr_scheduler, lr)
 
     def save(self, directory: str) -> None:
-        self._mds.save_checkpoint(self.engine, directory, tag="engine")
+        # ``directory`` is the trainer's staged checkpoint: the engine folder is written in place.
+        self._checkpoints.save_checkpoint(self.engine, directory, tag="engine", staged=False)
 
     def load(self, directory: str) -> None:
         # The trainer has verified the whole checkpoint, the engine folder included.
-        self._mds.load_checkpoint(self.engine, directory, tag="engine", verify=False)
+        self._checkpoints.load_checkpoint(self.engine, directory, tag="engine", verify=False)
 
 
-def build_backend(model: nn.Module, cfg: TrainConfig, *, device: torch.device):
+def build_backend(model: nn.Module, cfg: TrainConfig, *, device: torch.device, step_state: Any = None):
     cls = TorchBackend if cfg.parallel.backend == "torch" else DeepSpeedBackend
-    return cls(model, cfg, device=device)
+    return cls(model, cfg, device=device, step_state=step_state)

@@ -2,10 +2,11 @@
 
 Sections: ``model`` (megamoe.model.ModelConfig), ``data`` (DataConfig), ``train``
 (LoopConfig), ``parallel`` (ParallelConfig), ``deepspeed`` (a DeepSpeed config mapping, or
-the path of a JSON/YAML file holding one) and ``balancing`` (options of the auxiliary-loss-free
-balancer, or null). :func:`load_config` reads the YAML, applies ``key=value`` overrides with
-dotted keys (``train.steps=50``, ``model.router.top_k=1``; values parsed as YAML), and
-rejects unknown keys with a did-you-mean. :func:`check_world_size` refuses a config that
+the path of a JSON/YAML file holding one) and ``balancing`` (the auxiliary-loss-free balancer,
+megamoe.routing.balancing.AuxFreeBalancingConfig: ``{}`` for its defaults, or null for none).
+:func:`load_config` reads the YAML, applies ``key=value`` overrides with dotted keys
+(``train.steps=50``, ``model.moe.router.top_k=1``; values parsed as YAML), and rejects unknown
+keys with a did-you-mean. :func:`check_world_size` refuses a config that
 cannot run on the given number of processes; the CLI calls it before any process group
 starts.
 """
@@ -23,6 +24,7 @@ from megamoe.config import ConfigError, check_fields, from_dict, spec, to_dict
 from megamoe.config import yaml_load as _yaml_load
 from megamoe.model import ModelConfig
 from megamoe.parallel import DIST_BACKENDS, launcher_world_size
+from megamoe.routing.balancing import AuxFreeBalancingConfig
 
 DATA_SOURCES = ("embedded", "files", "hub")
 FILE_FORMATS = ("auto", "text", "json", "parquet")
@@ -98,6 +100,8 @@ class LoopConfig:
     init_from: start from the weights (and model config, and tokenizer) of a consolidated
         megamoe directory, a training checkpoint or an HF MoE model directory, with a fresh
         optimizer at step 0 (see megamoe.train.init_from). ``--resume`` continues a run.
+    dead_expert_window: an expert counts as dead (``dead_experts`` in metrics.jsonl) when no
+        slot selected it in each of the last this many steps.
     """
 
     output_dir: str = spec("runs/tiny", nonempty=True)
@@ -126,6 +130,7 @@ class LoopConfig:
     threads: int | None = spec(None, ge=1)
     nonfinite: str = spec("error", choices=NONFINITE_POLICIES)
     init_from: str | None = spec(None, nonempty=True)
+    dead_expert_window: int = spec(100, ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -161,7 +166,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: Mapping[str, Any] | str | None = spec(None, nonempty=True)
-    balancing: Mapping[str, Any] | None = None
+    balancing: AuxFreeBalancingConfig | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -241,7 +246,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
     """Build and fully validate a TrainConfig (router options and balancer options included)."""
     cfg = from_dict(TrainConfig, data)
     from megamoe.routing.base import router_options
-    router_options(cfg.model.router)
+    router_options(cfg.model.moe.router)  # an unknown router name
     _check_data_files(cfg.data)
     _check_backend_available(cfg)
     return cfg
@@ -285,12 +290,6 @@ def _check_backend_available(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"parallel.backend='deepspeed' needs the module(s) {', '.join(missing)}, which this "
                 "installation lacks; use parallel.backend=torch (with parallel.ep_size=1) instead")
-    if cfg.balancing is not None:
-        if not _module_exists("megamoe.routing.balancing"):
-            raise ConfigError("balancing: megamoe.routing.balancing is not available in this installation; "
-                              "remove the balancing section or set balancing=null")
-        from megamoe.routing import balancing as _bal  # type: ignore[attr-defined]
-        from_dict(_bal.AuxFreeBalancingConfig, cfg.balancing, where="balancing")
 
 
 def deepspeed_mapping(cfg: TrainConfig) -> dict[str, Any]:
@@ -314,7 +313,8 @@ RESUME_CHANGEABLE = (
     "train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.grad_clip",
     "train.micro_batch_size", "train.grad_accum_steps", "train.eval_interval", "train.eval_max_batches",
     "train.save_interval", "train.keep_last", "train.log_interval", "train.tensorboard", "train.plots",
-    "train.progress", "train.threads", "train.device", "train.nonfinite", "train.output_dir", "data.cache_dir",
+    "train.progress", "train.threads", "train.device", "train.nonfinite", "train.output_dir", "train.dead_expert_window",
+    "data.cache_dir",
     "parallel.ep_size", "parallel.zero_stage", "parallel.dist_backend")
 LR_SCHEDULE_FIELDS = ("train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.steps")
 
@@ -360,9 +360,9 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.ep_size={p.ep_size} does not fit the world size {world_size}: it must "
                           f"divide the number of processes (launch a multiple of {p.ep_size} processes, or "
                           "lower ep_size)")
-    if m.num_experts % p.ep_size != 0:
-        raise ConfigError(f"parallel.ep_size={p.ep_size} is invalid: it must divide model.num_experts="
-                          f"{m.num_experts}")
+    if m.moe.num_experts % p.ep_size != 0:
+        raise ConfigError(f"parallel.ep_size={p.ep_size} is invalid: it must divide model.moe.num_experts="
+                          f"{m.moe.num_experts}")
 
 
 def world_size_from_env() -> int:

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megamoe.atomic import atomic_write
 from megamoe.config import ConfigError, to_dict
 from megamoe.train.config import DataConfig
 
@@ -225,7 +226,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str, *, vocab_size: int, 
             pad_id=-1, split_digits=True, minloglevel=2, input_sentence_size=2_000_000,
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             shuffle_input_sentence=True)
-        os.replace(prefix + ".model", output_path)
+        atomic_write(output_path, lambda tmp_file: shutil.copyfile(prefix + ".model", tmp_file))
     return output_path
 
 

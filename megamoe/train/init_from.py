@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 from megamoe.config import ConfigError, from_dict, to_dict
 
-TRAINING_ONLY = ("gradient_checkpointing", "router.aux_loss_coef", "router.z_loss_coef", "router.jitter_eps")
+TRAINING_ONLY = ("gradient_checkpointing", "moe.router.aux_loss_coef", "moe.router.z_loss_coef",
+                 "moe.router.jitter_eps")
 
 
 def source_kind(path: str | os.PathLike) -> str:

@@ -115,7 +115,7 @@ def _split_items(args: argparse.Namespace) -> None:
     if len(plain) != 1:
         what = "no config" if not plain else f"{len(plain)} arguments that are not key=value: {plain}"
         raise LaunchError(f"expected one CONFIG and key=value overrides, got {what}; overrides are key=value "
-                          "with a dotted key, e.g. model.num_experts=8")
+                          "with a dotted key, e.g. model.moe.num_experts=8")
     args.config = plain[0]
     args.overrides = [item for item in args.items if OVERRIDE_RE.match(item)]
 
@@ -269,7 +269,8 @@ def _torchrun_plan(args: argparse.Namespace, config: str) -> LaunchPlan:
     else:
         rdzv = lambda node: ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",  # noqa: E731
                              f"{args.master_addr}:{args.master_port}", "--rdzv-id", args.job_id]
-    cmds = [[*_torchrun(args, args.nnodes, args.gpus_per_node, rdzv=rdzv(n)), *_entry(args, config, launcher="torchrun")]
+    cmds = [[*_torchrun(args, args.nnodes, args.gpus_per_node, rdzv=rdzv(n)), *_entry(args, config,
+                                                                                      launcher="torchrun")]
             for n in nodes]
     notes = [f"torchrun: {args.nnodes} node(s) x {args.gpus_per_node} GPUs; run line i on node i"]
     if args.node_rank is None and args.nnodes > 1 and not args.dry_run:

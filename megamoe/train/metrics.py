@@ -4,12 +4,16 @@ Shape legend: L MoE layers, E experts, D held-out domains.
 
 Each line of ``metrics.jsonl`` is one record: ``{"kind": "train", "step", "loss", "aux_loss",
 "lr", "grad_norm", "max_vio", "max_vio_layers" [L], "load" [L][E] (share of routed slots per
-expert), "tokens", "tokens_per_s", "time", "nonfinite" (the step's loss or gradient norm was
+expert), "dropped_fraction" (+ "_layers" [L]), "routing_entropy" (+ "_layers" [L]),
+"load_percentiles_layers" [L][3] (10/50/90% of load / mean load), "dead_experts" (+ "_layers"
+[L]; see megamoe.stats for each definition), "balancer_alflb/..." (with a ``balancing``
+section), "tokens", "tokens_per_s", "time", "nonfinite" (the step's loss or gradient norm was
 NaN/inf), and on a step that was not applied "skipped" ("nonfinite" or "overflow") with the
-running counts "nonfinite_steps_skipped", "overflow_steps_skipped"}`` or ``{"kind": "eval", "step", "loss", "ppl",
-"max_vio_global", "max_vio_global_layers" [L], "domain_loss" {domain: loss},
-"domain_load" {domain: [L][E]}}``. On resume, records after the checkpoint's step are
-dropped (atomically) so the file reads as one uninterrupted run.
+running counts "nonfinite_steps_skipped", "overflow_steps_skipped"}`` or ``{"kind": "eval",
+"step", "loss", "ppl", "max_vio_global", "max_vio_global_layers" [L], "domain_loss" {domain:
+loss}, "domain_load" {domain: [L][E]}}``. On resume, records after the checkpoint's step are
+dropped (atomically) so the file reads as one uninterrupted run. TensorBoard gets every scalar
+and, per layer, the ``*_layers`` lists (``train/max_vio_layer0`` ...) and the percentiles.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import numpy as np
 
 
 from megamoe.atomic import atomic_savefig, atomic_write_text  # noqa: F401  (atomic_write_text re-exported)
+from megamoe.stats import PERCENTILES
+
+PERCENTILE_NAMES = [f"p{round(q * 100)}" for q in PERCENTILES]
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -67,8 +74,14 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
-            for i, v in enumerate(record.get("max_vio_layers", [])):
-                self._tb.add_scalar(f"{kind}/max_vio_layer{i}", v, step)
+            for key, values in record.items():
+                if key.endswith("_layers") and isinstance(values, list):
+                    for i, v in enumerate(values):
+                        if isinstance(v, (int, float)) and math.isfinite(v):
+                            self._tb.add_scalar(f"{kind}/{key[:-len('_layers')]}_layer{i}", v, step)
+            for i, qs in enumerate(record.get("load_percentiles_layers", [])):
+                for q, v in zip(PERCENTILE_NAMES, qs):
+                    self._tb.add_scalar(f"{kind}/load_{q}_layer{i}", v, step)
 
     def close(self) -> None:
         self._file.close()
@@ -85,8 +98,8 @@ def _ema(values: Iterable[float], alpha: float = 0.9) -> list[float]:
 
 
 def write_plots(metrics_path: str, out_dir: str) -> list[str]:
-    """Draw loss.png, expert_load.png, max_vio.png (and expert_domains.png when the held-out
-    set has domains) from a metrics file; returns the written paths."""
+    """Draw loss.png, expert_load.png, max_vio.png, load_stats.png (and expert_domains.png when
+    the held-out set has domains) from a metrics file; returns the written paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,6 +164,10 @@ def write_plots(metrics_path: str, out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     save(fig, "max_vio.png")
 
+    with_stats = [r for r in train if r.get("routing_entropy_layers")]
+    if with_stats:
+        _plot_load_stats(with_stats, save, plt)
+
     last = evals[-1] if evals else None
     if last and last.get("domain_load") and len(last["domain_load"]) > 1:
         domains = sorted(last["domain_load"])
@@ -169,3 +186,34 @@ def write_plots(metrics_path: str, out_dir: str) -> list[str]:
         fig.tight_layout()
         save(fig, "expert_domains.png")
     return written
+
+
+def _plot_load_stats(train: list[dict[str, Any]], save: Any, plt: Any) -> None:
+    """load_stats.png: per layer over steps, the load percentiles (a band from p10 to p90 around
+    the median, relative to the mean load), the routing entropy, the dropped fraction and the
+    dead experts."""
+    steps = [r["step"] for r in train]
+    num_layers = len(train[0]["routing_entropy_layers"])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False)
+    ax = axes[0, 0]
+    for i in range(num_layers):
+        q = np.asarray([r["load_percentiles_layers"][i] for r in train], dtype=float)
+        line, = ax.plot(steps, q[:, 1], lw=1, label=f"layer {i} median")
+        ax.fill_between(steps, q[:, 0], q[:, 2], color=line.get_color(), alpha=0.2)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_title("load / mean load: p10, median, p90")
+    panels = ((axes[0, 1], "routing_entropy_layers", "routing entropy (1 = uniform load)"),
+              (axes[1, 0], "dropped_fraction_layers", "dropped fraction of selected slots"),
+              (axes[1, 1], "dead_experts_layers", "dead experts (no slot over the window)"))
+    for ax, key, title in panels:
+        values = np.asarray([r.get(key) or [0] * num_layers for r in train], dtype=float)
+        for i in range(num_layers):
+            ax.plot(steps, values[:, i], lw=1, label=f"layer {i}")
+        ax.set_title(title)
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("per-layer load statistics")
+    fig.tight_layout()
+    save(fig, "load_stats.png")

@@ -14,7 +14,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (sections model, data, train, parallel, deepspeed, balancing)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. train.steps=50 model.router.top_k=1 parallel.backend=torch")
+                   help="dotted overrides, e.g. train.steps=50 model.moe.router.top_k=1 parallel.backend=torch")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="resume from the newest checkpoint in train.output_dir (or from CKPT); starts fresh "
                         "when there is none. Overrides may change only the settings listed in "

@@ -22,7 +22,8 @@ and the next start finishes or undoes whatever a kill interrupted. Weights holdi
 inf are never written. Rotation keeps the ``keep_last`` newest, always including the one
 just written. Each holds ``megamoe_config.json`` = {"model": ModelConfig dict,
 "train_config": the whole TrainConfig, "step", "backend", "world_size", "format",
-"tokenizer", "manifest"}, the backend's files, one ``rng_rank<r>.pt`` per rank, so a resumed
+"tokenizer", "manifest", "step_state" (the per-step state: ALF-LB update count, dead-expert
+window; megamoe.train.step_state)}, the backend's files, one ``rng_rank<r>.pt`` per rank, so a resumed
 run repeats an uninterrupted run step for step, ``tokenizer.model``, the sentencepiece model
 the run tokenised with (so ``megamoe convert`` exports it; see megamoe.checkpoint.tokenizers),
 and ``megamoe_manifest.json``. ``--resume`` verifies before it loads and falls back to the
@@ -58,14 +59,15 @@ from megamoe.checkpoint.integrity import (MANIFEST_KEY, MANIFEST_NAME, Checkpoin
                                           Verification, check_loaded_finite, load_safetensors_model,
                                           nonfinite_message, nonfinite_tensors, read_json, torch_load,
                                           unverified_warning, verify_directory)
-from megamoe.checkpoint.staged import (StagedDirectory, check_output_path, crash_point, is_sealed, recover_root,
-                                       remove_tree, run_agreed)
+from megamoe.checkpoint.staged import (StagedDirectory, check_output_path, crash_point, is_sealed,
+                                       promote_legacy_staging, recover_root, remove_tree, run_agreed)
 from megamoe.config import ConfigError, to_dict
 from megamoe.finite import NonFiniteError
-from megamoe.layer import max_violation
+from megamoe.stats import LoadCounter, LoadReport, all_reduce_sum, moe_layers
 from megamoe.train.config import (LR_SCHEDULE_FIELDS, TrainConfig, check_world_size, dump_config, resume_changes,
                                   world_size_from_env)
 from megamoe.train.metrics import MetricsLogger, atomic_write_text, write_plots
+from megamoe.train.step_state import MoEStepState
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 
@@ -243,108 +245,52 @@ def check_output_paths(cfg: TrainConfig) -> None:
                                   "another output_dir")
 
 
-def _recover_legacy_staging(ckpt_root: str) -> None:
-    """Checkpoints staged by megamoe before the manifest protocol (``.tmp-step_N``): such a
-    run deleted ``step_N`` before renaming its staged copy in, so a kill between the two left
-    the only copy there. Promote it when complete (config and every rank's RNG file), else
-    remove it."""
-    if not os.path.isdir(ckpt_root):
-        return
-    for entry in sorted(os.listdir(ckpt_root)):
-        if not entry.startswith(".tmp-step_"):
-            continue
-        tmp, final = os.path.join(ckpt_root, entry), os.path.join(ckpt_root, entry[len(".tmp-"):])
-        complete = False
-        try:
-            meta = read_json(os.path.join(tmp, CONFIG_NAME))
-            complete = all(os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt")) for r in range(int(meta["world_size"])))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            pass
-        if complete and CKPT_RE.match(os.path.basename(final)) and not os.path.exists(final):
-            os.replace(tmp, final)
-            _log(f"recovered {final} from {entry} (a checkpoint an older megamoe was interrupted replacing)")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+def _legacy_checkpoint_complete(tmp: str) -> bool:
+    """A checkpoint staged by megamoe before the manifest protocol (``.tmp-step_N``) is complete
+    when it holds its config and every rank's RNG file."""
+    if not CKPT_RE.match(os.path.basename(tmp)[len(".tmp-"):]):
+        return False
+    try:
+        meta = read_json(os.path.join(tmp, CONFIG_NAME))
+        return all(os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt")) for r in range(int(meta["world_size"])))
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return False
 
 
-# ----------------------------------------------------------------------------- statistics
-class StepStats:
-    """Per-layer routed-slot counts and losses summed over a step's micro batches."""
-
-    def __init__(self, model) -> None:
-        self.layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-        self.reset()
-
-    def reset(self) -> None:
-        self.counts_LE: torch.Tensor | None = None
-        self.aux: torch.Tensor | float = 0.0
-        self.calls = 0
-
-    def collect(self) -> None:
-        stats = [m.last_stats for m in self.layers]
-        if not stats or any(s is None for s in stats):
-            return
-        # Stays on the device: one host copy per step (in _train_record), not per micro batch.
-        counts = torch.stack([s.selected_per_expert_E.detach().float() for s in stats])
-        aux = torch.stack([s.aux_loss.detach().float().reshape(()).to(counts.device) for s in stats]).sum()
-        self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
-        self.aux = aux if self.calls == 0 else self.aux + aux
-        self.calls += 1
-
-
-def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place all-reduce of a CPU tensor (through the GPU when the group is NCCL)."""
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            on_gpu = t.to("cuda")
-            dist.all_reduce(on_gpu)
-            t.copy_(on_gpu.cpu())
-        else:
-            dist.all_reduce(t)
-    return t
-
-
-def _load_record(counts_LE: torch.Tensor) -> tuple[list[list[float]], list[float]]:
-    share = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1)
-    vio = [float(max_violation(c)) for c in counts_LE]
-    return share.tolist(), vio
-
-
+# ----------------------------------------------------------------------------- evaluation
 def evaluate(backend, model, batches: list[tuple[str, np.ndarray]], device: torch.device) -> dict[str, Any]:
-    """Held-out loss, perplexity and MaxVio_global (load summed over the whole held-out split)."""
+    """Held-out loss, perplexity and MaxVio_global (load summed over the whole held-out split),
+    with the loss and load per domain; one all-reduce."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = _rank()
-    stats = StepStats(model)
+    layers = moe_layers(model)
     domains = sorted({d for d, _ in batches})
-    num_layers = len(stats.layers)
-    num_experts = model.config.num_experts
+    num_layers = len(layers)
+    num_experts = model.config.moe.num_experts
     # Per domain: [loss_sum, tokens, counts_LE...]
     acc = torch.zeros(len(domains), 2 + num_layers * num_experts, dtype=torch.float64)
-    for i, (domain, seqs) in enumerate(batches):
-        if i % world != rank:
-            continue
-        x = torch.from_numpy(seqs.astype(np.int64)).to(device)
-        stats.reset()
-        loss = backend.forward(x)
-        stats.collect()
-        tokens = x.shape[0] * (x.shape[1] - 1)
-        row = acc[domains.index(domain)]
-        row[0] += float(loss) * tokens
-        row[1] += tokens
-        if stats.counts_LE is not None and stats.counts_LE.shape[1] == num_experts:
-            row[2:] += stats.counts_LE.reshape(-1).double().cpu()
-    _reduce_sum(acc)
+    with LoadCounter([layer.router for layer in layers], training_only=False) as counter:
+        for i, (domain, seqs) in enumerate(batches):
+            if i % world != rank:
+                continue
+            x = torch.from_numpy(seqs.astype(np.int64)).to(device)
+            loss = backend.forward(x)
+            selected_F = counter.take()[0]
+            tokens = x.shape[0] * (x.shape[1] - 1)
+            row = acc[domains.index(domain)]
+            row[0] += float(loss) * tokens
+            row[1] += tokens
+            row[2:] += selected_F.cpu()
+    all_reduce_sum(acc)
     total_loss = float(acc[:, 0].sum() / acc[:, 1].sum().clamp_min(1))
-    counts_LE = acc[:, 2:].sum(0).reshape(num_layers, num_experts)
-    share, vio = _load_record(counts_LE) if num_layers else ([], [])
+    vio = LoadReport.of(acc[:, 2:].sum(0).reshape(num_layers, num_experts)).max_vio if num_layers else []
     out: dict[str, Any] = {"loss": total_loss, "ppl": math.exp(min(total_loss, 50.0)),
                            "max_vio_global": float(np.mean(vio)) if vio else 0.0, "max_vio_global_layers": vio,
                            "domain_loss": {}, "domain_load": {}}
     for j, d in enumerate(domains):
         if acc[j, 1] > 0:
             out["domain_loss"][d] = float(acc[j, 0] / acc[j, 1])
-            c = acc[j, 2:].reshape(num_layers, num_experts)
-            out["domain_load"][d] = (c / c.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+            out["domain_load"][d] = LoadReport.of(acc[j, 2:].reshape(num_layers, num_experts)).shares
     return out
 
 
@@ -377,7 +323,9 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
         # What a killed run left: finish or undo its interrupted writes before anything reads them.
         recover_root(out_dir, busy="skip", log=_log)
         recover_root(ckpt_root, busy="raise", log=_log)
-        _recover_legacy_staging(ckpt_root)
+        # Such a run deleted step_N before renaming its staged copy in, so a kill between the two
+        # left the only copy there.
+        promote_legacy_staging(ckpt_root, prefix=".tmp-step_", complete=_legacy_checkpoint_complete, log=_log)
         if stale:
             remove_tree(ckpt_root)
             for name in ("tb", "plots"):
@@ -401,7 +349,7 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
             prepare_data(cfg.data, vocab_size=cfg.model.vocab_size, cache_root=cache_root, log=_log)
         except BaseException as exc:  # the other ranks must still leave the collective below
             error.append(exc)
-    failed = _reduce_sum(torch.tensor([1.0 if error else 0.0]))
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0]))
     if error:
         raise error[0]
     if float(failed) > 0:
@@ -423,18 +371,19 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     model = MoETransformerLM(cfg.model)
     if t.init_from and not resume_from:
         _init_weights(model, cfg, data.tokenizer_path)  # before the backend shards the experts
-    for layer in model.moe_layers():
-        layer.aux_loss_grad_scale = 1.0 / t.grad_accum_steps
     counts = count_parameters(model)
+    # Before the backend: the balancer's bias buffers exist before any weights load, and the
+    # DeepSpeed backend keeps its aux-loss scale in line with the fp16 loss scale.
+    step_state = MoEStepState(model, balancing=cfg.balancing, accumulation_steps=t.grad_accum_steps,
+                              dead_expert_window=t.dead_expert_window)
     from megamoe.train.backends import build_backend
-    backend = build_backend(model, cfg, device=device)
-    balancer = _build_balancer(cfg, backend)
+    backend = build_backend(model, cfg, device=device, step_state=step_state)
 
     start_step = 0
     if resume and resume_from is None:
         _log(f"--resume: no checkpoint under {ckpt_root}; starting from step 0")
     if resume_from:
-        start_step = _load_checkpoint(resume_from, cfg, backend, balancer, world)
+        start_step = _load_checkpoint(resume_from, cfg, backend, step_state, world)
         _log(f"resumed from {resume_from} at step {start_step}")
     else:
         # Per-rank streams differ (router jitter) but are reproducible.
@@ -442,15 +391,14 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
 
     logger = MetricsLogger(out_dir, start_step=start_step, tensorboard=t.tensorboard) if rank == 0 else None
     _log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-         f"{cfg.model.num_layers} layers, {cfg.model.num_experts} experts top-{cfg.model.router.top_k} "
-         f"router {cfg.model.router.name!r}; backend {backend.name} (optimizer {backend.optimizer_name}), "
+         f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts top-{cfg.model.moe.router.top_k} "
+         f"router {cfg.model.moe.router.name!r}; backend {backend.name} (optimizer {backend.optimizer_name}), "
          f"world {world}, EP {cfg.parallel.ep_size}; data {len(data.train_NS)} x {cfg.data.seq_len} tokens, "
          f"global batch {global_batch}")
 
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start_step, disable=rank != 0 or not t.progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
-    stats = StepStats(backend.model)
     tokens_per_step = global_batch * cfg.data.seq_len
     last_eval: dict[str, Any] | None = None
     last_ckpt: str | None = resume_from
@@ -476,18 +424,17 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     try:
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.time()
-            _set_step(backend.model, step - 1)
+            step_state.begin_step(step - 1)
             micro = [torch.from_numpy(sampler.micro_indices(step - 1, micro=m, rank=rank, world=world,
                                                             micro_batch=t.micro_batch_size)).long()
                      for m in range(t.grad_accum_steps)]
             batches = [torch.from_numpy(data.train_NS[idx.numpy()].astype(np.int64)).to(device) for idx in micro]
-            stats.reset()
-            result = backend.train_step(batches, stats.collect)
-            if result.nonfinite and balancer is not None:
-                balancer.discard_pending()  # the step is not applied, so neither is its load
-            bal_metrics = balancer.update() if balancer is not None and not result.nonfinite else None
-            record = _train_record(step, result.loss, result.grad_norm, stats, backend, world, tokens_per_step,
-                                   time.time() - t0, time.time() - run_start, bal_metrics)
+            result = backend.train_step(batches)
+            # One all-reduce: the loss, the load of every layer and the ALF-LB counts; a step
+            # that was not applied moves no bias.
+            report = step_state.end_step(apply=not result.nonfinite, extra=[result.loss])
+            record = _train_record(step, result, report, backend, world, tokens_per_step, time.time() - t0,
+                                   time.time() - run_start)
             if result.overflow or (result.nonfinite and t.nonfinite == "skip"):
                 kind = "nonfinite" if result.nonfinite else "overflow"
                 skipped[kind] += 1
@@ -511,7 +458,7 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
                 last_eval = _run_eval(backend, model, held_out, device, step, logger)
                 evaluated_step = step
             if t.save_interval and step % t.save_interval == 0:
-                last_ckpt = save_checkpoint(cfg, backend, balancer, step, world, ckpt_root,
+                last_ckpt = save_checkpoint(cfg, backend, step_state, step, world, ckpt_root,
                                             tokenizer=data.tokenizer_path)
                 saved_step = step
         if start_step >= t.steps:
@@ -522,7 +469,7 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
         elif held_out and evaluated_step != t.steps:
             last_eval = _run_eval(backend, model, held_out, device, step, logger)
         if saved_step != t.steps and start_step < t.steps:
-            last_ckpt = save_checkpoint(cfg, backend, balancer, t.steps, world, ckpt_root,
+            last_ckpt = save_checkpoint(cfg, backend, step_state, t.steps, world, ckpt_root,
                                         tokenizer=data.tokenizer_path)
     except NonFiniteError as exc:  # every rank raises it at the same step (the check is all-reduced)
         failure = exc
@@ -540,30 +487,20 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     return RunResult(out_dir, t.steps, last_ckpt, last_eval, plots, skipped["nonfinite"])
 
 
-def _set_step(model, step: int) -> None:
-    if hasattr(model, "set_step"):
-        model.set_step(step)
-
-
-def _train_record(step, loss, grad_norm, stats: StepStats, backend, world, tokens_per_step, step_s, elapsed,
-                  bal_metrics) -> dict[str, Any]:
-    num_layers = len(stats.layers)
-    e = stats.counts_LE.shape[1] if stats.counts_LE is not None else 0
-    flat = torch.zeros(2 + num_layers * e, dtype=torch.float64)
-    flat[0], flat[1] = loss, float(stats.aux) / max(1, stats.calls)
-    if e:
-        flat[2:] = stats.counts_LE.reshape(-1).double().cpu()
-    _reduce_sum(flat)
-    record: dict[str, Any] = {"kind": "train", "step": step, "loss": float(flat[0]) / world,
-                              "aux_loss": float(flat[1]) / world, "lr": backend.lr, "grad_norm": grad_norm}
-    if e:
-        share, vio = _load_record(flat[2:].reshape(num_layers, e))
-        record.update(max_vio=float(np.mean(vio)), max_vio_layers=vio, load=share)
+def _train_record(step, result, report, backend, world, tokens_per_step, step_s, elapsed) -> dict[str, Any]:
+    record: dict[str, Any] = {"kind": "train", "step": step, "loss": report.extra[0] / world,
+                              "aux_loss": report.aux_loss / world, "lr": backend.lr, "grad_norm": result.grad_norm}
+    load = report.load
+    if load is not None:
+        summary = load.summary()
+        record.update(max_vio=summary["max_vio"], max_vio_layers=load.max_vio, load=load.shares,
+                      dropped_fraction=summary["dropped_fraction"], dropped_fraction_layers=load.dropped_fraction,
+                      routing_entropy=summary["routing_entropy"], routing_entropy_layers=load.routing_entropy,
+                      load_percentiles_layers=load.percentiles, dead_experts=int(summary["dead_experts"]),
+                      dead_experts_layers=load.dead_experts)
     else:
         record.update(max_vio=0.0, max_vio_layers=[], load=[])
-    if isinstance(bal_metrics, dict):
-        record.update({f"balancer_{k}": float(v) for k, v in bal_metrics.items()
-                       if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)})
+    record.update({f"balancer_{k}": float(v) for k, v in report.metrics.items() if k.startswith("alflb/")})
     record.update(tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / max(step_s, 1e-9), time=elapsed)
     return record
 
@@ -575,15 +512,6 @@ def _run_eval(backend, model, held_out, device, step, logger) -> dict[str, Any]:
     _log(f"step {step}: held-out loss {result['loss']:.4f}, ppl {result['ppl']:.2f}, "
          f"MaxVio_global {result['max_vio_global']:.3f}")
     return result
-
-
-def _build_balancer(cfg: TrainConfig, backend):
-    if cfg.balancing is None:
-        return None
-    from megamoe.config import from_dict
-    from megamoe.routing import balancing  # type: ignore[attr-defined]
-    bcfg = from_dict(balancing.AuxFreeBalancingConfig, cfg.balancing, where="balancing")
-    return balancing.AuxFreeBalancer(backend.model, bcfg)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -632,7 +560,7 @@ def _nonfinite_everywhere(model) -> list[tuple[str, int]]:
     return bad
 
 
-def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, ckpt_root: str, *,
+def save_checkpoint(cfg: TrainConfig, backend, step_state, step: int, world: int, ckpt_root: str, *,
                     tokenizer: str | None = None) -> str:
     """Write ``step_<step>`` through the staged protocol (all ranks call this); prune to ``keep_last``.
     ``tokenizer``: the sentencepiece model the run tokenises with, stored in the checkpoint.
@@ -657,11 +585,10 @@ def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, 
         def write_rest() -> None:
             atomic_torch_save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
             if rank == 0:
-                if balancer is not None and hasattr(balancer, "state_dict"):
-                    atomic_torch_save(balancer.state_dict(), os.path.join(tmp, "balancer.pt"))
                 meta = {"model": to_dict(cfg.model), "train_config": to_dict(cfg), "step": step,
                         "backend": backend.name, "world_size": world, "ep_size": cfg.parallel.ep_size,
-                        "format": RUN_CHECKPOINT_FORMAT, MANIFEST_KEY: MANIFEST_NAME}
+                        "format": RUN_CHECKPOINT_FORMAT, "step_state": step_state.state_dict(),
+                        MANIFEST_KEY: MANIFEST_NAME}
                 if tokenizer:
                     from megamoe.checkpoint.tokenizers import store_tokenizer
                     meta["tokenizer"] = store_tokenizer(tokenizer, tmp)
@@ -681,7 +608,7 @@ def save_checkpoint(cfg: TrainConfig, backend, balancer, step: int, world: int, 
     return final
 
 
-def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int) -> int:
+def _load_checkpoint(path: str, cfg: TrainConfig, backend, step_state, world: int) -> int:
     """Load a verified checkpoint into ``backend`` (every rank); returns its step."""
     advice = _resume_advice(os.path.dirname(os.path.abspath(path)))
     meta_path = os.path.join(path, CONFIG_NAME)
@@ -720,16 +647,21 @@ def _load_checkpoint(path: str, cfg: TrainConfig, backend, balancer, world: int)
         set_rng_state(torch_load(rng_file, weights_only=False, advice=advice))
     else:  # a different world size: RNG streams cannot match an uninterrupted run anyway
         torch.manual_seed(cfg.train.seed * 1000 + _rank() + 1 + int(meta["step"]))
-    bal_file = os.path.join(path, "balancer.pt")
-    if balancer is not None and os.path.isfile(bal_file) and hasattr(balancer, "load_state_dict"):
-        balancer.load_state_dict(torch_load(bal_file, weights_only=False, advice=advice))
+    # The per-step state (ALF-LB update count, dead-expert window); checkpoints written before it
+    # was kept in megamoe_config.json hold only the ALF-LB state, in balancer.pt.
+    legacy = os.path.join(path, "balancer.pt")
+    if isinstance(meta.get("step_state"), dict):
+        step_state.load_state_dict(meta["step_state"])
+    elif os.path.isfile(legacy):
+        step_state.load_state_dict(torch_load(legacy, weights_only=False, advice=advice))
+    step_state.begin_step(int(meta["step"]))
     return int(meta["step"])
 
 
 def load_trained_model(ckpt_dir: str):
     """Rebuild the trained MoETransformerLM (full model, one process) from a checkpoint of
     either backend: ``model.safetensors`` (torch) or the DeepSpeed engine files (via
-    ``megamoe.integrations.deepspeed.load_full_state_dict``, which merges expert shards).
+    ``megamoe.checkpoint.reshardable.load_full_state_dict``, which merges expert shards).
 
     The checkpoint is verified first: a missing or changed file raises :class:`CheckpointError`
     naming it (one written before manifests loads with a warning)."""
@@ -754,7 +686,7 @@ def load_trained_model(ckpt_dir: str):
     if os.path.isfile(path):
         load_safetensors_model(model, path, advice=advice)
     else:
-        from megamoe.integrations.deepspeed import load_full_state_dict  # type: ignore[import-not-found]
+        from megamoe.checkpoint.reshardable import load_full_state_dict
         state = load_full_state_dict(ckpt_dir, tag="engine", verify=False)  # verified above with the rest
         check_loaded_finite(state.items(), os.path.join(ckpt_dir, "engine"), advice=advice)
         model.load_state_dict(state)

@@ -4,13 +4,13 @@ Every rank takes one micro-batch of each step's global batch and trains the shar
 (apply_expert_parallel) with SGD; gradients are reduced by hand the way the layout requires
 (dense parameters over the world, expert shards over their EDP group, both divided by the
 world size, which is the gradient of the mean loss over the concatenated batch). The
-AuxFreeBalancer counts each rank's own routing decisions and all-reduces them over the world.
+MoEStepState counts each rank's own routing decisions and all-reduces them over the world.
 After a few update() steps its biases must equal those one process computes on the
 concatenated batches with the unsharded model, and be bitwise identical on every rank.
 Routing happens before dispatch, so the counts are the same whatever the dispatcher is; the
 test guards the combination (experts elsewhere, routers and balancer everywhere). The model
 and the reference come from test_balancing_dist.py; fp64. A third case runs the DeepSpeed
-engine (ZeRO-2, EP=2 x EDP=2, 2 accumulated micro-batches, attach_to_deepspeed) in fp32 on the
+engine (ZeRO-2, EP=2 x EDP=2, 2 accumulated micro-batches, attach_step_state) in fp32 on the
 spawn shared with the other EP tests; same checks, biases atol=1e-6.
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups, is_expert_param
-from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig, evaluate_max_vio
+from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.stats import evaluate_max_vio
+from megamoe.train.step_state import MoEStepState
 from megamoe.testing import run_distributed
 from test_balancing_dist import DIM, EXPERTS, MICRO, TOP_K, build, make_data, reference
 
@@ -43,7 +45,7 @@ def ep_worker(rank: int, world: int, x, y, held) -> dict:
     results = {}
     for ep_size in EP_SIZES:
         model = build("softmax", torch.float64)
-        bal = AuxFreeBalancer(model, CFG)
+        bal = MoEStepState(model, balancing=CFG)
         groups = build_expert_parallel_groups(ep_size)
         apply_expert_parallel(model, groups)
         assert model.moe1.experts.num_experts == EXPERTS // ep_size
@@ -54,16 +56,16 @@ def ep_worker(rank: int, world: int, x, y, held) -> dict:
             nn.functional.cross_entropy(model(x[s, rank]), y[s, rank]).backward()
             _reduce_grads(model, groups, world)
             opt.step()
-            bal.update()
+            bal.end_step()
             metrics.append(bal.last_metrics)
-        results[ep_size] = {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
-                            "num_updates": bal.num_updates,
+        results[ep_size] = {"biases": {k: v.clone() for k, v in bal.balancer.biases().items()}, "metrics": metrics,
+                            "num_updates": bal.balancer.num_updates,
                             "eval": evaluate_max_vio(model, [held[rank]])}
     return results
 
 
 # Through the DeepSpeed engine (ZeRO-2, EP=2 x EDP=2 on the 4-process spawn shared with the other
-# EP tests, see ep_runs.py): attach_to_deepspeed must update once per accumulated batch.
+# EP tests, see ep_runs.py): attach_step_state must update once per accumulated batch.
 DS_EP, DS_ACCUM, DS_STEPS = 2, 2, 3
 DS_CFG = AuxFreeBalancingConfig("sign", 0.01, "inv")
 
@@ -73,14 +75,15 @@ def deepspeed_ep_worker(rank: int, world: int) -> dict:
 
     x, y, held = make_data(DS_STEPS, world * DS_ACCUM)
     model = build("softmax", torch.float32)
-    bal = AuxFreeBalancer(model, DS_CFG)
+    bal = MoEStepState(model, balancing=DS_CFG)
     groups = build_expert_parallel_groups(DS_EP)
     apply_expert_parallel(model, groups)
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": DS_ACCUM,
               "train_batch_size": MICRO * DS_ACCUM * world, "zero_optimization": {"stage": 2},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-    engine = mds.initialize(model, config, groups, optimizer=torch.optim.SGD(mds.moe_param_groups(model), lr=LR))
-    bal.attach_to_deepspeed(engine)
+    engine = mds.initialize(model, config, groups, step_state=bal,
+                            optimizer=torch.optim.SGD(mds.moe_param_groups(model), lr=LR))
+    mds.attach_step_state(engine, bal)
     metrics = []
     for s in range(DS_STEPS):
         for m in range(DS_ACCUM):
@@ -90,11 +93,11 @@ def deepspeed_ep_worker(rank: int, world: int) -> dict:
             engine.backward(loss)
             engine.step()
             if m < DS_ACCUM - 1:
-                assert bal.num_updates == s
+                assert bal.balancer.num_updates == s
         metrics.append(bal.last_metrics)
     shard = held[rank * DS_ACCUM:(rank + 1) * DS_ACCUM].reshape(-1, DIM).to(engine.device)
-    return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
-            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates}
+    return {"biases": {k: v.clone() for k, v in bal.balancer.biases().items()}, "metrics": metrics,
+            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.balancer.num_updates}
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
-from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig, evaluate_max_vio
+from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.stats import evaluate_max_vio
+from megamoe.train.step_state import MoEStepState
 from megamoe.testing import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -27,7 +29,7 @@ class Net(nn.Module):
     def __init__(self, score_func: str):
         super().__init__()
         cfg = MoEConfig(hidden_size=DIM, num_experts=EXPERTS, experts=ExpertConfig(intermediate_size=16),
-                        router=RouterConfig(top_k=TOP_K, score_func=score_func, aux_loss_coef=0.0))
+                        router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, options={"score_func": score_func}))
         self.inp = nn.Linear(DIM, DIM)
         self.moe1 = MoELayer(cfg, layer_index=0)
         self.moe2 = MoELayer(cfg, layer_index=1)
@@ -57,7 +59,7 @@ def build(score_func: str, dtype: torch.dtype) -> Net:
 def reference(x, y, held, score_func, dtype, cfg, lr):
     model = build(score_func, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    bal = AuxFreeBalancer(model, cfg)
+    bal = MoEStepState(model, balancing=cfg)
     bal.attach_to_optimizer(opt)
     metrics = []
     for s in range(x.shape[0]):
@@ -66,7 +68,7 @@ def reference(x, y, held, score_func, dtype, cfg, lr):
         loss.backward()
         opt.step()
         metrics.append(bal.last_metrics)
-    return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
+    return {"biases": {k: v.clone() for k, v in bal.balancer.biases().items()}, "metrics": metrics,
             "eval": evaluate_max_vio(model, [held.reshape(-1, DIM).to(dtype)])}
 
 
@@ -75,8 +77,8 @@ def ddp_worker(rank, world, x, y, held, score_func, dtype, cfg, lr, accum):
     # A stale local bias (say, a rank that loaded another checkpoint) is replaced by rank 0's
     # when the balancer is built, before DDP would broadcast buffers on its own.
     model.moe1.router.enable_selection_bias().fill_(float(rank))
-    bal = AuxFreeBalancer(model, cfg)
-    initial = [b.clone() for b in bal.biases().values()]
+    bal = MoEStepState(model, balancing=cfg)
+    initial = [b.clone() for b in bal.balancer.biases().values()]
     # Experts that get no token in a micro-batch take no part in its graph.
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
@@ -93,8 +95,8 @@ def ddp_worker(rank, world, x, y, held, score_func, dtype, cfg, lr, accum):
         opt.step()
         metrics.append(bal.last_metrics)
     shard = held[rank * accum:(rank + 1) * accum].reshape(-1, DIM).to(dtype)
-    return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
-            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates, "initial": initial}
+    return {"biases": {k: v.clone() for k, v in bal.balancer.biases().items()}, "metrics": metrics,
+            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.balancer.num_updates, "initial": initial}
 
 
 def check_against_reference(results, ref, steps):
@@ -127,14 +129,16 @@ def test_ddp_biases_equal_single_process_on_concatenated_batch(world, accum, sco
 def deepspeed_worker(rank, world, x, y, held, cfg, lr, accum):
     import deepspeed
 
+    from megamoe.integrations.deepspeed import attach_step_state
+
     model = build("softmax", torch.float32)
-    bal = AuxFreeBalancer(model, cfg)
+    bal = MoEStepState(model, balancing=cfg)
     ds_config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accum,
                  "train_batch_size": MICRO * accum * world, "zero_optimization": {"stage": 0},
                  "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
                                       config=ds_config)
-    bal.attach_to_deepspeed(engine)
+    attach_step_state(engine, bal)
     metrics = []
     for s in range(x.shape[0]):
         for m in range(accum):
@@ -144,11 +148,11 @@ def deepspeed_worker(rank, world, x, y, held, cfg, lr, accum):
             engine.backward(loss)  # the engine divides by the accumulation steps
             engine.step()          # a real optimizer step only at the boundary
             if m < accum - 1:
-                assert bal.num_updates == s
+                assert bal.balancer.num_updates == s
         metrics.append(bal.last_metrics)
     shard = held[rank * accum:(rank + 1) * accum].reshape(-1, DIM).to(engine.device)
-    return {"biases": {k: v.clone() for k, v in bal.biases().items()}, "metrics": metrics,
-            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.num_updates}
+    return {"biases": {k: v.clone() for k, v in bal.balancer.biases().items()}, "metrics": metrics,
+            "eval": evaluate_max_vio(model, [shard]), "num_updates": bal.balancer.num_updates}
 
 
 @pytest.mark.slow

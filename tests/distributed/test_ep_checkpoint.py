@@ -79,7 +79,7 @@ def _result(engine, groups, losses: list[float]) -> dict:
 
 
 def _resume(ep_size: int, stage: int, ckpt: str) -> dict:
-    from megamoe.integrations.deepspeed import load_checkpoint
+    from megamoe.checkpoint.reshardable import load_checkpoint
 
     groups = build_expert_parallel_groups(ep_size)
     engine = _engine(groups, stage, seed=99)
@@ -90,7 +90,7 @@ def _resume(ep_size: int, stage: int, ckpt: str) -> dict:
 
 
 def world2(rank: int, world: int, root: str) -> dict:
-    from megamoe.integrations.deepspeed import save_checkpoint
+    from megamoe.checkpoint.reshardable import save_checkpoint
 
     ep2 = build_expert_parallel_groups(2)
     engine = _engine(ep2, 2, seed=0)
@@ -117,6 +117,7 @@ def bf16_round_trip(root: str) -> None:
     """bf16 at ZeRO-0 (DeepSpeed's unfused optimizer, one fp32 copy per parameter) and ZeRO-2
     (flat partitions): save at EP=2 (tag "ep2"), load at EP=1 and save again at once (tag "ep1")."""
     from megamoe.integrations import deepspeed as mds
+    from megamoe.checkpoint import reshardable
 
     for stage in (0, 2):
         path = os.path.join(root, f"bf16_zero{stage}")
@@ -131,8 +132,8 @@ def bf16_round_trip(root: str) -> None:
             if ep_size == 2:
                 _train(engine, 0, SAVE_AT)
             else:
-                mds.load_checkpoint(engine, path, tag="ep2")
-            mds.save_checkpoint(engine, path, tag=f"ep{ep_size}")
+                reshardable.load_checkpoint(engine, path, tag="ep2")
+            reshardable.save_checkpoint(engine, path, tag=f"ep{ep_size}")
 
 
 def world4(rank: int, world: int, root: str) -> dict:
@@ -186,7 +187,7 @@ def reference_fresh_optimizer_after_save() -> list[float]:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_checkpoint_resumes_at_other_layouts_with_optimizer_state(ep_runs) -> None:
-    from megamoe.integrations.deepspeed import load_full_optimizer_state, load_full_state_dict
+    from megamoe.checkpoint.reshardable import load_full_optimizer_state, load_full_state_dict
     from test_ep_deepspeed import consolidate
 
     root = ep_runs.root
@@ -237,7 +238,7 @@ def test_checkpoint_resumes_at_other_layouts_with_optimizer_state(ep_runs) -> No
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_bf16_optimizer_state_survives_a_layout_change(ep_runs) -> None:
-    from megamoe.integrations.deepspeed import load_full_optimizer_state
+    from megamoe.checkpoint.reshardable import load_full_optimizer_state
 
     ep_runs(2)
     for stage in (0, 2):

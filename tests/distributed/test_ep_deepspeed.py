@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
+from megamoe.train.step_state import MoEStepState
 from ep_runs import ZERO3_EP1_RUNS, ZERO_RUNS
 from tiny_model import build_model, global_batches, lm_loss
 
@@ -54,6 +55,7 @@ def make_optimizer(params) -> torch.optim.Optimizer:
 
 def train_ds(rank: int, world: int, ep_size: int, stage: int, dtype: str) -> dict:
     from megamoe.integrations import deepspeed as mds
+    from megamoe.checkpoint import reshardable
 
     groups = build_expert_parallel_groups(ep_size)
     model = apply_expert_parallel(build_model(), groups)
@@ -78,7 +80,7 @@ def train_ds(rank: int, world: int, ep_size: int, stage: int, dtype: str) -> dic
             assert p.ds_tensor.numel() < p.ds_numel and dist.get_world_size(p.ds_process_group) == \
                 dist.get_world_size(expected), name
     return {"losses": losses, "grad_norms": norms,
-            "state": {k: v.float() for k, v in mds.module_state_dict(engine).items()},
+            "state": {k: v.float() for k, v in reshardable.module_state_dict(engine).items()},
             "ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "ep_size": ep_size}
 
 
@@ -86,8 +88,7 @@ def train_reference(world: int) -> dict:
     from megamoe.integrations.deepspeed import moe_param_groups
 
     model = build_model()
-    for block in model.blocks:
-        block.moe.aux_loss_grad_scale = 1.0 / (world * GAS)
+    MoEStepState(model, accumulation_steps=world * GAS)  # the aux loss weighs like one of world*GAS micro-batches
     opt = make_optimizer(moe_param_groups(model, weight_decay=WD))
     data = global_batches(STEPS, batch=MICRO * GAS * world, seq=SEQ)
     losses, norms = [], []
@@ -173,7 +174,7 @@ def test_all_remote_routing_completes_a_zero2_step(ep_runs) -> None:
     results = [r["all_remote"] for r in ep_runs(world)]
     layer, x, g = make_case("all_remote", world)
     model = torch.nn.Sequential(layer)
-    layer.aux_loss_grad_scale = 1.0 / world  # DeepSpeed averages every gradient over the ranks
+    MoEStepState(model, accumulation_steps=world)  # DeepSpeed averages every gradient over the ranks
     for chunk_x, chunk_g in zip(x.chunk(world), g.chunk(world)):
         ((model(chunk_x) * chunk_g).sum() / world).backward()
     # DeepSpeed's default gradient_clipping is 1.0 (global norm).

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
+from megamoe.train.step_state import MoEStepState
 from tiny_model import build_model, global_batches, lm_loss
 
 STEPS, GAS, MICRO, SEQ = 4, 2, 2, 8
@@ -57,6 +58,7 @@ def micro_batch(data: torch.Tensor, step: int, micro: int, rank: int, world: int
 
 def _train(rank: int, world: int, stage: int) -> dict:
     from megamoe.integrations import deepspeed as mds
+    from megamoe.checkpoint import reshardable
 
     groups = build_expert_parallel_groups(2)
     model = apply_expert_parallel(build_model(aux=AUX), groups)
@@ -78,7 +80,7 @@ def _train(rank: int, world: int, stage: int) -> dict:
         norms.append(float(engine.get_global_grad_norm()))
     return {"losses": losses, "grad_norms": norms, "scales": scales, "skipped": engine.skipped_steps,
             "global_steps": engine.global_steps,
-            "state": {k: v.float() for k, v in mds.module_state_dict(engine).items()},
+            "state": {k: v.float() for k, v in reshardable.module_state_dict(engine).items()},
             "ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "ep_size": groups.ep_size}
 
 
@@ -98,8 +100,7 @@ def train_fp16(rank: int, world: int) -> dict:
 
 def train_reference(world: int) -> dict:
     model = build_model(aux=AUX)
-    for block in model.blocks:
-        block.moe.aux_loss_grad_scale = 1.0 / (world * GAS)
+    MoEStepState(model, accumulation_steps=world * GAS)  # the aux loss weighs like one of world*GAS micro-batches
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     data = global_batches(STEPS, batch=MICRO * GAS * world, seq=SEQ)
     losses, norms = [], []

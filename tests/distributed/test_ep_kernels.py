@@ -27,7 +27,7 @@ def _case(capacity_factor, impl):
     torch.manual_seed(11)
     cfg = MoEConfig(hidden_size=HIDDEN, num_experts=EXPERTS,
                     experts=ExpertConfig(intermediate_size=8, impl=impl),
-                    router=RouterConfig(top_k=2, capacity_factor=capacity_factor, aux_loss_coef=0.01))
+                    router=RouterConfig(top_k=2, aux_loss_coef=0.01, options={"capacity_factor": capacity_factor}))
     layer = MoELayer(cfg)
     x = torch.randn(WORLD * TOKENS_PER_RANK, HIDDEN)
     g = torch.randn(WORLD * TOKENS_PER_RANK, HIDDEN)

@@ -3,7 +3,7 @@
 Two real gloo processes build the same tiny megamoe.model.MoETransformerLM, shard it at EP=2
 (experts split over the ranks) and at EP=1 (data parallel, every rank holds every expert),
 wrap each in a DeepSpeed engine (megamoe.integrations.deepspeed.initialize, ZeRO-1) and save
-it with megamoe.integrations.deepspeed.save_checkpoint, adding megamoe_config.json =
+it with megamoe.checkpoint.reshardable.save_checkpoint, adding megamoe_config.json =
 {"model": to_dict(model_config)} the way the trainer does. convert_to_hf on either directory
 must write the same HF safetensors (same names, bitwise equal tensors), equal to converting
 the live single-process model.
@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from megamoe.checkpoint.hf_convert import convert_to_hf  # noqa: E402
-from megamoe.config import ExpertConfig, RouterConfig, to_dict  # noqa: E402
+from megamoe.config import ExpertConfig, MoEConfig, RouterConfig, to_dict  # noqa: E402
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups  # noqa: E402
 from megamoe.testing import run_distributed  # noqa: E402
@@ -30,9 +30,9 @@ from megamoe.testing import run_distributed  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 WORLD, EP_SIZES = 2, (2, 1)
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
-                     max_seq_len=64, experts=ExpertConfig(intermediate_size=16, impl="loop"),
-                     router=RouterConfig(top_k=2, aux_loss_coef=0.0))
+CONFIG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                     moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=16, impl="loop"),
+                                   router=RouterConfig(top_k=2, aux_loss_coef=0.0)))
 
 
 def build() -> MoETransformerLM:
@@ -47,6 +47,7 @@ def build() -> MoETransformerLM:
 
 def save_worker(rank: int, world: int, root: str) -> list[str]:
     from megamoe.integrations import deepspeed as mds
+    from megamoe.checkpoint import reshardable
 
     paths = []
     for ep_size in EP_SIZES:
@@ -58,7 +59,7 @@ def save_worker(rank: int, world: int, root: str) -> list[str]:
         engine = mds.initialize(model, config, groups,
                                 optimizer=torch.optim.SGD(mds.moe_param_groups(model), lr=0.1))
         save_dir = os.path.join(root, f"ep{ep_size}")
-        paths.append(mds.save_checkpoint(engine, save_dir))
+        paths.append(reshardable.save_checkpoint(engine, save_dir))
         if rank == 0:
             with open(os.path.join(save_dir, "megamoe_config.json"), "w", encoding="utf-8") as f:
                 json.dump({"model": to_dict(CONFIG)}, f)

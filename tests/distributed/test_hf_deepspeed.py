@@ -7,7 +7,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from megamoe import RouterConfig  # noqa: E402
-from megamoe.integrations.hf import moe_layers, moeify  # noqa: E402
+from megamoe.integrations.hf import moeify  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 from megamoe.testing import run_distributed  # noqa: E402
 
 V, LR = 53, 0.05

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 from megamoe.layer import MoELayer
 from megamoe.parallel import apply_expert_parallel, build_expert_parallel_groups
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 from megamoe.routing.estimators import seed_estimator_draws
 from megamoe.routing.stochastic import seed_draws
 from megamoe.testing import run_distributed
@@ -46,9 +46,9 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 ROUTERS = {
     "compete": RouterConfig(name="compete", top_k=2, aux_loss_coef=0.0,
                             options={"warmup_steps": 0, "compete_prob": 1.0, "mse_coef": 0.5}),
-    "expert_choice": RouterConfig(name="expert_choice", top_k=1, aux_loss_coef=0.0, capacity_factor=1.0),
+    "expert_choice": RouterConfig(name="expert_choice", top_k=1, aux_loss_coef=0.0, options={"capacity_factor": 1.0}),
     "stochastic": RouterConfig(name="stochastic", top_k=1, aux_loss_coef=0.0, options={"granularity": "batch"}),
-    "skip": RouterConfig(name="skip", top_k=1, aux_loss_coef=0.0, capacity_factor=0.5),
+    "skip": RouterConfig(name="skip", top_k=1, aux_loss_coef=0.0, options={"capacity_factor": 0.5}),
     "balanced": RouterConfig(name="balanced", top_k=1, aux_loss_coef=0.0, options={"group_size": 4}),
 }
 ESTIMATORS = ("skip", "balanced")

@@ -22,8 +22,8 @@ def moe_config(*, hidden: int = 16, inter: int = 8, experts: int = 4, top_k: int
                capacity_factor: float | None = None, aux: float = 0.01) -> MoEConfig:
     return MoEConfig(hidden_size=hidden, num_experts=experts,
                      experts=ExpertConfig(intermediate_size=inter, activation="swiglu", impl="loop"),
-                     router=RouterConfig(top_k=top_k, capacity_factor=capacity_factor, aux_loss_coef=aux,
-                                         drop_policy="probs"))
+                     router=RouterConfig(top_k=top_k, aux_loss_coef=aux, options={"capacity_factor": capacity_factor,
+                                                                                  "drop_policy": "probs"}))
 
 
 class Block(nn.Module):

@@ -25,11 +25,12 @@ from megamoe.checkpoint.staged import CRASH_ENV, CRASH_EXIT_CODE
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs" / "tiny_single.yaml")
 TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
-        "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+        "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+        "model.moe.experts.intermediate_size=32",
         "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.lr=0.01", "train.threads=1", "train.progress=false", "train.plots=false",
         "train.tensorboard=false", "train.steps=6", "train.save_interval=2", "train.eval_interval=0",
-        "model.router.jitter_eps=0.1"]  # the RNG state is part of what a resume must restore
+        "model.moe.router.jitter_eps=0.1"]  # the RNG state is part of what a resume must restore
 KEYS = ("loss", "aux_loss", "lr", "grad_norm", "max_vio_layers", "load")
 
 
@@ -170,7 +171,8 @@ def test_old_checkpoint_with_damaged_weights_is_refused_after_loading(tmp_path, 
     key = next(k for k in state if "gate_up_proj" in k)
     state[key][0, 0, :3] = float("nan")
     save_file(state, str(step / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=rf"NaN or inf in 1 weight.*{key} \(3 values\)"):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError,
+                                                  match=rf"NaN or inf in 1 weight.*{key} \(3 values\)"):
         load_trained_model(str(step))
 
 
@@ -189,7 +191,8 @@ def test_nonfinite_weights_are_never_written(tmp_path, cache, reference):
     backend = TorchBackend(MoETransformerLM(cfg.model), cfg, device=torch.device("cpu"))
     with torch.no_grad():
         backend.model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("inf")
-    with pytest.raises(NonFiniteWeightsError, match=r"model\.layers\.1\.mlp\.experts\.down_proj \(1 values\).*Nothing was "
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"model\.layers\.1\.mlp\.experts\.down_proj \(1 values\).*Nothing was "
                                                     "written; the earlier checkpoints are intact"):
         save_checkpoint(cfg, backend, None, 6, 1, str(run / "checkpoints"))
     # Nothing written, nothing rotated away (keep_last=1 would have removed step_2 and step_4).
@@ -385,7 +388,8 @@ def test_train_and_tokenizer_refuse_outputs_that_would_destroy_inputs(tmp_path, 
     cases = [
         (["train", "--config", CFG, f"train.output_dir={tmp_path / 'afile' / 'run'}"], "is a file, not a directory"),
         (["train", "--config", CFG, f"train.output_dir={tmp_path / 'afile'}"], "exists and is a file"),
-        (["train", "--config", CFG, "data.source=files", f"data.files=[{data}]", f"train.output_dir={tmp_path / 'out'}"],
+        (["train", "--config", CFG, "data.source=files", f"data.files=[{data}]",
+          f"train.output_dir={tmp_path / 'out'}"],
          "lies in"),
         (["train", "--config", CFG, f"data.cache_dir={tmp_path / 'out' / 'checkpoints' / 'c'}",
           f"train.output_dir={tmp_path / 'out'}"], "lies in"),

@@ -23,18 +23,18 @@ from megamoe.checkpoint.staged import CRASH_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["parallel.backend=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=1", "model.vocab_size=256",
-        "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4",
-        "model.experts.intermediate_size=32", "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1",
+        "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+        "model.moe.experts.intermediate_size=32", "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1",
         "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=0.01", "train.threads=1",
         "train.progress=false", "train.plots=false", "train.tensorboard=false", "train.steps=4",
-        "train.save_interval=2", "train.eval_interval=0", "train.keep_last=3", "model.router.jitter_eps=0.1"]
+        "train.save_interval=2", "train.eval_interval=0", "train.keep_last=3", "model.moe.router.jitter_eps=0.1"]
 KEYS = ("loss", "aux_loss", "lr", "grad_norm", "max_vio_layers", "load")
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def _launch(out: Path, cache: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    from megamoe.testing import free_port
+    from megamoe.parallel import free_port
     cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--local-cpu", "--nproc", "2", "--master-port",
            str(free_port()), *flags, str(ROOT / "configs" / "tiny.yaml"), *TINY, f"train.output_dir={out}",
            f"data.cache_dir={cache}"]

@@ -10,9 +10,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megamoe import ExpertConfig, RouterConfig  # noqa: E402
+from megamoe import ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import load_consolidated, save_consolidated  # noqa: E402
 from megamoe.checkpoint import convert_cmd, hf_convert  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 from megamoe.cli import main  # noqa: E402
 from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
 
@@ -20,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _model():
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
-                      max_seq_len=64, experts=ExpertConfig(intermediate_size=16),
-                      router=RouterConfig(top_k=2, score_func="sigmoid"), num_shared_experts=1)
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                      moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=16), num_shared_experts=1,
+                                    router=RouterConfig(top_k=2, options={"score_func": "sigmoid"})))
     m = MoETransformerLM(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
-        for layer in m.moe_layers():
+        for layer in moe_layers(m):
             layer.router.enable_selection_bias().normal_(0.0, 0.3)
     return m
 

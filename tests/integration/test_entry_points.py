@@ -27,7 +27,8 @@ TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 # A model and corpus small enough for a step in milliseconds.
 SMALL = ["model.vocab_size=256", "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32",
-         "model.num_experts=4", "model.experts.intermediate_size=32", "data.embedded_docs=420", "data.seq_len=32",
+         "model.moe.num_experts=4", "model.moe.experts.intermediate_size=32", "data.embedded_docs=420",
+          "data.seq_len=32",
          "data.eval_fraction=0.1", "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=0.01",
          "train.threads=1", "train.progress=false", "train.plots=false", "train.tensorboard=false",
          "train.steps=4", "train.eval_interval=4", "train.save_interval=4", "parallel.ep_size=1"]
@@ -104,7 +105,8 @@ def test_deepspeed_backend_on_one_process(entry, tmp_path, cache_dir, torch_refe
 
 
 SHRINK = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
-          "model.num_kv_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+          "model.num_kv_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+          "model.moe.experts.intermediate_size=32",
           "data.embedded_docs=300", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=2",
           "train.steps=2", "train.warmup_steps=1", "train.eval_interval=2", "train.save_interval=2",
           "train.eval_max_batches=2", "train.progress=false", "train.threads=1", "train.plots=false",

@@ -26,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 from megamoe import RouterConfig  # noqa: E402
 from megamoe.checkpoint import load_consolidated  # noqa: E402
 from megamoe.cli import main  # noqa: E402
-from megamoe.integrations.hf import load_moeified, moe_layers, moeify  # noqa: E402
+from megamoe.integrations.hf import load_moeified, moeify  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 
 V = 97
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

@@ -59,12 +59,13 @@ TRAIN = ["-m", "megamoe.cli", "train"]
 def test_deepspeed_dry_run_two_nodes(files, launch):
     cfg, hosts = files
     res = launch("deepspeed", "--dry-run", "--nnodes", "2", "--gpus-per-node", "8", "--hostfile", hosts, cfg,
-                 "model.num_experts=8", "train.output_dir=two words")
+                 "model.moe.num_experts=8", "train.output_dir=two words")
     assert res.returncode == 0, res.stderr
     (cmd,) = command_lines(res.stdout)
     assert cmd == [PY, "-m", "deepspeed.launcher.runner", "--hostfile", hosts, "--num_nodes", "2",
                    "--master_addr", "node-a", "--num_gpus", "8", "--master_port", "29500", "--no_local_rank",
-                   "--module", "megamoe.cli", "train", "--config", cfg, "model.num_experts=8", "train.output_dir=two words"]
+                   "--module", "megamoe.cli", "train", "--config", cfg, "model.moe.num_experts=8",
+                   "train.output_dir=two words"]
 
 
 def test_torchrun_dry_run_two_nodes(files, launch):
@@ -262,7 +263,7 @@ def test_launch_scripts_say_how_to_set_up_without_an_environment(files, tmp_path
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_local_cpu_run_trains_with_expert_parallelism():
-    res = launch_sh("torchrun", "--local-cpu", "--nproc", "2", "--script", "tools/ep_smoke_train.py",
+    res = launch_sh("torchrun", "--local-cpu", "--nproc", "2", "--script", "tools/smoke/ep_smoke_train.py",
                  "configs/ep_smoke.yaml", "steps=3", timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # Parsed by pattern, not by line: both ranks write to one pipe, so a result may share a line.

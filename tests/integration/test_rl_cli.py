@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megamoe.cli import main
-from megamoe.rl import SACAgent, mujoco_available
+from megamoe.research.rl import SACAgent, mujoco_available
 
 ROOT = Path(__file__).resolve().parents[2]
 

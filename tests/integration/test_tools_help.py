@@ -1,4 +1,5 @@
-"""Every script in tools/ answers --help without running anything or writing a file."""
+"""Every script in tools/ (and its bench/, experiments/ and smoke/ folders) answers --help without running
+anything or writing a file."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+TOOLS = sorted(os.path.relpath(os.path.join(folder, f), os.path.join(ROOT, "tools"))
+               for folder, _, files in os.walk(os.path.join(ROOT, "tools")) for f in files if f.endswith(".py"))
 
 
 def _tree(top: str) -> dict[str, tuple[int, int]]:

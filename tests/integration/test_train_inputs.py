@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SINGLE_CFG = os.path.join(ROOT, "configs", "tiny_single.yaml")
 # The tiny model and corpus of test_train_job.py: a step takes milliseconds on one core.
 TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
-        "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+        "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+        "model.moe.experts.intermediate_size=32",
         "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.threads=1", "train.progress=false", "train.plots=false",
         "train.tensorboard=false", "train.eval_interval=0"]
@@ -96,19 +97,19 @@ def test_a_skipped_step_leaves_weights_optimizer_and_schedule_alone_and_names_th
     torch.manual_seed(0)
     backend = TorchBackend(MoETransformerLM(cfg.model), cfg, device=torch.device("cpu"))
     batch = [torch.randint(0, 256, (4, 32))]
-    assert not backend.train_step(batch, lambda: None).nonfinite
+    assert not backend.train_step(batch).nonfinite
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
     opt_step = {k: v["step"].clone() for k, v in backend.optimizer.state.items()}
     epoch = backend.scheduler.last_epoch
     hook = backend.model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out * float("nan"))
-    result = backend.train_step(batch, lambda: None)
+    result = backend.train_step(batch)
     hook.remove()
     assert result.nonfinite and result.where == "the output of model.layers.1.mlp (in MoE layer 1)", result
     assert all(torch.equal(before[k], v) for k, v in backend.model.state_dict().items())
     assert {k: v["step"] for k, v in backend.optimizer.state.items()} == opt_step
     assert backend.scheduler.last_epoch == epoch
     assert all(p.grad is None for p in backend.model.parameters())
-    assert not backend.train_step(batch, lambda: None).nonfinite  # and training goes on
+    assert not backend.train_step(batch).nonfinite  # and training goes on
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_resume_without_changes_repeats_the_run_exactly(six_steps, tmp_path, cac
 @pytest.mark.parametrize("override, field", [
     ("train.beta1=0.8", "train.beta1=0.8"), ("train.weight_decay=0", "train.weight_decay=0"),
     ("data.seed=7", "data.seed=7"), ("train.precision=bf16", "train.precision='bf16'"),
-    ("train.seed=3", "train.seed=3"), ("model.router.aux_loss_coef=0.1", "different model config"),
+    ("train.seed=3", "train.seed=3"), ("model.moe.router.aux_loss_coef=0.1", "different model config"),
 ])
 def test_resume_refuses_settings_that_cannot_change(six_steps, tmp_path, cache_dir, capsys, override, field):
     out = _from_step3(six_steps, tmp_path)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from megamoe.testing import run_distributed
 
@@ -17,7 +18,8 @@ TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 # A very small model and corpus so a step takes milliseconds on one core.
 TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
-        "model.num_heads=2", "model.max_seq_len=32", "model.num_experts=4", "model.experts.intermediate_size=32",
+        "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
+        "model.moe.experts.intermediate_size=32",
         "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.lr=0.01", "train.threads=1", "train.progress=false"]
 
@@ -53,7 +55,7 @@ def _records(out_dir, kind):
 
 # One uninterrupted run serves as the output check and as the reference for the resume test.
 ARGS = ("train.steps=40", "train.save_interval=4", "train.eval_interval=20", "train.keep_last=2",
-        "model.router.jitter_eps=0.1")  # jitter makes the RNG state part of what must survive a resume
+        "model.moe.router.jitter_eps=0.1")  # jitter makes the RNG state part of what must survive a resume
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,14 @@ def test_short_run_learns_and_writes_everything(reference):
     assert len(train[0]["load"]) == 2 and len(train[0]["load"][0]) == 4
     assert sum(train[0]["load"][0]) == pytest.approx(1.0)
     assert evals[1]["max_vio_global"] >= 0 and len(evals[1]["domain_load"]) >= 3
-    for name in ("loss.png", "expert_load.png", "max_vio.png", "expert_domains.png"):
+    # The load statistics of every step: MaxVio, dropped fraction, routing entropy, load percentiles
+    # and dead experts, overall and per layer, logged and plotted.
+    stats = train[-1]
+    assert len(stats["routing_entropy_layers"]) == 2 and 0 < stats["routing_entropy"] <= 1
+    assert stats["dropped_fraction"] == 0 and stats["dead_experts"] == sum(stats["dead_experts_layers"]) >= 0
+    p10, p50, p90 = stats["load_percentiles_layers"][0]
+    assert 0 <= p10 <= p50 <= p90
+    for name in ("loss.png", "expert_load.png", "max_vio.png", "expert_domains.png", "load_stats.png"):
         assert os.path.getsize(out / "plots" / name) > 1000
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tb"))
     ckpts = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step_"))
@@ -209,11 +218,11 @@ DS_TINY = [o for o in TINY if not o.startswith("parallel.")] + [
     "parallel.backend=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=1", "train.plots=false",
     "train.tensorboard=false"]
 DS_ARGS = ("train.steps=12", "train.save_interval=4", "train.eval_interval=12", "train.keep_last=3",
-           "model.router.jitter_eps=0.1")
+           "model.moe.router.jitter_eps=0.1")
 
 
 def _ds_cmd(out_dir, cache_dir, *extra, flags=()):
-    from megamoe.testing import free_port
+    from megamoe.parallel import free_port
     return ["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), "--local-cpu", "--nproc", "2", "--master-port",
             str(free_port()), *flags, TINY_CFG, *DS_TINY, f"train.output_dir={out_dir}",
             f"data.cache_dir={cache_dir}", *DS_ARGS, *extra]
@@ -280,3 +289,100 @@ def test_deepspeed_ep2_checkpoint_resumes_at_ep1(tmp_path, cache_dir, ds_referen
                                                                   rel=1e-5)
     meta = json.load(open(resumed / "checkpoints" / "step_00000012" / "megamoe_config.json"))
     assert meta["ep_size"] == 1
+
+
+# ------------------------------------------------------------------ ALF-LB in the train job
+def _biases(step_dir):
+    """Each MoE layer's ALF-LB bias in a torch-backend checkpoint."""
+    from safetensors.torch import load_file
+    return {k: v for k, v in load_file(str(step_dir / "model.safetensors")).items() if k.endswith("expert_bias")}
+
+
+@pytest.mark.slow
+def test_alflb_run_resumes_like_an_uninterrupted_one(tmp_path, cache_dir):
+    """``megamoe train`` with a ``balancing`` section (the torch backend): the biases move every
+    step, and a run stopped at step 3 and resumed to 6 repeats the straight 6-step run (losses,
+    biases, the balancer's update count)."""
+    # (with the config's aux loss kept: a balancer built on routers with an aux loss once left
+    # every router but the first without a bias, and the first update crashed)
+    alflb = ("balancing.step_size=0.001", "train.save_interval=3",
+             "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _run(straight, cache_dir, *alflb, "train.steps=6")
+    _run(stopped, cache_dir, *alflb, "train.steps=3")
+    _run(stopped, cache_dir, *alflb, "train.steps=6", "--resume")
+    got, want = _records(stopped, "train"), _records(straight, "train")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for g, w in zip(got, want):
+        assert g["loss"] == w["loss"] and g["load"] == w["load"], f"step {g['step']} differs"
+        assert g["balancer_alflb/step_size"] == 0.001 and g["balancer_alflb/bias_abs_max"] > 0
+    end = [d / "checkpoints" / "step_00000006" for d in (stopped, straight)]
+    biases = [_biases(d) for d in end]
+    assert len(biases[0]) == 2 and all(bool(b.abs().max() > 0) for b in biases[0].values())
+    assert all(torch.equal(biases[0][k], biases[1][k]) for k in biases[1])
+    for d in end:
+        assert json.load(open(d / "megamoe_config.json"))["step_state"]["balancer"]["num_updates"] == 6
+
+
+@pytest.mark.slow
+def test_alflb_defaults_with_the_deepspeed_backend_and_resume(tmp_path, cache_dir):
+    """``balancing={}`` (ALF-LB with its defaults) through the DeepSpeed backend in one process,
+    stopped at step 2 and resumed to 3: every step updates the biases once."""
+    ds = ("parallel.backend=deepspeed", "parallel.ep_size=1", "balancing={}", "train.save_interval=2",
+          "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    out = tmp_path / "ds"
+    _run(out, cache_dir, *ds, "train.steps=2")
+    _run(out, cache_dir, *ds, "train.steps=3", "--resume")
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["balancer_alflb/step_size"] == 0.001 for r in train)
+    meta = json.load(open(out / "checkpoints" / "step_00000003" / "megamoe_config.json"))
+    assert meta["step_state"]["balancer"]["num_updates"] == 3 and meta["train_config"]["balancing"]["update"] == "sign"
+
+
+# ------------------------------------------------------------------ checkpoints of the older config layout
+def _old_layout(model: dict) -> dict:
+    """A model section as megamoe wrote it before ``model.moe`` and typed router options: the MoE
+    fields at the model level, the top-k options beside ``router.top_k``."""
+    old = {k: v for k, v in model.items() if k != "moe"}
+    moe = dict(model["moe"])
+    moe.pop("hidden_size", None)
+    router = dict(moe.pop("router"))
+    router.update(router.pop("options"))
+    return {**old, **moe, "router": router}
+
+
+def test_a_checkpoint_in_the_older_config_layout_resumes_converts_and_loads(tmp_path, cache_dir):
+    """A run's checkpoint whose megamoe_config.json holds the model (and train_config) in the layout
+    megamoe wrote before, resealed: ``--resume`` continues it and ``megamoe convert`` reads it, each
+    with one ConfigLayoutWarning saying what moved; load_trained_model reads it too."""
+    from megamoe.checkpoint.integrity import write_manifest
+    from megamoe.config import ConfigLayoutWarning
+    from megamoe.train.trainer import load_trained_model
+
+    out = tmp_path / "run"
+    common = ("train.save_interval=2", "train.eval_interval=0", "train.plots=false", "train.tensorboard=false")
+    _run(out, cache_dir, *common, "train.steps=2")
+    step = out / "checkpoints" / "step_00000002"
+    meta = json.load(open(step / "megamoe_config.json"))
+    meta["model"] = _old_layout(meta["model"])
+    meta["train_config"]["model"] = _old_layout(meta["train_config"]["model"])
+    meta["train_config"]["balancing"] = None
+    del meta["step_state"], meta["train_config"]["train"]["dead_expert_window"]
+    assert "num_experts" in meta["model"] and "score_func" in meta["model"]["router"]
+    (step / "megamoe_config.json").write_text(json.dumps(meta, indent=1))
+    write_manifest(step)  # sealed as the older megamoe sealed it
+    with pytest.warns(ConfigLayoutWarning, match=r"model\.num_experts -> model\.moe\.num_experts"):
+        model = load_trained_model(str(step))
+    assert model.config.moe.num_experts == 4
+    convert = subprocess.run([sys.executable, "-m", "megamoe.cli", "convert", str(step), str(tmp_path / "hf")],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert convert.stderr.count("ConfigLayoutWarning") == 1, convert.stderr[-3000:]
+    assert "model.router.score_func -> model.moe.router.options.score_func" in convert.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    proc = _run(out, cache_dir, *common, "train.steps=3", "--resume")
+    assert proc.stderr.count("ConfigLayoutWarning") == 1, proc.stderr[-3000:]
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    new_meta = json.load(open(out / "checkpoints" / "step_00000003" / "megamoe_config.json"))
+    assert new_meta["model"]["moe"]["num_experts"] == 4  # the next checkpoint is written in the new layout

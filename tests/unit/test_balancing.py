@@ -1,4 +1,5 @@
-"""ALF-LB (megamoe.routing.balancing) in one process: formulas, counting, hooks, checkpoints.
+"""ALF-LB (megamoe.routing.balancing, run by megamoe.train.step_state.MoEStepState) in one process:
+formulas, counting, hooks, checkpoints.
 
 The multi-process equivalence tests are in tests/distributed/test_balancing_dist.py.
 """
@@ -10,8 +11,9 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 
 from megamoe import ConfigError, ExpertConfig, MoEConfig, MoELayer, RouterConfig
-from megamoe.routing.balancing import (AuxFreeBalancer, AuxFreeBalancingConfig, bias_delta, evaluate_max_vio,
-                                       max_vio, step_size)
+from megamoe.routing.balancing import AuxFreeBalancingConfig, bias_delta, step_size
+from megamoe.stats import evaluate_max_vio, max_vio
+from megamoe.train.step_state import MoEStepState
 from megamoe.routing.base import counts_per_expert
 
 DIM, EXPERTS, TOP_K = 8, 4, 2
@@ -19,7 +21,7 @@ DIM, EXPERTS, TOP_K = 8, 4, 2
 
 def moe_cfg(score_func="softmax", top_k=TOP_K, experts=EXPERTS):
     return MoEConfig(hidden_size=DIM, num_experts=experts, experts=ExpertConfig(intermediate_size=16),
-                     router=RouterConfig(top_k=top_k, score_func=score_func, aux_loss_coef=0.0))
+                     router=RouterConfig(top_k=top_k, aux_loss_coef=0.0, options={"score_func": score_func}))
 
 
 class Net(nn.Module):
@@ -79,13 +81,26 @@ def test_config_from_dict_rejects_unknown_key():
         AuxFreeBalancingConfig.from_dict({"stepsize": 1e-3})
 
 
+def test_every_router_gets_a_bias_when_they_also_have_an_aux_loss():
+    model = Net()
+    for moe in (model.moe1, model.moe2):  # as in the train job's configs: an aux loss besides ALF-LB
+        moe.router = moe.router.__class__(RouterConfig(top_k=TOP_K, aux_loss_coef=0.01), hidden_size=DIM,
+                                          num_experts=EXPERTS)
+    with pytest.warns(UserWarning, match="aux_loss_coef") as record:
+        bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
+    assert len(record) == 1 and all(b is not None for b in bal.balancer.biases().values())
+    model(torch.randn(8, DIM))
+    assert bal.end_step().metrics["alflb/slots"] == 8 * TOP_K and bal.balancer.num_updates == 1
+
+
 def test_no_balanceable_router_is_an_error():
     with pytest.raises(ValueError, match="enable_selection_bias"):
-        AuxFreeBalancer(nn.Linear(2, 2))
+        MoEStepState(nn.Linear(2, 2), balancing=AuxFreeBalancingConfig())
 
 
 # --------------------------------------------------------------------------- formulas
-@pytest.mark.parametrize("schedule, expected", [("constant", lambda u, n: u), ("inv_sqrt", lambda u, n: u / math.sqrt(n)),
+@pytest.mark.parametrize("schedule, expected", [("constant", lambda u, n: u), ("inv_sqrt", lambda u,
+                                                                               n: u / math.sqrt(n)),
                                                 ("inv", lambda u, n: u / n)])
 def test_schedules_match_their_formulas(schedule, expected):
     cfg = AuxFreeBalancingConfig(step_size=0.3, schedule=schedule)
@@ -119,7 +134,7 @@ def test_max_vio():
 @pytest.mark.parametrize("checkpointed", [None, "reentrant", "non_reentrant"])
 def test_counts_each_token_once_under_activation_checkpointing(checkpointed):
     model = Net(checkpointed=checkpointed)
-    bal = AuxFreeBalancer(model)
+    bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
     x, y = torch.randn(24, DIM), torch.randint(3, (24,))
     loss_fn(model, x, y).backward()  # checkpointed bodies recompute in backward: must not count again
     expected = route_counts(model, x)
@@ -131,7 +146,7 @@ def test_counts_each_token_once_under_activation_checkpointing(checkpointed):
 
 def test_eval_and_paused_forwards_are_not_counted():
     model = Net()
-    bal = AuxFreeBalancer(model)
+    bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
     x = torch.randn(10, DIM)
     model.eval()
     model(x)
@@ -139,35 +154,35 @@ def test_eval_and_paused_forwards_are_not_counted():
     with bal.paused():
         model(x)
     assert all(float(c.sum()) == 0 for c in bal.pending_counts().values())
-    assert bal.update() == {"alflb/slots": 0.0} and bal.num_updates == 0
+    assert bal.end_step().metrics == {"alflb/slots": 0.0} and bal.balancer.num_updates == 0
 
 
 def test_gradient_accumulation_counts_every_micro_batch():
     torch.manual_seed(1)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    bal = AuxFreeBalancer(model, AuxFreeBalancingConfig("linear", 0.1))
+    bal = MoEStepState(model, balancing=AuxFreeBalancingConfig("linear", 0.1))
     bal.attach_to_optimizer(opt)
     micro = [(torch.randn(16, DIM), torch.randint(3, (16,))) for _ in range(3)]
-    bias_before = [b.clone() for b in bal.biases().values()]
+    bias_before = [b.clone() for b in bal.balancer.biases().values()]
     expected = [sum(cs) for cs in zip(*(route_counts(model, x) for x, _ in micro))]
     for x, y in micro:
         (loss_fn(model, x, y) / len(micro)).backward()
-    assert bal.num_updates == 0  # backward alone never updates
+    assert bal.balancer.num_updates == 0  # backward alone never updates
     opt.step()
-    assert bal.num_updates == 1 and bal.last_metrics["alflb/slots"] == 3 * 16 * TOP_K
-    for before, after, c in zip(bias_before, bal.biases().values(), expected):
-        torch.testing.assert_close(after, before + bias_delta(c, bal.config, 1))
+    assert bal.balancer.num_updates == 1 and bal.last_metrics["alflb/slots"] == 3 * 16 * TOP_K
+    for before, after, c in zip(bias_before, bal.balancer.biases().values(), expected):
+        torch.testing.assert_close(after, before + bias_delta(c, bal.balancer.config, 1))
         assert max_vio(c).item() == pytest.approx(bal.last_metrics[f"alflb/max_vio_batch/{'moe1' if c is expected[0] else 'moe2'}.router"])
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_bias_never_receives_a_gradient(score_func):
     model = Net(score_func)
-    bal = AuxFreeBalancer(model)
+    bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     bal.attach_to_optimizer(opt)
-    biases = list(bal.biases().values())
+    biases = list(bal.balancer.biases().values())
     assert not any(b is p for b in biases for p in model.parameters())
     for b in biases:
         b.add_(torch.linspace(-0.2, 0.2, EXPERTS))  # non-zero, so it does steer selection
@@ -185,7 +200,7 @@ def test_bias_never_receives_a_gradient(score_func):
     opt.step()  # changes only by the ALF-LB update, not by the optimizer
     for before, after in zip(snapshot, biases):
         delta = after - before
-        assert torch.all(delta.abs() <= bal.config.step_size + 1e-6)  # fp32 rounding of b + u
+        assert torch.all(delta.abs() <= bal.balancer.config.step_size + 1e-6)  # fp32 rounding of b + u
 
 
 @pytest.mark.parametrize("update, u, schedule, top_k", [("sign", 0.05, "inv_sqrt", 1), ("sign", 0.02, "constant", 2),
@@ -201,7 +216,7 @@ def test_selection_moves_tokens_from_overloaded_to_underloaded(update, u, schedu
     with torch.no_grad():
         x[:, 0] = 1.0
         layer.router.weight[:, 0] = torch.tensor([2.0, 1.0, 0.0, -1.0])  # expert 0 >> 1 >> 2 >> 3
-    bal = AuxFreeBalancer(layer, AuxFreeBalancingConfig(update, u, schedule))
+    bal = MoEStepState(layer, balancing=AuxFreeBalancingConfig(update, u, schedule))
     ids = layer.router(x).expert_ids_TK
     first_vio = max_vio(counts_per_expert(ids, EXPERTS)).item()
     assert first_vio > 0.9
@@ -210,7 +225,7 @@ def test_selection_moves_tokens_from_overloaded_to_underloaded(update, u, schedu
         layer(x)
         counts = counts_per_expert(ids, EXPERTS)
         before = layer.router.expert_bias.clone()
-        bal.update()
+        bal.end_step()
         delta = layer.router.expert_bias - before
         new_ids = layer.router(x).expert_ids_TK
         for t in torch.nonzero((torch.sort(ids).values != torch.sort(new_ids).values).any(1)).flatten().tolist():
@@ -231,12 +246,12 @@ def test_centering_keeps_mean_bias_zero_and_selection_unchanged():
     layer = MoELayer(moe_cfg())
     x = torch.randn(64, DIM)
     twin = MoELayer(moe_cfg())
-    plain = AuxFreeBalancer(layer, AuxFreeBalancingConfig("linear", 0.05))
-    centred = AuxFreeBalancer(twin, AuxFreeBalancingConfig("linear", 0.05, center=True))
+    plain = MoEStepState(layer, balancing=AuxFreeBalancingConfig("linear", 0.05))
+    centred = MoEStepState(twin, balancing=AuxFreeBalancingConfig("linear", 0.05, center=True))
     twin.load_state_dict(layer.state_dict())
     for _ in range(5):
         layer(x), twin(x)  # noqa: B018
-        plain.update(), centred.update()
+        plain.end_step(), centred.end_step()
         assert abs(twin.router.expert_bias.mean().item()) < 1e-6
         assert torch.equal(layer.router(x).expert_ids_TK, twin.router(x).expert_ids_TK)
 
@@ -255,7 +270,7 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = AuxFreeBalancingConfig("sign", 0.01, "inv_sqrt")
     model = Net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    bal = AuxFreeBalancer(model, cfg)
+    bal = MoEStepState(model, balancing=cfg)
     bal.attach_to_optimizer(opt)
     _train(model, bal, opt, batches[:3])
     path = tmp_path / "ckpt.pt"
@@ -265,16 +280,16 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     resumed = Net()
     opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
-    bal2 = AuxFreeBalancer(resumed, cfg)  # creates the bias buffers the checkpoint fills
+    bal2 = MoEStepState(resumed, balancing=cfg)  # creates the bias buffers the checkpoint fills
     bal2.attach_to_optimizer(opt2)
     state = torch.load(path)
     resumed.load_state_dict(state["model"])
     opt2.load_state_dict(state["opt"])
     bal2.load_state_dict(state["alflb"])
-    assert bal2.num_updates == 3 and any(b.abs().sum() > 0 for b in bal2.biases().values())
+    assert bal2.balancer.num_updates == 3 and any(b.abs().sum() > 0 for b in bal2.balancer.biases().values())
     _train(resumed, bal2, opt2, batches[3:])
-    assert bal2.num_updates == bal.num_updates == 6
-    for a, b in zip(bal.biases().values(), bal2.biases().values()):
+    assert bal2.balancer.num_updates == bal.balancer.num_updates == 6
+    for a, b in zip(bal.balancer.biases().values(), bal2.balancer.biases().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="covers layers"):
         bal2.load_state_dict({"num_updates": 1, "layer_names": ["other.router"]})
@@ -283,8 +298,8 @@ def test_checkpoint_round_trip(tmp_path):
 # ------------------------------------------------------------------------- held-out
 def test_evaluate_max_vio_matches_direct_counts_and_leaves_training_state():
     model = Net()
-    bal = AuxFreeBalancer(model)
-    for b in bal.biases().values():
+    bal = MoEStepState(model, balancing=AuxFreeBalancingConfig())
+    for b in bal.balancer.biases().values():
         b.copy_(torch.tensor([0.3, -0.1, 0.0, 0.05]))
     held = [torch.randn(20, DIM) for _ in range(3)]
     got = evaluate_max_vio(model, held)
@@ -316,7 +331,7 @@ class _Rows(torch.utils.data.Dataset):
 def test_hf_trainer_callback_updates_once_per_optimizer_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from megamoe.routing.balancing import AuxFreeBalancerCallback
+    from megamoe.integrations.hf import MoETrainerCallback
 
     torch.manual_seed(0)
     x, y = torch.randn(8, DIM), torch.randint(3, (8,))
@@ -324,7 +339,7 @@ def test_hf_trainer_callback_updates_once_per_optimizer_step(tmp_path):
     reference = _HFNet()
     reference.load_state_dict(model.state_dict())
     cfg = AuxFreeBalancingConfig("linear", 0.2)
-    callback = AuxFreeBalancerCallback(cfg)
+    callback = MoETrainerCallback(balancing=cfg)
     # lr 0 keeps the weights fixed and batch*accumulation covers the data set, so each
     # optimizer step sees exactly the full data set whatever order the sampler picks.
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
@@ -332,15 +347,15 @@ def test_hf_trainer_callback_updates_once_per_optimizer_step(tmp_path):
                              logging_steps=1, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(x, y), callbacks=[callback])
     trainer.train()
-    assert trainer.state.global_step == 3 and callback.balancer.num_updates == 3
-    assert callback.balancer.last_metrics["alflb/slots"] == 8 * TOP_K
+    assert trainer.state.global_step == 3 and callback.step_state.balancer.num_updates == 3
+    assert callback.step_state.balancer.last_metrics["alflb/slots"] == 8 * TOP_K
     assert any("alflb/max_vio_batch" in k for k in trainer.state.log_history[-2])
 
-    manual = AuxFreeBalancer(reference, cfg)
+    manual = MoEStepState(reference, balancing=cfg)
     for _ in range(3):
         reference(x, y)
-        manual.update()
-    for a, b in zip(callback.balancer.biases().values(), manual.biases().values()):
+        manual.end_step()
+    for a, b in zip(callback.step_state.balancer.biases().values(), manual.balancer.biases().values()):
         torch.testing.assert_close(a, b)
 
 
@@ -348,9 +363,9 @@ def test_counts_selected_slots_before_capacity_drops():
     """Balancing controls the load routers ask for; with a capacity factor the dropped slots
     are still counted (otherwise an overloaded expert would look only 'full')."""
     cfg = MoEConfig(hidden_size=DIM, num_experts=EXPERTS, experts=ExpertConfig(intermediate_size=16),
-                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, capacity_factor=0.5))
+                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.0, options={"capacity_factor": 0.5}))
     layer = MoELayer(cfg)
-    bal = AuxFreeBalancer(layer)
+    bal = MoEStepState(layer, balancing=AuxFreeBalancingConfig())
     x = torch.randn(40, DIM)
     out = layer.compute(x)
     assert out.decision.tokens_per_expert_E.sum() < 40 * TOP_K  # some slots were dropped

@@ -349,10 +349,11 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing_half_written(tmp_path
 def test_consolidated_save_refuses_nonfinite_weights_naming_them(tmp_path):
     from megamoe.checkpoint import save_consolidated
     from megamoe.model import ModelConfig, MoETransformerLM
-    from megamoe.config import ExpertConfig, RouterConfig
+    from megamoe.config import ExpertConfig, MoEConfig, RouterConfig
 
-    cfg = ModelConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=16, num_experts=2,
-                      experts=ExpertConfig(intermediate_size=8), router=RouterConfig(top_k=1))
+    cfg = ModelConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=16,
+                      moe=MoEConfig(num_experts=2, experts=ExpertConfig(intermediate_size=8),
+                                    router=RouterConfig(top_k=1)))
     model = MoETransformerLM(cfg)
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "down_proj" in n)[0, 0, 0] = float("nan")

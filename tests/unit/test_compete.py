@@ -9,6 +9,7 @@ from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.config import ConfigError
 from megamoe.routing import build_router
 from megamoe.routing.compete import CompeteOptions, CompetitionSchedule
+from megamoe.train.step_state import MoEStepState
 
 
 def make_layer(*, options=None, top_k=2, num_experts=4, hidden=8, activation="gelu", layer_index=0):
@@ -106,8 +107,9 @@ def test_layer_follows_schedule_through_its_step_attribute():
                        layer_index=2)
     sched = layer.router.schedule
     x = torch.randn(4, 8)
+    state = MoEStepState(layer)  # the training side's per-step state tells the layer the step
     for step in range(12):
-        layer.step = step
+        state.begin_step(step)
         flag = float(layer.compute(x).stats.extra["competition"])
         assert flag == float(sched.competes(step, 2))
 

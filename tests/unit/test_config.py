@@ -1,15 +1,16 @@
 """Every bad config value fails at construction with an error naming the field."""
 import pytest
 
-from megamoe import ConfigError, ExpertConfig, MoEConfig, MoELayer, RouterConfig, from_dict, known_routers
+from megamoe import (ConfigError, ExpertConfig, MoEConfig, MoELayer, RouterConfig, from_dict, known_routers,
+                     register_router)
 
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(top_k=0), "top_k"),
-    (dict(score_func="relu"), "score_func"),
-    (dict(drop_policy="random"), "drop_policy"),
-    (dict(capacity_factor=0), "capacity_factor"),
-    (dict(capacity_factor=-1.5), "capacity_factor"),
+    (dict(options={"score_func": "relu"}), "options.score_func"),
+    (dict(options={"drop_policy": "random"}), "options.drop_policy"),
+    (dict(options={"capacity_factor": 0}), "options.capacity_factor"),
+    (dict(options={"capacity_factor": -1.5}), "options.capacity_factor"),
     (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
     (dict(z_loss_coef=-1), "z_loss_coef"),
     (dict(jitter_eps=1.5), "jitter_eps"),
@@ -32,7 +33,7 @@ def test_expert_config_errors(kwargs, field):
 
 def test_allowed_values_are_listed():
     with pytest.raises(ConfigError, match="'softmax', 'sigmoid'"):
-        RouterConfig(score_func="tanh")
+        RouterConfig(options={"score_func": "tanh"})
 
 
 def test_top_k_larger_than_num_experts():
@@ -47,11 +48,17 @@ def test_unknown_router_lists_known_ones():
     assert "topk" in known_routers()
 
 
-def test_topk_takes_no_options():
-    cfg = MoEConfig(hidden_size=8, num_experts=2, experts=ExpertConfig(8),
-                    router=RouterConfig(top_k=1, options={"x": 1}))
+def test_a_router_without_options_takes_none():
+    from megamoe.routing.topk import TopKRouter
+
+    @register_router("test_plain_topk")  # registers no options dataclass
+    class PlainTopK(TopKRouter):
+        pass
+
     with pytest.raises(ConfigError, match="takes no options"):
-        MoELayer(cfg)
+        RouterConfig(name="test_plain_topk", top_k=1, options={"x": 1})
+    with pytest.raises(ConfigError, match=r"unknown config key 'RouterConfig.options.x'"):  # topk has options
+        RouterConfig(top_k=1, options={"x": 1})
 
 
 def test_hidden_size_mismatch_at_forward():
@@ -63,8 +70,8 @@ def test_hidden_size_mismatch_at_forward():
 
 def test_from_dict_nested_and_did_you_mean():
     cfg = from_dict(MoEConfig, {"hidden_size": 16, "num_experts": 4, "experts": {"intermediate_size": 32},
-                                "router": {"top_k": 1, "score_func": "sigmoid"}})
-    assert cfg.router.score_func == "sigmoid" and cfg.experts.intermediate_size == 32
+                                "router": {"top_k": 1, "options": {"score_func": "sigmoid"}}})
+    assert cfg.router.options.score_func == "sigmoid" and cfg.experts.intermediate_size == 32
     with pytest.raises(ConfigError, match=r"unknown config key 'router.topk' \(did you mean 'top_k'\?\)"):
         from_dict(MoEConfig, {"hidden_size": 16, "num_experts": 4, "experts": {"intermediate_size": 32},
                               "router": {"topk": 1}})

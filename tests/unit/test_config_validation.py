@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SINGLE_CFG = os.path.join(ROOT, "configs", "tiny_single.yaml")
 
 # Config-like dataclasses whose names do not end in Config/Options.
-EXTRA_CLASSES = [("megamoe.routing.stochastic", "ConsistencyObjective")]
+EXTRA_CLASSES = [("megamoe.train.objectives", "ConsistencyObjective")]
 # Fields for which every finite value (or every integer) is valid on purpose.
 UNBOUNDED = {"SACConfig.target_entropy", "ConsistencyObjective.ignore_index"}
 # Minimal values of required fields, per class (a new class with required fields must be added).
@@ -206,12 +206,12 @@ def test_bad_value_is_a_config_error_naming_the_field(cls, name, value):
     ("train.lr=.inf", "train.lr=inf"), ("train.lr=.nan", "train.lr=nan"), ("train.lr=0", "train.lr=0"),
     ("train.grad_clip=.nan", "train.grad_clip=nan"), ("train.beta2=1", "train.beta2=1"),
     ("train.adam_eps=0", "train.adam_eps=0"), ("train.steps=2.5", "train.steps=2.5"),
-    ("model.router.aux_loss_coef=.nan", "model.router.aux_loss_coef=nan"),
-    ("model.router.jitter_eps=.nan", "model.router.jitter_eps=nan"),
+    ("model.moe.router.aux_loss_coef=.nan", "model.moe.router.aux_loss_coef=nan"),
+    ("model.moe.router.jitter_eps=.nan", "model.moe.router.jitter_eps=nan"),
     ("model.rms_norm_eps=-1", "model.rms_norm_eps=-1"), ("model.rope_theta=-5", "model.rope_theta=-5"),
     ("model.rope_theta=abc", "model.rope_theta='abc'"),
-    ("model.router.capacity_factor=.nan", "model.router.capacity_factor=nan"),
-    ("model.router.capacity_factor=.inf", "model.router.capacity_factor=inf"),
+    ("model.moe.router.options.capacity_factor=.nan", "model.moe.router.options.capacity_factor=nan"),
+    ("model.moe.router.options.capacity_factor=.inf", "model.moe.router.options.capacity_factor=inf"),
     ("model.initializer_range=-1", "model.initializer_range=-1"),
     ("model.num_kv_heads=-2", "model.num_kv_heads=-2"), ("model.num_kv_heads=0", "model.num_kv_heads=0"),
     ("model.head_dim=-16", "model.head_dim=-16"), ("model.dense_intermediate_size=-1",
@@ -220,10 +220,10 @@ def test_bad_value_is_a_config_error_naming_the_field(cls, name, value):
     ("model.tie_embeddings=maybe", "model.tie_embeddings='maybe'"),
     ("model.tie_embeddings=yes", "model.tie_embeddings='yes'"),
     ("model.gradient_checkpointing=yes-please", "model.gradient_checkpointing='yes-please'"),
-    ("model.router.options.x=1", "options"), ("model.router.top_k=1.0", "model.router.top_k=1.0"),
+    ("model.moe.router.options.x=1", "options"), ("model.moe.router.top_k=1.0", "model.moe.router.top_k=1.0"),
     ("data.eval_fraction=.nan", "data.eval_fraction=nan"), ("data.files=[3]", "data.files=[3]"),
     ("parallel.zero_stage=1.0", "parallel.zero_stage=1.0"), ("train.precision=null", "train.precision=None"),
-    ("model=5", "model=5"), ("train=[1, 2]", "train=[1, 2]"), ("model.router=null", "model.router is empty"),
+    ("model=5", "model=5"), ("train=[1, 2]", "train=[1, 2]"), ("model.moe.router=null", "model.moe.router is empty"),
     ("deepspeed=5", "deepspeed=5"), ("balancing=[1]", "balancing=[1]"),
     ("balancing.step_size=.inf", "balancing.step_size=inf"),
 ])
@@ -257,7 +257,8 @@ def test_bad_config_files_are_named_errors(tmp_path, content, message):
 
 def test_good_values_still_load():
     from megamoe.train.config import load_config
-    cfg = load_config(SINGLE_CFG, ["train.lr=1", "model.router.eval_capacity_factor=dropless", "train.grad_clip=0",
+    cfg = load_config(SINGLE_CFG, ["train.lr=1", "model.moe.router.options.eval_capacity_factor=dropless",
+                                   "train.grad_clip=0",
                                    "model.moe_layers=[1]", "model.tie_embeddings=true", "data.files=a.txt",
-                                   "model.router.capacity_factor=2", "model.router.drop_policy=position"])
+                                   "model.moe.router.options.capacity_factor=2", "model.moe.router.options.drop_policy=position"])
     assert cfg.train.lr == 1 and cfg.model.moe_layers == [1] and cfg.model.tie_embeddings is True

@@ -13,7 +13,7 @@ import torch
 from scipy import integrate
 
 from megamoe import ConfigError, ExpertConfig, MoEConfig, MoELayer, RouterConfig
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 from megamoe.routing.estimators import gumbel_assignment
 
 Z_BOUND = 4.5        # per-coordinate z-score; ~80 coordinates -> false alarm ~ 5e-4
@@ -77,7 +77,7 @@ def within_statistical_bound(samples, exact):
 
 
 def test_skip_estimator_is_unbiased_under_heavy_capacity_skipping():
-    layer = small_layer("skip", capacity_factor=0.5)  # C = 1 slot per expert for 4 tokens
+    layer = small_layer("skip", options={"capacity_factor": 0.5})  # C = 1 slot per expert for 4 tokens
     x, y = torch.randn(4, 3, dtype=torch.double), torch.randn(4, 3, dtype=torch.double)
     exact = exact_skip_gradient(layer, x, y)
     samples = mc_gradients(layer, x, y, n=1500)
@@ -89,7 +89,7 @@ def test_skip_estimator_is_unbiased_under_heavy_capacity_skipping():
 
 
 def test_skip_without_horvitz_thompson_weights_fails_the_check():
-    layer = small_layer("skip", capacity_factor=0.5)
+    layer = small_layer("skip", options={"capacity_factor": 0.5})
     x, y = torch.randn(4, 3, dtype=torch.double), torch.randn(4, 3, dtype=torch.double)
     exact = exact_skip_gradient(layer, x, y)
     unweighted = lambda rec: dataclasses.replace(rec, loss_weight_T=(rec.loss_weight_T > 0).float())  # noqa: E731
@@ -97,8 +97,8 @@ def test_skip_without_horvitz_thompson_weights_fails_the_check():
 
 
 def test_biased_topk_with_capacity_fails_the_same_check():
-    layer = small_layer("topk", capacity_factor=0.5, normalize_weights=True)
-    skip = small_layer("skip", capacity_factor=0.5)
+    layer = small_layer("topk", options={"capacity_factor": 0.5, "normalize_weights": True})
+    skip = small_layer("skip", options={"capacity_factor": 0.5})
     skip.load_state_dict(layer.state_dict(), strict=False)
     x, y = torch.randn(4, 3, dtype=torch.double), torch.randn(4, 3, dtype=torch.double)
     exact = exact_skip_gradient(skip, x, y)
@@ -151,7 +151,8 @@ def test_balanced_estimator_is_unbiased_on_one_group():
     samples = mc_gradients(layer, x, y, n=1500)
     ok, zmax = within_statistical_bound(samples, exact)
     assert ok, f"balanced estimator biased: max z {zmax:.1f}"
-    biased = mc_gradients(small_layer_from(layer, "topk", capacity_factor=1.0), x, y, n=20, use_estimator=False)
+    biased = mc_gradients(small_layer_from(layer, "topk", options={"capacity_factor": 1.0}), x, y, n=20,
+                          use_estimator=False)
     assert not within_statistical_bound(biased, exact)[0]
 
 
@@ -194,7 +195,7 @@ def test_balanced_assignment_is_exactly_balanced_and_optimal():
 
 
 def test_estimator_routers_train_and_eval_paths():
-    layer = small_layer("skip", capacity_factor=1.0)
+    layer = small_layer("skip", options={"capacity_factor": 1.0})
     x = torch.randn(16, 3, dtype=torch.double)
     layer.eval()
     d = layer.compute(x).decision
@@ -222,7 +223,7 @@ def test_bad_estimator_configs_fail_at_build():
     with pytest.raises(ConfigError, match="top_k: 1"):
         small_layer("skip", top_k=2)
     with pytest.raises(ConfigError, match="score_func: softmax"):
-        small_layer("balanced", score_func="sigmoid")
+        small_layer("balanced", options={"score_func": "sigmoid"})
     with pytest.raises(ConfigError, match="group_size"):
         small_layer("balanced", options={"group_size": 0})
     with pytest.raises(ConfigError, match="eval_mode"):
@@ -231,7 +232,7 @@ def test_bad_estimator_configs_fail_at_build():
 
 def test_estimators_refuse_causal_training_when_tokens_are_coupled():
     x = torch.randn(2, 4, 3, dtype=torch.double)
-    for name, kw in [("balanced", {}), ("skip", {"capacity_factor": 1.0})]:
+    for name, kw in [("balanced", {}), ("skip", {"options": {"capacity_factor": 1.0}})]:
         layer = small_layer(name, **kw)
         layer.causal = True
         with pytest.raises(ValueError, match="not causal"):
@@ -255,13 +256,13 @@ def test_seed_estimator_draws_is_reproducible_per_rank_and_independent_of_global
         layer.router.pending = None
         return torch.cat(ids)
 
-    for name, kw in [("skip", {"capacity_factor": 0.5}), ("balanced", {"options": {"group_size": 8}})]:
+    for name, kw in [("skip", {"options": {"capacity_factor": 0.5}}), ("balanced", {"options": {"group_size": 8}})]:
         a = draws(name, 7, 0, **kw)
         assert torch.equal(a, draws(name, 7, 0, **kw))
         assert not torch.equal(a[:64], a[64:])      # the generator advances between calls
         assert not torch.equal(a, draws(name, 7, 1, **kw))   # other rank, other draws
         assert not torch.equal(a, draws(name, 8, 0, **kw))   # other seed, other draws
-    layer = small_layer("skip", capacity_factor=0.5)
+    layer = small_layer("skip", options={"capacity_factor": 0.5})
     seed_estimator_draws(layer, 3, rank=0)
     seed_estimator_draws(layer, None)               # back to the global RNG
     torch.manual_seed(5)

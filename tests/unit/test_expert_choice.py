@@ -14,7 +14,7 @@ from megamoe.testing import assert_prefix_unchanged
 
 def ec_layer(num_experts=4, hidden=8, inter=16, capacity_factor=2.0, causal=False, **options):
     cfg = MoEConfig(hidden_size=hidden, num_experts=num_experts, experts=ExpertConfig(intermediate_size=inter),
-                    router=RouterConfig(name="expert_choice", capacity_factor=capacity_factor, options=options))
+                    router=RouterConfig(name="expert_choice", options={"capacity_factor": capacity_factor, **options}))
     return MoELayer(cfg, causal=causal)
 
 
@@ -132,9 +132,11 @@ def test_cap_holds_exactly_and_every_expert_gets_its_capacity(solver):
 def test_exact_cap_is_the_optimum_of_the_integral_problem_by_brute_force():
     """6 tokens, 3 experts, c=2 (k=4), b=2: every token must take exactly 2 experts (E*k = T*b).
     Token 0 is every expert's favourite, so plain EC gives it 3 experts."""
-    router = build_router(RouterConfig(name="expert_choice", capacity_factor=2.0,
-                                       options={"max_experts_per_token": 2}), hidden_size=3, num_experts=3)
-    plain = build_router(RouterConfig(name="expert_choice", capacity_factor=2.0), hidden_size=3, num_experts=3)
+    router = build_router(RouterConfig(name="expert_choice", options={"max_experts_per_token": 2,
+                                                                      "capacity_factor": 2.0}),
+                          hidden_size=3, num_experts=3)
+    plain = build_router(RouterConfig(name="expert_choice", options={"capacity_factor": 2.0}), hidden_size=3,
+                         num_experts=3)
     with torch.no_grad():
         router.weight.copy_(torch.eye(3))
         plain.weight.copy_(torch.eye(3))
@@ -217,7 +219,7 @@ def test_plain_expert_choice_leaks_the_future_so_the_causal_check_can_fail():
 
 
 def test_prefix_mode_selection_rule_and_average_load():
-    router = build_router(RouterConfig(name="expert_choice", capacity_factor=1.0, options={"causal_mode": "prefix"}),
+    router = build_router(RouterConfig(name="expert_choice", options={"causal_mode": "prefix", "capacity_factor": 1.0}),
                           hidden_size=4, num_experts=4)
     with torch.no_grad():
         router.weight.copy_(torch.eye(4))

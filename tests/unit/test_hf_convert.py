@@ -12,18 +12,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megamoe import ConfigError, ExpertConfig, RouterConfig  # noqa: E402
+from megamoe import ConfigError, ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import is_consolidated_dir, load_consolidated, save_consolidated  # noqa: E402
+from megamoe.stats import moe_layers  # noqa: E402
 from megamoe.checkpoint.hf_convert import (ConversionError, convert_from_hf, convert_to_hf,  # noqa: E402
                                            hf_to_megamoe, megamoe_to_hf)
-from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
+from megamoe.model import OLD_MOE_FIELDS, ModelConfig, MoETransformerLM  # noqa: E402
 
 
 def tiny(**kw):
     base = dict(vocab_size=61, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=4,
                 max_seq_len=64, experts=ExpertConfig(intermediate_size=16), router=RouterConfig(top_k=2))
     base.update(kw)
-    return ModelConfig(**base)
+    moe = {k: base.pop(k) for k in OLD_MOE_FIELDS if k in base}  # the MoE layer's fields
+    return ModelConfig(**base, moe=MoEConfig(**moe))
 
 
 def make(cfg, *, bias=False):
@@ -34,8 +36,8 @@ def make(cfg, *, bias=False):
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
         if bias:
-            for layer in m.moe_layers():
-                layer.router.enable_selection_bias().copy_(torch.randn(cfg.num_experts) * 0.3)
+            for layer in moe_layers(m):
+                layer.router.enable_selection_bias().copy_(torch.randn(cfg.moe.num_experts) * 0.3)
     return m
 
 
@@ -51,15 +53,17 @@ CASES = {
     "qwen2_moe_gated_shared_dense": (tiny(num_shared_experts=1, shared_expert_gate=True, moe_layers="every_other"),
                                      False, "qwen2_moe"),
     "qwen2_moe_ungated_shared_unnormalised": (
-        tiny(num_shared_experts=1, shared_intermediate_size=24, router=RouterConfig(top_k=2, normalize_weights=False)),
+        tiny(num_shared_experts=1, shared_intermediate_size=24,
+             router=RouterConfig(top_k=2, options={"normalize_weights": False})),
         False, "qwen2_moe"),
-    "glm4_moe_sigmoid_bias": (tiny(router=RouterConfig(top_k=2, score_func="sigmoid"), moe_layers=[1, 2],
+    "glm4_moe_sigmoid_bias": (tiny(router=RouterConfig(top_k=2, options={"score_func": "sigmoid"}), moe_layers=[1, 2],
                                    num_shared_experts=1, shared_intermediate_size=20), True, "glm4_moe"),
-    "megamoe_capacity": (tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")), False,
-                         "megamoe"),
+    "megamoe_capacity": (tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "drop_policy": "position"})),
+                         False, "megamoe"),
     # trained with drops, dropless at inference: Mixtral computes the same function
-    "mixtral_eval_dropless": (tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position",
-                                                       eval_capacity_factor="dropless")), False, "mixtral"),
+    "mixtral_eval_dropless": (tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "drop_policy": "position",
+                                                                         "eval_capacity_factor": "dropless"})),
+                              False, "mixtral"),
 }
 
 
@@ -112,7 +116,7 @@ def test_live_model_source_and_tied_embeddings():
 
 def test_bias_matters_so_verification_is_meaningful():
     # Dropping the ALF-LB bias changes which experts are selected: the probe must see it.
-    model = make(tiny(router=RouterConfig(top_k=2, score_func="sigmoid")), bias=True)
+    model = make(tiny(router=RouterConfig(top_k=2, options={"score_func": "sigmoid"})), bias=True)
     hf, _ = megamoe_to_hf(model, format="glm4_moe")
     for layer in hf.model.layers:
         layer.mlp.gate.e_score_correction_bias.zero_()
@@ -122,9 +126,10 @@ def test_bias_matters_so_verification_is_meaningful():
 
 
 @pytest.mark.parametrize("cfg, bias, fmt, fragment", [
-    (tiny(router=RouterConfig(top_k=2, score_func="sigmoid")), True, "deepseek_v3", "kv_a_layernorm"),
-    (tiny(router=RouterConfig(top_k=2, score_func="sigmoid")), True, "mixtral", "score_func='sigmoid'"),
-    (tiny(router=RouterConfig(top_k=2, capacity_factor=1.25, drop_policy="position")), False, "qwen2_moe",
+    (tiny(router=RouterConfig(top_k=2, options={"score_func": "sigmoid"})), True, "deepseek_v3", "kv_a_layernorm"),
+    (tiny(router=RouterConfig(top_k=2, options={"score_func": "sigmoid"})), True, "mixtral", "score_func='sigmoid'"),
+    (tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.25, "drop_policy": "position"})), False,
+     "qwen2_moe",
      "capacity_factor=1.25"),
     (tiny(experts=ExpertConfig(intermediate_size=16, activation="gelu")), False, "mixtral", "activation='gelu'"),
     (tiny(moe_layers=[0, 2]), False, "glm4_moe", "first_k_dense_replace"),
@@ -181,7 +186,8 @@ def test_from_hf_qwen2_moe_qkv_bias_round_trip(tmp_path):
     report = convert_from_hf(hf, tmp_path / "mm")
     assert report.max_abs_diff <= 1e-4
     cfg = json.loads((tmp_path / "mm" / "megamoe_config.json").read_text())["model"]
-    assert cfg["shared_expert_gate"] is True and cfg["router"]["normalize_weights"] is False and cfg["qkv_bias"]
+    assert cfg["moe"]["shared_expert_gate"] is True and cfg["moe"]["router"]["options"]["normalize_weights"] is False
+    assert cfg["qkv_bias"]
     back = convert_to_hf(tmp_path / "mm", tmp_path / "hf")
     assert back.format == "qwen2_moe"
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()

@@ -12,12 +12,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megamoe import ConfigError, ExpertConfig, RouterConfig  # noqa: E402
+from megamoe import ConfigError, ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import load_consolidated, save_consolidated  # noqa: E402
 from megamoe.checkpoint.hf_convert import (ConversionError, convert_from_hf, convert_to_hf,  # noqa: E402
                                            megamoe_to_hf)
-from megamoe.model import ModelConfig, MoETransformerLM  # noqa: E402
-from megamoe.routing.balancing import AuxFreeBalancer, AuxFreeBalancingConfig  # noqa: E402
+from megamoe.model import OLD_MOE_FIELDS, ModelConfig, MoETransformerLM  # noqa: E402
+from megamoe.routing.balancing import AuxFreeBalancingConfig  # noqa: E402
+from megamoe.train.step_state import MoEStepState  # noqa: E402
 
 MLA = dict(attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6)
 
@@ -25,9 +26,10 @@ MLA = dict(attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
 def mla(**kw):
     base = dict(vocab_size=61, hidden_size=32, num_layers=3, num_heads=4, num_experts=4, max_seq_len=64,
                 experts=ExpertConfig(intermediate_size=16),
-                router=RouterConfig(top_k=2, score_func="sigmoid", aux_loss_coef=0.0), **MLA)
+                router=RouterConfig(top_k=2, aux_loss_coef=0.0, options={"score_func": "sigmoid"}), **MLA)
     base.update(kw)
-    return ModelConfig(**base)
+    moe = {k: base.pop(k) for k in OLD_MOE_FIELDS if k in base}  # the MoE layer's fields
+    return ModelConfig(**base, moe=MoEConfig(**moe))
 
 
 def make(cfg, seed=0):
@@ -54,7 +56,8 @@ def test_mla_logits_equal_hf_deepseek_v3_after_rename(q_lora_rank):
     # The HF model is configured here by hand (not by the converter), with rotate-half RoPE,
     # so this checks MLA itself: latent norms, shared rotary key, split sizes, softmax scale.
     cfg = mla(q_lora_rank=q_lora_rank, moe_layers=[1, 2], num_shared_experts=2,
-              router=RouterConfig(top_k=2, score_func="sigmoid", aux_loss_coef=0.0, routed_scaling_factor=2.5))
+              router=RouterConfig(top_k=2, aux_loss_coef=0.0,
+                                  options={"score_func": "sigmoid", "routed_scaling_factor": 2.5}))
     ours = make(cfg)
     hf_cfg = transformers.DeepseekV3Config(
         vocab_size=61, hidden_size=32, intermediate_size=cfg.dense_intermediate_size, moe_intermediate_size=16,
@@ -94,20 +97,21 @@ def test_mla_is_causal_and_trains_with_checkpointing():
 def _alflb_biased(cfg):
     """A model whose selection biases were set by ALF-LB updates on a few training batches."""
     model = make(cfg)
-    balancer = AuxFreeBalancer(model, AuxFreeBalancingConfig(update="sign", step_size=0.05))
+    balancer = MoEStepState(model, balancing=AuxFreeBalancingConfig(update="sign", step_size=0.05))
     model.train()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
             model(torch.randint(0, 61, (4, 16), generator=gen))
-            balancer.update()
+            balancer.end_step()
     balancer.close()
-    return model.eval(), balancer.biases()
+    return model.eval(), balancer.balancer.biases()
 
 
 def test_export_deepseek_v3_with_alflb_bias_roundtrip(tmp_path):
     cfg = mla(moe_layers=[1, 2], num_shared_experts=1, shared_intermediate_size=20,
-              router=RouterConfig(top_k=2, score_func="sigmoid", aux_loss_coef=0.0, routed_scaling_factor=1.5))
+              router=RouterConfig(top_k=2, aux_loss_coef=0.0,
+                                  options={"score_func": "sigmoid", "routed_scaling_factor": 1.5}))
     model, biases = _alflb_biased(cfg)
     assert len(biases) == 2 and all(b.abs().max() > 0 for b in biases.values())
     save_consolidated(model, tmp_path / "mm")
@@ -139,7 +143,7 @@ def test_export_deepseek_v3_with_alflb_bias_roundtrip(tmp_path):
     assert back.max_abs_diff <= 1e-4
     restored = load_consolidated(tmp_path / "back")
     # The width-20 shared MLP was zero-padded to 2 x I = 32 for HF and is trimmed back to 20.
-    assert restored.config == dataclasses.replace(cfg, num_shared_experts=2)
+    assert restored.config == dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=2))
     ours, theirs = model.state_dict(), restored.state_dict()
     assert set(theirs) == set(ours)
     for k, v in ours.items():
@@ -172,7 +176,7 @@ def test_import_stock_deepseek_v3_interleaved_rope(tmp_path, kw):
     report = convert_from_hf(hf, tmp_path / "mm")
     assert report.max_abs_diff <= 1e-4
     model = load_consolidated(tmp_path / "mm").eval()
-    assert model.config.attention == "mla" and model.config.router.routed_scaling_factor == 2.5
+    assert model.config.attention == "mla" and model.config.moe.router.options.routed_scaling_factor == 2.5
     ids = torch.randint(0, 61, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(input_ids=ids).logits, rtol=0, atol=1e-5)
@@ -191,17 +195,19 @@ def test_import_refuses_what_megamoe_cannot_compute(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, fmt, fragment", [
-    (ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_experts=4,
-                 experts=ExpertConfig(intermediate_size=16), router=RouterConfig(top_k=2, score_func="sigmoid")),
+    (ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4,
+                 moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=16),
+                               router=RouterConfig(top_k=2, options={"score_func": "sigmoid"}))),
      "deepseek_v3", "attention='gqa'"),
     (mla(), "glm4_moe", "attention='mla'"),
     (mla(), "mixtral", "attention='mla'"),
     (mla(router=RouterConfig(top_k=2)), "deepseek_v3", "score_func='softmax'"),
     (mla(moe_layers=[0, 2]), "deepseek_v3", "first_k_dense_replace"),
     (mla(num_shared_experts=1, shared_expert_gate=True), "deepseek_v3", "shared experts are ungated"),
-    (mla(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position", score_func="sigmoid")), "deepseek_v3", "dropless"),
+    (mla(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "drop_policy": "position",
+                                               "score_func": "sigmoid"})), "deepseek_v3", "dropless"),
     (mla(attention="gqa", q_lora_rank=None, kv_lora_rank=None, qk_nope_head_dim=None, qk_rope_head_dim=None,
-         v_head_dim=None, num_kv_heads=2, router=RouterConfig(top_k=2, routed_scaling_factor=2.0)),
+         v_head_dim=None, num_kv_heads=2, router=RouterConfig(top_k=2, options={"routed_scaling_factor": 2.0})),
      "mixtral", "routed_scaling_factor=2.0"),
 ])
 def test_export_refusals_name_the_reason(tmp_path, cfg, fmt, fragment):
@@ -236,16 +242,16 @@ def test_mla_config_errors_name_the_field(kw, fragment):
 
 def test_routed_scaling_factor():
     with pytest.raises(ConfigError, match="routed_scaling_factor=0"):
-        RouterConfig(routed_scaling_factor=0)
+        RouterConfig(options={"routed_scaling_factor": 0})
     with pytest.raises(ConfigError, match="only the 'topk' router"):
-        RouterConfig(name="expert_choice", routed_scaling_factor=2.0)
+        RouterConfig(name="expert_choice", options={"routed_scaling_factor": 2.0})
     from megamoe.routing import build_router
     x = torch.randn(10, 32)
     torch.manual_seed(0)
-    plain = build_router(RouterConfig(top_k=2, score_func="sigmoid"), hidden_size=32, num_experts=4)
+    plain = build_router(RouterConfig(top_k=2, options={"score_func": "sigmoid"}), hidden_size=32, num_experts=4)
     torch.manual_seed(0)
-    scaled = build_router(RouterConfig(top_k=2, score_func="sigmoid", routed_scaling_factor=2.5), hidden_size=32,
-                          num_experts=4)
+    scaled = build_router(RouterConfig(top_k=2, options={"score_func": "sigmoid", "routed_scaling_factor": 2.5}),
+                          hidden_size=32, num_experts=4)
     a, b = plain(x), scaled(x)
     assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
     torch.testing.assert_close(b.weights_TK, 2.5 * a.weights_TK, rtol=0, atol=0)
@@ -255,10 +261,10 @@ def test_train_config_accepts_mla_fields():
     from megamoe.train.config import load_config
 
     cfg = load_config(None, ["model.attention=mla", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
-                             "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.router.score_func=sigmoid",
-                             "model.router.routed_scaling_factor=2.5"])
+                             "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.moe.router.options.score_func=sigmoid",
+                             "model.moe.router.options.routed_scaling_factor=2.5"])
     assert cfg.model.attention == "mla" and cfg.model.q_lora_rank is None
-    assert cfg.model.router.routed_scaling_factor == 2.5
+    assert cfg.model.moe.router.options.routed_scaling_factor == 2.5
     with pytest.raises(ConfigError, match="qk_nope_head_dim is required"):
         load_config(None, ["model.attention=mla", "model.kv_lora_rank=16", "model.qk_rope_head_dim=4",
                            "model.v_head_dim=8"])

@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from megamoe import ConfigError, MoELayer, RouterConfig  # noqa: E402
 from megamoe.integrations.hf import (DenseMLPWeights, MLPAdapter, MoETrainerCallback, load_moeified,  # noqa: E402
-                                     moe_layers, moeify, swap_moe_blocks)
+                                     moeify, swap_moe_blocks)
+from megamoe.stats import moe_layers  # noqa: E402
 
 V = 53
 
@@ -92,7 +93,7 @@ def test_layer_selection_noise_and_errors():
     with pytest.raises(ConfigError, match="no built-in MoE adapter for model_type='mixtral'.*MLPAdapter"):
         moeify(bert_like, num_experts=2)
     with pytest.warns(UserWarning, match="normalize_weights"):
-        moeify(_llama_like("llama"), num_experts=2, router=RouterConfig(top_k=2, normalize_weights=False))
+        moeify(_llama_like("llama"), num_experts=2, router=RouterConfig(top_k=2, options={"normalize_weights": False}))
 
 
 def test_dispatcher_factory_is_used_per_block():
@@ -225,7 +226,7 @@ def test_hf_trainer_trains_moeified_model_with_aux_loss(tmp_path):
     without_aux, _ = _train(tmp_path, 0.0)
     assert torch.isfinite(torch.tensor(result.training_loss))
     layers = moe_layers(with_aux)
-    assert all(layer.step == 1 and layer.aux_loss_grad_scale == 0.5 for layer in layers)
+    assert all(layer.signals.step == 1 and layer.signals.aux_loss_scale == 0.5 for layer in layers)
     # Same seed, data and init: only the aux loss can make the routers end up different.
     diff = (layers[0].router.weight - moe_layers(without_aux)[0].router.weight).abs().max()
     assert diff > 1e-6

@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 from megamoe import RouterConfig  # noqa: E402
 from megamoe.checkpoint.hf_convert import ConversionError, convert_to_hf, verify_equivalent  # noqa: E402
 from megamoe.checkpoint.tokenizers import find_tokenizer, store_tokenizer  # noqa: E402
-from megamoe.integrations.hf import (MOEIFIED_MODEL_TYPE, load_moeified, moe_layers, moeify,  # noqa: E402
+from megamoe.integrations.hf import (MOEIFIED_MODEL_TYPE, load_moeified, moeify,  # noqa: E402
                                      read_moeified_config)
+from megamoe.stats import moe_layers  # noqa: E402
 
 V = 67
 
@@ -89,7 +90,7 @@ def test_sliding_window_and_rope_settings_are_carried(tmp_path):
 
 def test_sigmoid_router_with_alflb_bias_writes_glm4_moe(tmp_path):
     model = _moe("qwen2", bias=True, layers=[1, 2, 3], num_shared_experts=1,
-                 router=RouterConfig(top_k=2, score_func="sigmoid", routed_scaling_factor=1.5))
+                 router=RouterConfig(top_k=2, options={"score_func": "sigmoid", "routed_scaling_factor": 1.5}))
     report, stock, cfg = _export(model, tmp_path / "glm")
     assert report.format == "glm4_moe" and cfg["first_k_dense_replace"] == 1 and cfg["attention_bias"] is True
     torch.testing.assert_close(stock.model.layers[2].mlp.gate.e_score_correction_bias,
@@ -101,15 +102,18 @@ def test_sigmoid_router_with_alflb_bias_writes_glm4_moe(tmp_path):
     (lambda: _moe("llama", extra=dict(attention_bias=True)), "qwen2_moe", "attention_bias=True also gives o_proj"),
     (lambda: _moe("llama", layers="every_other"), "mixtral", "has dense blocks: Mixtral has none"),
     (lambda: _moe("llama", num_shared_experts=1), "mixtral", "a shared expert is used: Mixtral has none"),
-    (lambda: _moe("llama", router=RouterConfig(top_k=2, normalize_weights=False)), "mixtral",
+    (lambda: _moe("llama", router=RouterConfig(top_k=2, options={"normalize_weights": False})), "mixtral",
      "normalize_weights=False"),
-    (lambda: _moe("llama", router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")), "auto",
+    (lambda: _moe("llama", router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "drop_policy": "position"})),
+     "auto",
      "capacity_factor=1.0 drops tokens"),
     (lambda: _moe("llama", router=RouterConfig(name="expert_choice", top_k=2)), "auto",
      "router 'expert_choice' has no"),
-    (lambda: _moe("llama", layers="every_other", router=RouterConfig(top_k=2, score_func="sigmoid")), "auto",
+    (lambda: _moe("llama", layers="every_other", router=RouterConfig(top_k=2, options={"score_func": "sigmoid"})),
+     "auto",
      "only has dense blocks as a prefix (first_k_dense_replace)"),
-    (lambda: _moe("mistral", extra=dict(sliding_window=5), router=RouterConfig(top_k=2, score_func="sigmoid")),
+    (lambda: _moe("mistral", extra=dict(sliding_window=5), router=RouterConfig(top_k=2,
+                                                                               options={"score_func": "sigmoid"})),
      "glm4_moe", "sliding_window=5: GLM-4-MoE attention is full causal"),
     (lambda: _moe("llama"), "deepseek_v3", "multi-head latent attention"),
     (lambda: _moe("llama", bias=True), "mixtral", "non-zero selection bias"),

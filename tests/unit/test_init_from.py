@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megamoe import ConfigError, ExpertConfig, RouterConfig  # noqa: E402
+from megamoe import ConfigError, ExpertConfig, MoEConfig, RouterConfig  # noqa: E402
 from megamoe.checkpoint import save_consolidated  # noqa: E402
 from megamoe.checkpoint.hf_convert import convert_from_hf  # noqa: E402
 from megamoe.checkpoint.tokenizers import tokenizer_record  # noqa: E402
@@ -21,7 +21,8 @@ from megamoe.train.init_from import apply_init_from, load_init_model, model_diff
 from megamoe.train.trainer import find_resume_checkpoint  # noqa: E402
 
 SRC = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
-                  num_experts=4, experts=ExpertConfig(intermediate_size=16), router=RouterConfig(top_k=2))
+                  moe=MoEConfig(num_experts=4, experts=ExpertConfig(intermediate_size=16),
+                                router=RouterConfig(top_k=2)))
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +51,17 @@ def test_model_and_tokenizer_come_from_init_from(weights):
 def test_equal_in_effect_and_training_only_settings_are_accepted(weights):
     raw = apply_init_from({"train": {"init_from": str(weights)},
                            "model": {"num_kv_heads": 2, "head_dim": 8, "moe_layers": [0, 1],
-                                     "gradient_checkpointing": True, "router": {"aux_loss_coef": 0.5}}})
-    assert raw["model"]["gradient_checkpointing"] is True and raw["model"]["router"]["aux_loss_coef"] == 0.5
-    assert raw["model"]["router"]["top_k"] == 2
+                                     "gradient_checkpointing": True, "moe": {"router": {"aux_loss_coef": 0.5}}}})
+    assert raw["model"]["gradient_checkpointing"] is True and raw["model"]["moe"]["router"]["aux_loss_coef"] == 0.5
+    assert raw["model"]["moe"]["router"]["top_k"] == 2
 
 
 def test_conflicting_model_settings_are_refused_by_name(weights):
     with pytest.raises(ConfigError) as err:
         apply_init_from({"train": {"init_from": str(weights)},
-                         "model": {"hidden_size": 64, "num_kv_heads": None, "router": {"top_k": 1}}})
+                         "model": {"hidden_size": 64, "num_kv_heads": None, "moe": {"router": {"top_k": 1}}}})
     msg = str(err.value)
-    assert "model.hidden_size=64" in msg and "model.router.top_k=1" in msg and "model.num_kv_heads=4" in msg
+    assert "model.hidden_size=64" in msg and "model.moe.router.top_k=1" in msg and "model.num_kv_heads=4" in msg
     assert "model.num_heads" not in msg
 
 
@@ -122,6 +123,7 @@ def test_model_configs_compare_in_effect():
     assert model_differences(implicit, explicit, ignore=()) == []
     assert [k for k, _, _ in model_differences(implicit, ModelConfig(num_heads=4, hidden_size=64, num_kv_heads=2),
                                                ignore=())] == ["num_kv_heads"]
-    jitter = ModelConfig(router=RouterConfig(jitter_eps=0.1))
+    jitter = ModelConfig(moe=MoEConfig(num_experts=8, experts=ExpertConfig(intermediate_size=256),
+                                       router=RouterConfig(jitter_eps=0.1)))
     assert model_differences(ModelConfig(), jitter) == []
-    assert [k for k, _, _ in model_differences(ModelConfig(), jitter, ignore=())] == ["router.jitter_eps"]
+    assert [k for k, _, _ in model_differences(ModelConfig(), jitter, ignore=())] == ["moe.router.jitter_eps"]

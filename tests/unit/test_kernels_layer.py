@@ -28,7 +28,7 @@ def _layer(impl, *, activation="swiglu", bias=False, capacity_factor=None, share
     torch.manual_seed(seed)
     cfg = MoEConfig(hidden_size=hidden, num_experts=experts,
                     experts=ExpertConfig(intermediate_size=inter, activation=activation, bias=bias, impl=impl),
-                    router=RouterConfig(top_k=top_k, aux_loss_coef=0.01, capacity_factor=capacity_factor),
+                    router=RouterConfig(top_k=top_k, aux_loss_coef=0.01, options={"capacity_factor": capacity_factor}),
                     num_shared_experts=shared)
     layer = MoELayer(cfg, dispatcher=dispatcher)
     if bias:

@@ -43,7 +43,7 @@ def test_one_expert_top1_equals_dense_mlp():
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 @pytest.mark.parametrize("inter", [32, 8])  # combine weight applied on the output (I > H) or hidden (I < H) side
 def test_fast_path_equals_reference_outputs_and_grads(activation, bias, capacity_factor, inter):
-    moe = layer(activation=activation, bias=bias, capacity_factor=capacity_factor, inter=inter)
+    moe = layer(activation=activation, bias=bias, inter=inter, options={"capacity_factor": capacity_factor})
     if bias:
         with torch.no_grad():
             for p in (moe.experts.first_bias, moe.experts.down_proj_bias):
@@ -140,7 +140,7 @@ def test_expert_with_no_tokens_and_all_dropped():
 
 
 def test_stats_dropped_fraction():
-    moe = layer(num_experts=4, top_k=2, capacity_factor=0.5)
+    moe = layer(num_experts=4, top_k=2, options={"capacity_factor": 0.5})
     moe(torch.randn(32, 16))
     s = moe.last_stats
     kept, sel = s.tokens_per_expert_E.sum().item(), s.selected_per_expert_E.sum().item()

@@ -120,8 +120,8 @@ def test_nan_token_documented_behaviour_and_opt_in_check():
 def test_finders_name_the_module_and_the_gradient():
     from megamoe.model import ModelConfig, MoETransformerLM
     torch.manual_seed(0)
-    model = MoETransformerLM(ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_experts=4,
-                                         experts=ExpertConfig(16), max_seq_len=16))
+    model = MoETransformerLM(ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=16,
+                                         moe=MoEConfig(num_experts=4, experts=ExpertConfig(16))))
     ids = torch.randint(0, 32, (2, 8))
     assert first_nonfinite_module(model, lambda: model(ids, labels=ids)) is None
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from megamoe import ConfigError, ExpertConfig, RouterConfig
-from megamoe.model import ModelConfig, MoETransformerLM, count_parameters, rms_norm_backend
+from megamoe import ConfigError, ExpertConfig, MoEConfig, RouterConfig
+from megamoe.model import OLD_MOE_FIELDS, ModelConfig, MoETransformerLM, count_parameters, rms_norm_backend
 from megamoe.testing import assert_prefix_unchanged
 
 
@@ -11,7 +11,8 @@ def tiny(**kw):
     base = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
                 experts=ExpertConfig(intermediate_size=48), router=RouterConfig(top_k=2, aux_loss_coef=0.0))
     base.update(kw)
-    return ModelConfig(**base)
+    moe = {k: base.pop(k) for k in OLD_MOE_FIELDS if k in base}  # the MoE layer's fields
+    return ModelConfig(**base, moe=MoEConfig(**moe))
 
 
 def test_logits_match_hf_mixtral():
@@ -92,27 +93,29 @@ def test_rms_norm_backend_selection():
 
 def test_causal_lm_refuses_probs_drops_unless_opted_in():
     with pytest.raises(ConfigError, match=r"drop_policy='probs' is not causal.*allow_noncausal_drops: true"):
-        tiny(router=RouterConfig(top_k=2, capacity_factor=1.0))
+        tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0}))
     with pytest.raises(ConfigError, match=r"eval_capacity_factor=1\.5"):  # dropless training, capacity in eval
-        tiny(router=RouterConfig(top_k=2, eval_capacity_factor=1.5))
+        tiny(router=RouterConfig(top_k=2, options={"eval_capacity_factor": 1.5}))
     with pytest.raises(ConfigError, match="not causal"):  # compete is a top-k router too
-        tiny(router=RouterConfig(name="compete", top_k=2, capacity_factor=1.0))
+        tiny(router=RouterConfig(name="compete", top_k=2, options={"capacity_factor": 1.0}))
     with pytest.raises(ConfigError, match="allow_noncausal_drops"):
         tiny(allow_noncausal_drops="yes")
-    tiny(router=RouterConfig(top_k=2, capacity_factor=1.0), allow_noncausal_drops=True)
-    tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position"))
-    tiny(router=RouterConfig(top_k=2, capacity_factor=1.0, eval_capacity_factor="dropless", drop_policy="position"))
-    tiny(router=RouterConfig(top_k=2, eval_capacity_factor="dropless"))
-    tiny(router=RouterConfig(top_k=2, capacity_factor=1.0), moe_layers="none")
+    tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0}), allow_noncausal_drops=True)
+    tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "drop_policy": "position"}))
+    tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0, "eval_capacity_factor": "dropless",
+                                               "drop_policy": "position"}))
+    tiny(router=RouterConfig(top_k=2, options={"eval_capacity_factor": "dropless"}))
+    tiny(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0}), moe_layers="none")
 
 
 def test_train_config_refuses_probs_drops_with_the_field_named():
     from megamoe.train.config import config_from_mapping
-    data = {"model": {"router": {"top_k": 2, "capacity_factor": 1.25}}}
-    with pytest.raises(ConfigError, match=r"model\.router is invalid .* router\.drop_policy: position.*model\.allow_noncausal_drops"):
+    data = {"model": {"moe": {"router": {"top_k": 2, "options": {"capacity_factor": 1.25}}}}}
+    with pytest.raises(ConfigError, match=r"model\.moe\.router is invalid .* moe\.router\.options\.drop_policy: position"
+                                          r".*model\.allow_noncausal_drops"):
         config_from_mapping(data)
     data["model"]["allow_noncausal_drops"] = True
     assert config_from_mapping(data).model.allow_noncausal_drops
-    data["model"] = {"router": {"name": "expert_choice", "top_k": 1, "eval_capacity_factor": 2.0}}
+    data["model"] = {"moe": {"router": {"name": "expert_choice", "top_k": 1, "options": {"eval_capacity_factor": 2.0}}}}
     with pytest.raises(ConfigError, match="eval_capacity_factor=2.0 is invalid for router 'expert_choice'"):
         config_from_mapping(data)

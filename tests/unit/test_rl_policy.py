@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from megamoe.rl.policy import MixtureGaussianPolicy
+from megamoe.research.rl.policy import MixtureGaussianPolicy
 
 
 def _direct_log_density(params, a, low, high):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from megamoe.config import ConfigError
-from megamoe.rl import BANDIT_ID, Batch, ReplayBuffer, SACAgent, SACConfig, make_agent, make_env, train
+from megamoe.research.rl import BANDIT_ID, Batch, ReplayBuffer, SACAgent, SACConfig, make_agent, make_env, train
 from megamoe.atomic import atomic_torch_save
-from megamoe.rl.envs import BimodalBandit, mujoco_available
+from megamoe.research.rl.envs import BimodalBandit, mujoco_available
 
 
 def _fixed_batch(n=64, obs_dim=3, act_dim=1, seed=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from megamoe.single_gate import SingleGatedMoE, train_async
+from megamoe.research.single_gate import SingleGatedMoE, train_async
 
 
 def make_model(num_experts=3, feat=4, classes=5, **kw):
@@ -102,7 +102,7 @@ def test_experts_start_from_base_weights_and_async_training_keeps_them_independe
     w0, w1, wb = model.experts[0].weight, model.experts[1].weight, model.base_head.weight
     assert not torch.equal(w0, wb) and not torch.equal(w0, w1)
     # Re-training expert 1 alone reproduces it exactly: it depends on nothing but its cluster.
-    from megamoe.single_gate import train_expert
+    from megamoe.research.single_gate import train_expert
     snapshot = {k: v.clone() for k, v in model.experts[1].state_dict().items()}
     w0_before = w0.detach().clone()
     model.reset_experts_from_base()

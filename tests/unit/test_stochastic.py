@@ -7,8 +7,8 @@ from torch import nn
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.config import ConfigError
 from megamoe.routing import build_router
-from megamoe.routing.stochastic import (ConsistencyObjective, ThorTrainerMixin, seed_draws, symmetric_kl,
-                                        thor_loss)
+from megamoe.routing.stochastic import seed_draws
+from megamoe.train.objectives import ConsistencyObjective, symmetric_kl, thor_loss
 
 
 def moe_cfg(hidden=8, num_experts=4, **opts):
@@ -119,6 +119,8 @@ def test_objective_and_hf_trainer_compute_loss():
     x, y = torch.randn(12, 6), torch.randint(5, (12,))
     res = ConsistencyObjective(alpha=1.5)(model, {"x": x, "labels": y})
     torch.testing.assert_close(res.loss, res.ce1 + res.ce2 + 1.5 * res.skl)
+
+    from megamoe.integrations.hf import ThorTrainerMixin
 
     class ThorTrainer(ThorTrainerMixin, transformers.Trainer):
         thor_alpha = 1.5

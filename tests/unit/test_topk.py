@@ -36,14 +36,14 @@ def test_softmax_topk_selection_and_renormalised_weights():
 
 
 def test_unnormalised_weights_are_the_scores():
-    r = make_router(top_k=2, normalize_weights=False)
+    r = make_router(top_k=2, options={"normalize_weights": False})
     x = set_logits(r, torch.randn(5, 4))
     d = r(x)
     torch.testing.assert_close(d.weights_TK, torch.softmax(x, -1).gather(1, d.expert_ids_TK))
 
 
 def test_sigmoid_scores():
-    r = make_router(top_k=1, score_func="sigmoid", normalize_weights=False)
+    r = make_router(top_k=1, options={"score_func": "sigmoid", "normalize_weights": False})
     x = set_logits(r, torch.tensor([[0.5, -1.0, 2.0, 0.0]]))
     d = r(x)
     assert d.expert_ids_TK.tolist() == [[2]]
@@ -91,7 +91,7 @@ def test_drop_with_top2_by_hand():
 
 
 def test_router_capacity_marks_dropped_slots():
-    r = make_router(top_k=1, capacity_factor=1.0)  # T=4, E=4 -> C=1
+    r = make_router(top_k=1, options={"capacity_factor": 1.0})  # T=4, E=4 -> C=1
     x = set_logits(r, torch.tensor([[5.0, 0, 0, 0], [4.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1.0]]))
     d = r(x)
     assert d.expert_ids_TK.flatten().tolist() == [0, -1, 1, 3]
@@ -143,7 +143,7 @@ def test_aux_loss_gradient_reaches_router_through_attached_output():
 
 
 def test_jitter_only_in_training():
-    r = make_router(top_k=2, jitter_eps=0.5, normalize_weights=False)
+    r = make_router(top_k=2, jitter_eps=0.5, options={"normalize_weights": False})
     x = torch.randn(64, 4)
     r.eval()
     a, b = r(x).weights_TK, r(x).weights_TK
@@ -153,7 +153,7 @@ def test_jitter_only_in_training():
 
 
 def test_selection_bias_changes_choice_not_weights():
-    r = make_router(top_k=1, normalize_weights=False)
+    r = make_router(top_k=1, options={"normalize_weights": False})
     x = set_logits(r, torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
     r.enable_selection_bias().copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
     d = r(x)
@@ -168,7 +168,7 @@ def test_eval_capacity_factor_none_number_and_dropless():
     # T=4, E=4, top-1: capacity_factor 1.0 -> C=1, 2.0 -> C=2; three tokens want expert 0.
     cases = [(None, [0, -1, -1, 3]), (2.0, [0, 0, -1, 3]), ("dropless", [0, 0, 0, 3])]
     for eval_cf, eval_ids in cases:
-        r = make_router(top_k=1, capacity_factor=1.0, eval_capacity_factor=eval_cf)
+        r = make_router(top_k=1, options={"capacity_factor": 1.0, "eval_capacity_factor": eval_cf})
         x = set_logits(r, x_logits)
         assert r(x).expert_ids_TK.flatten().tolist() == [0, -1, -1, 3]  # training: C=1 always
         r.eval()
@@ -176,7 +176,7 @@ def test_eval_capacity_factor_none_number_and_dropless():
         assert d.expert_ids_TK.flatten().tolist() == eval_ids, eval_cf
         assert d.tokens_per_expert_E.sum() == sum(i >= 0 for i in eval_ids)
     # Dropless training, capacity in eval only.
-    r = make_router(top_k=1, eval_capacity_factor=1.0)
+    r = make_router(top_k=1, options={"eval_capacity_factor": 1.0})
     x = set_logits(r, x_logits)
     assert r(x).expert_ids_TK.flatten().tolist() == [0, 0, 0, 3]
     assert r.eval()(x).expert_ids_TK.flatten().tolist() == [0, -1, -1, 3]
@@ -186,22 +186,23 @@ def test_eval_capacity_factor_none_number_and_dropless():
 def test_bad_eval_capacity_factor_names_the_field(value):
     from megamoe import ConfigError
     with pytest.raises(ConfigError, match="eval_capacity_factor"):
-        RouterConfig(eval_capacity_factor=value)
+        RouterConfig(options={"eval_capacity_factor": value})
 
 
 @pytest.mark.parametrize("name", ["expert_choice", "skip", "balanced", "stochastic"])
 def test_routers_without_eval_capacity_refuse_it(name):
     from megamoe import ConfigError
     with pytest.raises(ConfigError, match=rf"eval_capacity_factor='dropless' is invalid for router '{name}'"):
-        build_router(RouterConfig(name=name, top_k=1, eval_capacity_factor="dropless"), hidden_size=4, num_experts=4)
+        build_router(RouterConfig(name=name, top_k=1, options={"eval_capacity_factor": "dropless"}), hidden_size=4,
+                     num_experts=4)
 
 
 def capacity_layer(policy, capacity_factor=0.75):
     from megamoe import ExpertConfig, MoEConfig, MoELayer
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=8, num_experts=4, experts=ExpertConfig(intermediate_size=16),
-                    router=RouterConfig(top_k=2, aux_loss_coef=0.0, capacity_factor=capacity_factor,
-                                        drop_policy=policy))
+                    router=RouterConfig(top_k=2, aux_loss_coef=0.0,
+                                        options={"capacity_factor": capacity_factor, "drop_policy": policy}))
     return MoELayer(cfg, causal=True)
 
 

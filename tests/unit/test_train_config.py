@@ -20,7 +20,7 @@ TORCH = ["parallel.backend=torch", "parallel.ep_size=1"]
 
 def test_shipped_configs_load_and_round_trip():
     cfg = load_config(SINGLE_CFG)
-    assert cfg.parallel.backend == "torch" and cfg.model.num_experts == 8
+    assert cfg.parallel.backend == "torch" and cfg.model.moe.num_experts == 8
     assert config_from_mapping(to_dict(cfg)) == cfg
     raw = yaml.safe_load(open(TINY_CFG))
     assert raw["parallel"] == {"backend": "deepspeed", "ep_size": 2, "zero_stage": 1, "dist_backend": "auto"}
@@ -31,8 +31,8 @@ def test_shipped_configs_load_and_round_trip():
 def test_overrides_are_dotted_and_yaml_typed():
     assert parse_overrides(["a.b=1", "c=[1, 2]", "d=null", "e=true", "f=3e-4", "g=text"]) == [
         (["a", "b"], 1), (["c"], [1, 2]), (["d"], None), (["e"], True), (["f"], 3e-4), (["g"], "text")]
-    cfg = load_config(SINGLE_CFG, ["train.steps=7", "model.router.top_k=1", "model.router.aux_loss_coef=0"])
-    assert cfg.train.steps == 7 and cfg.model.router.top_k == 1 and cfg.model.router.aux_loss_coef == 0
+    cfg = load_config(SINGLE_CFG, ["train.steps=7", "model.moe.router.top_k=1", "model.moe.router.aux_loss_coef=0"])
+    assert cfg.train.steps == 7 and cfg.model.moe.router.top_k == 1 and cfg.model.moe.router.aux_loss_coef == 0
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
 
@@ -40,10 +40,11 @@ def test_overrides_are_dotted_and_yaml_typed():
 @pytest.mark.parametrize("override, message", [
     ("train.stpes=3", r"unknown config key 'train\.stpes' \(did you mean 'steps'\?\)"),
     ("trian.steps=3", r"unknown config key 'trian' \(did you mean 'train'\?\)"),
-    ("model.router.topk=2", r"unknown config key 'model\.router\.topk' \(did you mean 'top_k'\?\)"),
-    ("model.router.name=tpok", r"RouterConfig\.name='tpok' is invalid: unknown router"),
+    ("model.moe.router.topk=2", r"unknown config key 'model\.moe\.router\.topk' \(did you mean 'top_k'\?\)"),
+    ("model.moe.router.name=tpok", r"RouterConfig\.name='tpok' is invalid: unknown router"),
     ("train.precision=fp8", r"train\.precision='fp8' is invalid: allowed values are 'fp32', 'bf16', 'fp16'"),
-    ("train.precision=fp16", r"train\.precision='fp16' is invalid with parallel\.backend='torch' .* zero_stage 1, 2 or 3"),
+    ("train.precision=fp16",
+     r"train\.precision='fp16' is invalid with parallel\.backend='torch' .* zero_stage 1, 2 or 3"),
     ("parallel.zero_stage=4", r"parallel\.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     ("data.seq_len=4096", r"data\.seq_len=4096 is invalid: must be <= model\.max_seq_len=128"),
     ("data.source=files", r"data\.files is empty"),
@@ -74,7 +75,7 @@ def test_world_size_checks():
         check_world_size(ds, 3)
     check_world_size(ds, 4)
     ds3 = TrainConfig(model=cfg.model, parallel=cfg.parallel.__class__(backend="deepspeed", ep_size=3))
-    with pytest.raises(ConfigError, match=r"must divide model\.num_experts=8"):
+    with pytest.raises(ConfigError, match=r"must divide model\.moe\.num_experts=8"):
         check_world_size(ds3, 3)
 
 

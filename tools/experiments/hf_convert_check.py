@@ -6,8 +6,8 @@ of the converted HF model (as loaded back by from_pretrained), whether 16 greedy
 match, and whether HF -> megamoe restores the weights bit for bit. For each HF family:
 the max abs logits diff between the dense model and its upcycled MoE at step 0.
 
-    python tools/hf_convert_check.py                                  # prints the tables
-    python tools/hf_convert_check.py --out tools/results/hf_convert.md   # and writes them there
+    python tools/experiments/hf_convert_check.py                                  # prints the tables
+    python tools/experiments/hf_convert_check.py --out tools/results/hf_convert.md   # and writes them there
 """
 from __future__ import annotations
 
@@ -18,18 +18,20 @@ from pathlib import Path
 import torch
 import transformers
 
-from megamoe import ExpertConfig, RouterConfig
+from megamoe import ExpertConfig, MoEConfig, RouterConfig
 from megamoe.checkpoint import load_consolidated, save_consolidated
 from megamoe.checkpoint.hf_convert import convert_from_hf, convert_to_hf
+from megamoe.stats import moe_layers
 from megamoe.integrations.hf import moeify
-from megamoe.model import ModelConfig, MoETransformerLM
+from megamoe.model import OLD_MOE_FIELDS, ModelConfig, MoETransformerLM
 
 
 def mm_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=512, hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=2, num_experts=8,
                 max_seq_len=256, experts=ExpertConfig(intermediate_size=64), router=RouterConfig(top_k=2))
     base.update(kw)
-    return ModelConfig(**base)
+    moe = {k: base.pop(k) for k in OLD_MOE_FIELDS if k in base}  # the MoE layer's fields
+    return ModelConfig(**base, moe=MoEConfig(**moe))
 
 
 CASES = {
@@ -37,15 +39,17 @@ CASES = {
     "top-2 softmax, gated shared expert, dense every other": (
         mm_cfg(num_shared_experts=1, shared_expert_gate=True, moe_layers="every_other"), False),
     "top-2 softmax, unnormalised, ungated shared": (
-        mm_cfg(router=RouterConfig(top_k=2, normalize_weights=False), num_shared_experts=2), False),
+        mm_cfg(router=RouterConfig(top_k=2, options={"normalize_weights": False}), num_shared_experts=2), False),
     "top-4 sigmoid + ALF-LB bias, shared, 1 dense prefix": (
-        mm_cfg(router=RouterConfig(top_k=4, score_func="sigmoid"), moe_layers=[1, 2, 3], num_shared_experts=1,
+        mm_cfg(router=RouterConfig(top_k=4, options={"score_func": "sigmoid"}), moe_layers=[1, 2, 3],
+               num_shared_experts=1,
                shared_intermediate_size=96), True),
     "MLA (q and kv latents), top-4 sigmoid + ALF-LB bias, scaling 2.5, shared, 1 dense prefix": (
         mm_cfg(num_kv_heads=None, attention="mla", q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
                qk_rope_head_dim=8, v_head_dim=16, moe_layers=[1, 2, 3], num_shared_experts=1,
-               router=RouterConfig(top_k=4, score_func="sigmoid", routed_scaling_factor=2.5)), True),
-    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, capacity_factor=1.0, drop_policy="position")),
+               router=RouterConfig(top_k=4, options={"score_func": "sigmoid", "routed_scaling_factor": 2.5})), True),
+    "top-2 softmax, capacity 1.0": (mm_cfg(router=RouterConfig(top_k=2, options={"capacity_factor": 1.0,
+                                                                                 "drop_policy": "position"})),
                                     False),
 }
 
@@ -67,7 +71,7 @@ def conversion_rows(tmp: Path) -> list[str]:
                 if p.dim() >= 2:
                     p.normal_(0.0, 0.1)
             if bias:
-                for layer in model.moe_layers():
+                for layer in moe_layers(model):
                     layer.router.enable_selection_bias().normal_(0.0, 0.1)
         save_consolidated(model, tmp / f"mm{i}")
         rep = convert_to_hf(tmp / f"mm{i}", tmp / f"hf{i}")
@@ -129,7 +133,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32. "
         "Models: H=128, 4 blocks, 8 heads / 2 KV heads (GQA) or MLA (q latent 48, kv latent 32, head dims "
         "16 + 8 rotary, values 16), 8 experts of I=64, random N(0, 0.1) weights; "
-        "probe 4x64 tokens. Produced by `python tools/hf_convert_check.py --out tools/results/hf_convert.md`.",
+        "probe 4x64 tokens. Produced by `python tools/experiments/hf_convert_check.py --out tools/results/hf_convert.md`.",
         "",
         "| megamoe model | auto format | max abs logits diff (fp32) | 16 greedy tokens equal | "
         "HF->megamoe weights bit-exact |",

@@ -10,7 +10,7 @@ top-2's expert compute). The score: optimizer steps until the held-out masked-LM
 exponential moving average over evaluations) first reaches a target, the target being the
 loss top-2 has at mid-run (``--target-frac``); median over seeds.
 
-    PYTHONPATH=$PWD python tools/exp_expert_choice_mlm.py --out tools/results/routers_part1_ec.md
+    PYTHONPATH=$PWD python tools/experiments/exp_expert_choice_mlm.py --out tools/results/routers_part1_ec.md
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from megamoe.atomic import atomic_write_text
 
 VOCAB, MASK_ID, SEQ = 64, 64, 32
 ROUTERS = {
-    "top-1 (c=1.25)": dict(name="topk", top_k=1, capacity_factor=1.25, aux_loss_coef=0.01),
-    "top-2 (c=1.25)": dict(name="topk", top_k=2, capacity_factor=1.25, aux_loss_coef=0.01),
-    "expert_choice c=2": dict(name="expert_choice", capacity_factor=2.0, aux_loss_coef=0.0),
+    "top-1 (c=1.25)": dict(name="topk", top_k=1, aux_loss_coef=0.01, options={"capacity_factor": 1.25}),
+    "top-2 (c=1.25)": dict(name="topk", top_k=2, aux_loss_coef=0.01, options={"capacity_factor": 1.25}),
+    "expert_choice c=2": dict(name="expert_choice", aux_loss_coef=0.0, options={"capacity_factor": 2.0}),
 }
 
 

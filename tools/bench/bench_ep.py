@@ -9,8 +9,8 @@ i.e. dropless too, and ``capacity_factor=1.25`` for the capacity-mode comparison
 over ``--iters`` steps after ``--warmup`` steps, and the DeepSpeed / megamoe ratio
 (> 1: megamoe faster).
 
-    python tools/bench_ep.py                       # T=4096 per rank, both shapes
-    python tools/bench_ep.py --tokens 1024         # shorter, for a shared 2-core box
+    python tools/bench/bench_ep.py                       # T=4096 per rank, both shapes
+    python tools/bench/bench_ep.py --tokens 1024         # shorter, for a shared 2-core box
 Prints the table; ``--out PATH`` also writes it there (atomically), e.g.
 ``--out tools/results/bench_ep.md``.
 """
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from megamoe.atomic import atomic_write_text  # noqa: E402
@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, shape: str, tokens: int, warmup: int, iters: 
     grad = torch.randn(tokens, hidden, device=device)
 
     cfg = MoEConfig(hidden_size=hidden, num_experts=experts, experts=ExpertConfig(intermediate_size=inter),
-                    router=RouterConfig(top_k=top_k, capacity_factor=capacity, aux_loss_coef=0.01))
+                    router=RouterConfig(top_k=top_k, aux_loss_coef=0.01, options={"capacity_factor": capacity}))
     torch.manual_seed(0)
     ours = apply_expert_parallel(MoELayer(cfg), build_expert_parallel_groups(world)).to(device)
 
@@ -136,7 +136,7 @@ def main() -> None:
     backend = "NCCL, 2 GPUs" if default_backend(2) == "nccl" else f"gloo, CPU, {args.threads} thread(s) per rank"
     table = "\n".join([
         f"EP=2 on 2 processes ({backend}), {mode}; forward+backward of one MoE layer, median of "
-        f"{2 * args.iters} steps, slowest rank. Command: `python tools/bench_ep.py {' '.join(sys.argv[1:])}`",
+        f"{2 * args.iters} steps, slowest rank. Command: `python tools/bench/bench_ep.py {' '.join(sys.argv[1:])}`",
         "",
         "| shape | tokens/rank | H | I | E | K | megamoe ms | DeepSpeed MoE ms | DS / megamoe |",
         "|---|---|---|---|---|---|---|---|---|",

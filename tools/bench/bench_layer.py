@@ -33,10 +33,10 @@ one process per shape); on CPU the rise of the peak resident set (``ru_maxrss``)
 resident size just before the step, so there every (shape, implementation) runs in a fresh
 subprocess. Timing is the median of the later runs. Results are written only with --json.
 
-    python tools/bench_layer.py                       # both small shapes, fp32, CPU peers
-    python tools/bench_layer.py --shapes fine --json out.json
-    python tools/bench_layer.py --device cuda         # all shapes and peers, bf16, median of 10
-    python tools/bench_layer.py --threads 1 --clock cpu  # CPU time: usable on a loaded machine
+    python tools/bench/bench_layer.py                       # both small shapes, fp32, CPU peers
+    python tools/bench/bench_layer.py --shapes fine --json out.json
+    python tools/bench/bench_layer.py --device cuda         # all shapes and peers, bf16, median of 10
+    python tools/bench/bench_layer.py --threads 1 --clock cpu  # CPU time: usable on a loaded machine
 """
 from __future__ import annotations
 

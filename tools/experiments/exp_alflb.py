@@ -13,8 +13,8 @@ The corpus: D domains, each an order-1 Markov chain over its own (overlapping) s
 vocabulary with a sparse random transition table; domains have unequal shares of the data
 (so a router that follows the data is unbalanced unless something balances it).
 
-    python tools/exp_alflb.py --out runs/alflb      # full run (~3 min of CPU on one idle core)
-    python tools/exp_alflb.py --steps 40            # smoke run, prints only
+    python tools/experiments/exp_alflb.py --out runs/alflb      # full run (~3 min of CPU on one idle core)
+    python tools/experiments/exp_alflb.py --steps 40            # smoke run, prints only
 
 Shape legend: B sequences, S sequence length, T = B*S tokens, D model width, V vocabulary.
 """
@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_savefig, atomic_write_text
-from megamoe.routing.balancing import (AuxFreeBalancer, AuxFreeBalancingConfig, ExpertLoadCounter,
-                                       evaluate_max_vio, find_balanced_routers, max_vio)
+from megamoe.routing.balancing import AuxFreeBalancingConfig
+from megamoe.stats import evaluate_max_vio
+from megamoe.train.step_state import MoEStepState
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -132,18 +133,14 @@ def run_method(method: Method, args: argparse.Namespace, corpus: tuple[Tensor, T
     torch.manual_seed(args.seed)
     moe = MoEConfig(hidden_size=args.dim, num_experts=args.experts,
                     experts=ExpertConfig(intermediate_size=args.dim * 2),
-                    router=RouterConfig(top_k=args.top_k, score_func="sigmoid", aux_loss_coef=method.aux_loss_coef))
+                    router=RouterConfig(top_k=args.top_k, aux_loss_coef=method.aux_loss_coef,
+                                        options={"score_func": "sigmoid"}))
     model = TinyMoELM(vocab=args.vocab, dim=args.dim, heads=4, layers=args.layers, seq=args.seq, moe=moe)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    balancer = None
-    if method.alflb is not None:
-        balancer = AuxFreeBalancer(model, method.alflb)
-        balancer.attach_to_optimizer(opt)
-    # The same measurement for every method: global counts of each step, all layers.
-    routers = [r for _, r in find_balanced_routers(model)]
-    for r in routers:
-        r.enable_selection_bias()  # zero bias for the baselines: selection is unchanged
-    meter = ExpertLoadCounter(routers)
+    # The same measurement for every method: each step's load of every layer (the step state
+    # also runs ALF-LB where the method has it).
+    state = MoEStepState(model, balancing=method.alflb)
+    state.attach_to_optimizer(opt)
     g = torch.Generator().manual_seed(args.seed + 1)  # same data order for every method
     vio_steps, losses = [], []
     t0 = time.time()
@@ -152,12 +149,11 @@ def run_method(method: Method, args: argparse.Namespace, corpus: tuple[Tensor, T
         loss = model.loss(tok)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        counts = meter.take()  # before opt.step(): the balancer hook runs inside it
-        opt.step()
-        vio_steps.append(max_vio(torch.stack(meter.per_layer(counts))).mean().item())
+        opt.step()  # ends the state's step: load statistics, then the ALF-LB update
+        vio_steps.append(state.last_metrics["moe/max_vio"])
         losses.append(loss.item())
     train_s = time.time() - t0
-    meter.remove()
+    state.close()
     model.eval()
     with torch.no_grad():
         heldout_loss = sum(model.loss(t).item() for t in heldout) / len(heldout)
@@ -194,7 +190,7 @@ def write_table(results: list[dict], args: argparse.Namespace, path: str, comman
                      f"{r['vio_batch_tail']:.3f} | {r['vio_global']:.3f} | {r['seconds']:.0f} |")
     lines += [
         "",
-        "Paper claim beside it (Han & Zhong 2025, 1B DeepSeekMoE, METHODS.md section 7): "
+        "Paper claim beside it (Han & Zhong 2025, 1B DeepSeekMoE, docs/methods.md section 7): "
         "MaxVio_global **0.04** with ALF-LB vs **0.72** with the auxiliary loss, at PPL 9.50 vs 9.56 "
         "(slightly better).",
         "",
@@ -240,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
-    p.add_argument("--out", default=None, help="write <out>/<name>.md and <out>/<name>_maxvio.png (default: print only)")
+    p.add_argument("--out", default=None,
+                   help="write <out>/<name>.md and <out>/<name>_maxvio.png (default: print only)")
     p.add_argument("--name", default="alflb", help="output files <out>/<name>.md and <out>/<name>_maxvio.png")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "seq", "dim", "layers", "experts", "top_k", "vocab", "domains", "heldout"):
@@ -264,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         return 0
     os.makedirs(args.out, exist_ok=True)
-    command = "python tools/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/experiments/exp_alflb.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_table(results, args, os.path.join(args.out, f"{args.name}.md"), command.strip())
     write_plot(results, os.path.join(args.out, f"{args.name}_maxvio.png"))
     print(f"wrote {args.out}/{args.name}.md and {args.name}_maxvio.png")

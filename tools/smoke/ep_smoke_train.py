@@ -1,7 +1,7 @@
 """A few EP x DP DeepSpeed steps of a tiny MoE transformer: the launcher smoke test entry.
 
 Run through a launcher, e.g.
-    launch/torchrun.sh --local-cpu --script tools/ep_smoke_train.py configs/ep_smoke.yaml steps=3
+    launch/torchrun.sh --local-cpu --script tools/smoke/ep_smoke_train.py configs/ep_smoke.yaml steps=3
 Every rank prints one ``EP_SMOKE_RESULT {json}`` line: world size, EP size and the global
 mean loss of each step (the same batch every step, so a working run's loss falls).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
 

@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megamoe.config import ConfigError
-    from megamoe.rl.artifacts import atomic_torch_save, atomic_write_text, plot_returns, write_jsonl
-    from megamoe.rl.envs import EnvError, make_env
-    from megamoe.rl.sac import SACConfig, make_agent, train
+    from megamoe.research.rl.artifacts import atomic_torch_save, atomic_write_text, plot_returns, write_jsonl
+    from megamoe.research.rl.envs import EnvError, make_env
+    from megamoe.research.rl.sac import SACConfig, make_agent, train
 
     import json
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     records: list = []
     first = 0
     if resume_state is not None:
-        from megamoe.rl.sac import EpisodeRecord
+        from megamoe.research.rl.sac import EpisodeRecord
 
         records = [EpisodeRecord(**r) for r in resume_state["records"]]
         first = resume_state["step"]

@@ -8,7 +8,7 @@ assignment (projections + integral HiGHS solve), with its projection sweeps and 
 tokens over the cap in the notes; ``score_sum`` is the objective sum of S over the chosen
 (token, expert) pairs (uncapped Expert Choice is its upper bound). Medians over ``--reps`` after one warm-up.
 
-    PYTHONPATH=$PWD python tools/bench_routers.py --tokens 512 2048 --out tools/results/bench_routers.md
+    PYTHONPATH=$PWD python tools/bench/bench_routers.py --tokens 512 2048 --out tools/results/bench_routers.md
 """
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ import torch
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_write_text
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 
 ROUTERS = [
     ("topk k=2 dropless", dict(name="topk", top_k=2)),
-    ("topk k=1 c=1.25", dict(name="topk", top_k=1, capacity_factor=1.25)),
-    ("expert_choice c=2", dict(name="expert_choice", capacity_factor=2.0)),
-    ("expert_choice c=2 cap b=2 exact", dict(name="expert_choice", capacity_factor=2.0,
-                                             options={"max_experts_per_token": 2})),
-    ("expert_choice c=2 cap b=2 dykstra", dict(name="expert_choice", capacity_factor=2.0,
-                                               options={"max_experts_per_token": 2, "lp_solver": "dykstra"})),
-    ("skip c=1.25", dict(name="skip", top_k=1, capacity_factor=1.25)),
+    ("topk k=1 c=1.25", dict(name="topk", top_k=1, options={"capacity_factor": 1.25})),
+    ("expert_choice c=2", dict(name="expert_choice", options={"capacity_factor": 2.0})),
+    ("expert_choice c=2 cap b=2 exact", dict(name="expert_choice",
+                                             options={"capacity_factor": 2.0, "max_experts_per_token": 2})),
+    ("expert_choice c=2 cap b=2 dykstra", dict(name="expert_choice", options={
+        "capacity_factor": 2.0, "max_experts_per_token": 2, "lp_solver": "dykstra"})),
+    ("skip c=1.25", dict(name="skip", top_k=1, options={"capacity_factor": 1.25})),
     ("balanced (whole batch)", dict(name="balanced", top_k=1, options={"group_size": None})),
     ("balanced group 256", dict(name="balanced", top_k=1, options={"group_size": 256})),
 ]

@@ -4,7 +4,7 @@ beside it), e.g. ``--out tools/results/routers_part2.md``.
 
 Usage (each part is a few CPU minutes; ``all`` runs the three)::
 
-    OMP_NUM_THREADS=1 python tools/routers_part2.py all --seeds 0 1 2
+    OMP_NUM_THREADS=1 python tools/experiments/routers_part2.py all --seeds 0 1 2
 
 The LM parts use a compact causal character LM defined here (megamoe.model was not on main
 yet) on a locally generated four-domain corpus: arithmetic, template English, a motif
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_savefig, atomic_write_text
-from megamoe.routing.stochastic import thor_loss
-from megamoe.single_gate import SingleGatedMoE, train_base, train_expert
+from megamoe.train.objectives import thor_loss
+from megamoe.train.step_state import MoEStepState
+from megamoe.research.single_gate import SingleGatedMoE, train_base, train_expert
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -105,10 +106,6 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, 4, m) for m in self.moes)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
 
-    def set_step(self, step: int) -> None:
-        for m in self.moes:
-            m.step = step
-
     def forward(self, ids: Tensor) -> Tensor:
         x = self.emb(ids) + self.pos[: ids.shape[1]]
         for blk in self.blocks:
@@ -142,9 +139,10 @@ def train_lm(router: RouterConfig | None, *, num_experts: int, seed: int, steps:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     competed = 0
+    state = MoEStepState(model)  # tells the layers the step (CompeteSMoE's schedule reads it)
+    state.attach_to_optimizer(opt)
     t0 = time.process_time()  # CPU seconds: the machine is shared, wall time is not comparable
     for step in range(steps):
-        model.set_step(step)
         idx = torch.randint(train.shape[0], (batch,), generator=gen)
         x, y = train[idx, :-1], train[idx, 1:]
         if thor_alpha is not None:
@@ -327,7 +325,7 @@ def main() -> int:
             if args.out is not None:
                 _plot(points, args.out.with_name("routers_part2_single_gate.png"))
                 lines += ["![accuracy vs compute](routers_part2_single_gate.png)", ""]
-        cmd = f"`OMP_NUM_THREADS=1 python tools/routers_part2.py {part} --seeds " \
+        cmd = f"`OMP_NUM_THREADS=1 python tools/experiments/routers_part2.py {part} --seeds " \
               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}`" if part != "single_gate" else "`")
         lines += [f"Command: {cmd} ({time.process_time() - c0:.0f} CPU s, {time.perf_counter() - t0:.0f} s wall on a shared 2-core "
                   "machine, 1 thread).", ""]

@@ -23,8 +23,8 @@ coarse, the sort + grouped_mm layer (56 ops) 2.01 ms, HF's grouped_mm block (59 
 path without syncs (host and GPU overlap). A layer takes the larger of its GPU and host
 times, which decides the two small shapes.
 
-    python tools/predict_gpu_layer.py                    # the tables (markdown)
-    python tools/predict_gpu_layer.py --launch-us 20     # a faster host
+    python tools/bench/predict_gpu_layer.py                    # the tables (markdown)
+    python tools/bench/predict_gpu_layer.py --launch-us 20     # a faster host
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-SHAPES = {  # name: (T, H, I, E, K), as tools/bench_layer.py
+SHAPES = {  # name: (T, H, I, E, K), as tools/bench/bench_layer.py
     "qwen3": (16384, 2048, 768, 128, 8),
     "deepseek": (8192, 7168, 2048, 64, 8),
     "mixtral": (8192, 4096, 14336, 8, 2),

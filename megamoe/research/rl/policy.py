@@ -1,4 +1,4 @@
-"""Mixture-of-Gaussians policy for continuous control (PMOE, METHODS.md section 8).
+"""Mixture-of-Gaussians policy for continuous control (PMOE, docs/methods.md, "PMOE").
 
 A shared MLP trunk feeds K tanh-squashed Gaussian heads ("primitives") and a mixing head.
 The mixing head reads the trunk features *detached*, so the mixing loss trains only the

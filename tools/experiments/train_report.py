@@ -1,6 +1,6 @@
 """Summarise a finished ``megamoe train`` run as a markdown table and copy its plots.
 
-    python tools/train_report.py runs/tiny --out tools/results/train --command "..."
+    python tools/experiments/train_report.py runs/tiny --out tools/results/train --command "..."
 
 Writes ``<out>.md`` (loss at a few steps, held-out loss / ppl / MaxVio_global at each eval,
 throughput, wall time, held-out loss and dominant expert per domain) and ``<out>_<plot>.png``.
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from megamoe.train.metrics import atomic_write_text, read_metrics  # noqa: E402
 
 

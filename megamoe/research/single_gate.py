@@ -1,4 +1,4 @@
-"""Single-gated MoE with a base branch (Royer et al. 2023; METHODS.md section 4).
+"""Single-gated MoE with a base branch (Royer et al. 2023; docs/methods.md, "Single-gated MoE").
 
 Shape legend: N samples, F gate feature size, E experts, V classes.
 

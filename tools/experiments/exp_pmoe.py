@@ -1,12 +1,12 @@
 """Experiment: PMOE (K=4) vs unimodal SAC (K=1) on Pendulum-v1 or MuJoCo tasks, several seeds, equal env steps.
 
-Both arms use the same trainer (megamoe.rl.sac) and hyper-parameters; only ``components``
+Both arms use the same trainer (megamoe.research.rl.sac) and hyper-parameters; only ``components``
 differs. Writes <out>/<name>.md (table per env) and <name>.png (mean +- std of the training
 return vs steps over seeds), plus <name>.jsonl (every episode); ``--out`` defaults to
 runs/exp_pmoe (the published tables were made with ``--out tools/results``).
 
-    OMP_NUM_THREADS=1 python tools/exp_pmoe.py --steps 6000 --seeds 3
-    OMP_NUM_THREADS=1 python tools/exp_pmoe.py --env HalfCheetah-v5 Hopper-v5 \\
+    OMP_NUM_THREADS=1 python tools/experiments/exp_pmoe.py --steps 6000 --seeds 3
+    OMP_NUM_THREADS=1 python tools/experiments/exp_pmoe.py --env HalfCheetah-v5 Hopper-v5 \\
         --preset standard --steps 20000 --seeds 2 --name pmoe_mujoco    # needs pip install -e '.[mujoco]'
 
 Reported per arm (mean +- std over seeds): the final deterministic evaluation return (10
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -34,7 +34,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from megamoe.rl import SACConfig, evaluate, make_agent, make_env, train
+    from megamoe.research.rl import SACConfig, evaluate, make_agent, make_env, train
 
     env, eval_env = make_env(job["env"]), make_env(job["env"])
     cfg = SACConfig(**job["sac"])
@@ -77,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.steps < 1 or args.seeds < 1 or args.jobs < 1 or min(args.components) < 1:
         ap.error("--steps, --seeds, --jobs and --components must be positive")
-    from megamoe.rl import EnvError, make_env
+    from megamoe.research.rl import EnvError, make_env
 
     for env_id in [] if args.report_only else args.env:  # fail before any run starts
         try:
@@ -112,7 +112,7 @@ def main() -> int:
 
 
 def _report(results: list[dict], args: argparse.Namespace, sac: dict, t0: float, n_jobs: int) -> None:
-    from megamoe.rl.artifacts import atomic_write_text
+    from megamoe.research.rl.artifacts import atomic_write_text
 
     atomic_write_text(args.out / f"{args.name}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
 
@@ -125,7 +125,7 @@ def _report(results: list[dict], args: argparse.Namespace, sac: dict, t0: float,
              f"Up to {args.seeds} seeds x {args.steps} env steps per arm (1 gradient update per step after "
              f"{sac['update_after']} steps, uniform random actions for the first {sac['start_steps']}); MLPs "
              f"{sac['hidden']}, batch {sac['batch_size']}, lr {sac['actor_lr']}, auto-tuned entropy. Higher is "
-             f"better. Command: `python tools/exp_pmoe.py --env {' '.join(args.env)} --steps {args.steps} "
+             f"better. Command: `python tools/experiments/exp_pmoe.py --env {' '.join(args.env)} --steps {args.steps} "
              f"--seeds {args.seeds} --preset {args.preset} --jobs {args.jobs} --name {args.name}`.", ""]
     for env_id in envs:
         lines += [f"## {env_id}", "",

@@ -5,7 +5,7 @@ Same settings as tests/unit/test_rl_sac.py's bandit test. For each run it report
 the learned policy within 0.25 of each peak (4000 samples) and the mixing weights; ``--out PATH``
 also writes the table (e.g. ``--out tools/results/pmoe_bandit.md``).
 
-    OMP_NUM_THREADS=1 python tools/exp_pmoe_bandit.py --seeds 6 --steps 400
+    OMP_NUM_THREADS=1 python tools/experiments/exp_pmoe_bandit.py --seeds 6 --steps 400
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The bandit test's (non-default) temperature and initial log std (SACConfig defaults: 0.2 and -1.0).
 TEST_INIT = {"init_alpha": 0.05, "init_log_std": -2.0}
 sys.path.insert(0, str(ROOT))
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def run(k: int, seed: int, steps: int, overrides: dict | None = None) -> dict:
     import torch
 
-    from megamoe.rl import BANDIT_ID, SACConfig, make_agent, make_env, train
+    from megamoe.research.rl import BANDIT_ID, SACConfig, make_agent, make_env, train
 
     env = make_env(BANDIT_ID)
     cfg = SACConfig(components=k, hidden=(32, 32), batch_size=64, start_steps=100, update_after=100, critic_lr=3e-3,
@@ -60,13 +60,13 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from megamoe.rl.artifacts import atomic_write_text
+    from megamoe.research.rl.artifacts import atomic_write_text
 
     lines = ["# Bimodal bandit: mass on each reward peak (PMOE K=4 vs SAC K=1)", "",
              f"{args.steps} env steps (one-step episodes), seeds 0..{args.seeds - 1}, initial temperature "
              f"{args.init_alpha}, initial log std {args.init_log_std}; mass = share of 4000 policy "
              "samples within 0.25 of the peak. Command: "
-             f"`python tools/exp_pmoe_bandit.py --seeds {args.seeds} --steps {args.steps} --init-alpha {args.init_alpha} "
+             f"`python tools/experiments/exp_pmoe_bandit.py --seeds {args.seeds} --steps {args.steps} --init-alpha {args.init_alpha} "
              f"--init-log-std {args.init_log_std}`.", "",
              "| policy | seed | mass at -0.6 | mass at +0.6 | min | sum | mixing weights | component means |",
              "|---|---|---|---|---|---|---|---|"]

@@ -7,7 +7,7 @@
 - ``BimodalBandit`` (gymnasium id ``megamoe/BimodalBandit-v0``), ``make_env`` (envs.py).
 - ``megamoe rl`` on the command line (cli.py); atomic run outputs (artifacts.py).
 
-Names are imported lazily so ``megamoe --help`` (which imports megamoe.rl.cli) stays fast.
+Names are imported lazily so ``megamoe --help`` (which imports megamoe.research.rl.cli) stays fast.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"megamoe.rl.{_EXPORTS[name]}"), name)
+        value = getattr(importlib.import_module(f"megamoe.research.rl.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'megamoe.rl' has no attribute {name!r}")
+    raise AttributeError(f"module 'megamoe.research.rl' has no attribute {name!r}")

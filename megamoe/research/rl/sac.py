@@ -1,6 +1,6 @@
 """Soft Actor-Critic with a PMOE mixture policy: twin critics, target networks, automatic entropy.
 
-The policy step follows PMOE (Ren et al. 2021; METHODS.md section 8): draw one reparameterised
+The policy step follows PMOE (Ren et al. 2021; docs/methods.md, "PMOE"): draw one reparameterised
 action from every mixture component, score each with ``min(Q1, Q2)``, pick the best component
 ``k*`` per state, apply the SAC policy loss to ``k*`` only, and pull the mixing weights toward
 ``onehot(k*)`` with an MSE loss. With ``components=1`` the trainer is plain SAC, which is the
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from megamoe.config import ConfigError, check_fields, spec
-from megamoe.rl.policy import MixtureGaussianPolicy, mlp
+from megamoe.research.rl.policy import MixtureGaussianPolicy, mlp
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ cluster frequencies, and skewed ones (the balanced router must then send some to
 sent to its most likely expert (no capacity), median over seeds; lower is better. Purity: the
 share of held-out tokens routed to their cluster's majority expert (1 = clean specialisation).
 
-    PYTHONPATH=$PWD python tools/exp_kool_toy.py --out tools/results/routers_part1_kool.md
+    PYTHONPATH=$PWD python tools/experiments/exp_kool_toy.py --out tools/results/routers_part1_kool.md
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import torch
 
 from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
 from megamoe.atomic import atomic_write_text
-from megamoe.routing import estimator_loss
+from megamoe.train.objectives import estimator_loss
 
 ROUTERS = {
-    "topk-cap (biased)": dict(name="topk", top_k=1, capacity_factor=1.0, normalize_weights=False,
-                              aux_loss_coef=0.01),
-    "skip": dict(name="skip", top_k=1, capacity_factor=1.0, aux_loss_coef=0.0),
+    "topk-cap (biased)": dict(name="topk", top_k=1, aux_loss_coef=0.01, options={"capacity_factor": 1.0,
+                                                                                 "normalize_weights": False}),
+    "skip": dict(name="skip", top_k=1, aux_loss_coef=0.0, options={"capacity_factor": 1.0}),
     "balanced": dict(name="balanced", top_k=1, aux_loss_coef=0.0),
 }
 REGIMES = {"uniform": [0.25, 0.25, 0.25, 0.25], "skewed": [0.4, 0.3, 0.2, 0.1]}
