@@ -58,6 +58,7 @@ class Moeified:
     moe_indices: list[int]
     num_layers: int
     selection_bias: bool
+    swapped: bool = False  # HF MoE blocks replaced by swap_moe_blocks: the base IS a stock MoE class
 
     @property
     def layers_field(self) -> str:
@@ -90,10 +91,12 @@ def describe(model: nn.Module) -> Moeified:
     base = config.to_dict()  # the live config: its real model_type (save_pretrained writes the refusing one)
     biased = any(getattr(m.router, "expert_bias", None) is not None and bool(m.router.expert_bias.abs().max() > 0)
                  for _, m in blocks)
+    for key in ("megamoe_moeify", "megamoe_swap"):
+        base.pop(key, None)
     return Moeified(model=model, base_type=base_type, base=base, moe=first,
                     moe_indices=sorted(m.layer_index for _, m in blocks),
                     num_layers=int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)),
-                    selection_bias=biased)
+                    selection_bias=biased, swapped=getattr(config, "megamoe_swap", None) is not None)
 
 
 def _window(d: Moeified) -> tuple[int | None, list[str] | None]:
@@ -123,6 +126,12 @@ def moeified_problems(d: Moeified, fmt: str) -> list[str]:
     """Why the moeified model ``d`` cannot be written as ``fmt`` exactly (empty: it can)."""
     if fmt == "megamoe":
         return []
+    if d.swapped:  # attention, norms and dense blocks are the stock class's own: only the MoE blocks can differ
+        if fmt != d.base_type:
+            return [f"the MoE blocks were swapped into a {d.base_type} model: it exports to its own class "
+                    f"({d.base_type!r}) or to --format megamoe"]
+        return moe_problems(d.moe, fmt, moe_indices=d.moe_indices, num_layers=d.num_layers,
+                            layers_field=d.layers_field, selection_bias=d.selection_bias)
     if d.base_type == "gpt2":
         return ["model_type='gpt2': GPT-2 adds learned absolute position embeddings (transformer.wpe) and uses "
                 "LayerNorm with biases; no stock transformers MoE class has either, so no stock format holds "
@@ -162,10 +171,12 @@ def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
                                   "  - " + "\n  - ".join(probs)
                                   + "\n(use --format auto to pick a stock format that can, or --format megamoe)")
         return requested
-    for fmt in MOEIFIED_FORMATS:
+    candidates = (d.base_type,) if d.swapped else MOEIFIED_FORMATS
+    for fmt in candidates:
         if not moeified_problems(d, fmt):
             return fmt
     closest = "glm4_moe" if getattr(d.moe.router.options, "score_func", None) == "sigmoid" else "qwen2_moe"
+    closest = d.base_type if d.swapped else closest
     raise ConversionError(f"no stock transformers MoE class computes the same function as this moeified "
                           f"{d.base_type} model (closest: {closest}):\n  - "
                           + "\n  - ".join(moeified_problems(d, closest))
@@ -178,6 +189,13 @@ def stock_config(d: Moeified, fmt: str, **token_ids: Any):
     import transformers
 
     b = d.base
+    if d.swapped:  # the model's own config, its MoE fields written from the (possibly retrained) blocks
+        cfg = transformers.CONFIG_MAPPING[d.base_type].from_dict(dict(b))
+        fields = moe_hf_fields(fmt, d.moe, moe_indices=d.moe_indices, num_layers=d.num_layers,
+                               dense_intermediate_size=b.get("intermediate_size"))
+        for key, value in {**fields, **token_ids}.items():
+            setattr(cfg, key, value)
+        return cfg
     kw = {k: b[k] for k in _COPIED if k in b}
     if b.get("head_dim"):
         kw["head_dim"] = b["head_dim"]

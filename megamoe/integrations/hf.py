@@ -21,14 +21,18 @@ expert width.
   factor of the aux loss, load statistics and ALF-LB), and :class:`ThorTrainerMixin` trains
   with THOR's two-pass objective.
 - :func:`load_moeified` reloads a ``save_pretrained`` directory of a moeified model: the
-  moeify arguments are recorded in ``config.megamoe_moeify``.
-- ``save_pretrained`` of a moeified model keeps its own layout (so the HF ``Trainer``
-  resumes from it), but its ``config.json`` gets ``model_type`` :data:`MOEIFIED_MODEL_TYPE`
+  moeify arguments are recorded in ``config.megamoe_moeify`` (``config.megamoe_swap`` for a
+  model whose blocks :func:`swap_moe_blocks` replaced; it is reloaded by swapping again).
+- ``save_pretrained`` of a moeified or swapped model keeps its own parameter names (so the HF
+  ``Trainer`` resumes from it; transformers' own save-time renaming is turned off for it),
+  but its ``config.json`` gets ``model_type`` :data:`MOEIFIED_MODEL_TYPE`
   (the base type moves to ``megamoe_base_model_type``): stock ``from_pretrained``, the
   Auto classes and tools built on them refuse it with a message naming ``load_moeified``
   and ``megamoe convert``, instead of silently building the dense model without its
-  experts. ``megamoe convert`` (or :func:`megamoe.checkpoint.hf_convert.convert_to_hf`)
-  writes the stock Mixtral / Qwen2-MoE / GLM-4-MoE class computing the same function.
+  experts (or, for a swapped model, its MoE blocks randomly initialised). ``megamoe convert``
+  (or :func:`megamoe.checkpoint.hf_convert.convert_to_hf`) writes the stock Mixtral /
+  Qwen2-MoE / GLM-4-MoE class computing the same function; a swapped model is written as its
+  own class.
 """
 from __future__ import annotations
 
@@ -268,6 +272,53 @@ def _mark_moeified(config: Any) -> None:
         config.__class__ = _moeified_config_class(type(config))
 
 
+class _OwnLayoutSave:
+    """Mixed into a moeified (or block-swapped) model's class, under the same class name:
+    ``save_pretrained`` writes the parameters under the model's own names. transformers 5
+    otherwise reverts its checkpoint conversions on save, and for a Mixtral those patterns
+    match megamoe's layers too (``mlp.`` -> ``block_sparse_moe.``, the stacked experts split
+    into per-expert ``w1/w2/w3``): the directory would then fit neither megamoe's layers nor
+    the stock class. :func:`load_moeified` and the Trainer's resume read the names as saved."""
+
+    _own_layout_base: type
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        if _save_reverts_conversions():
+            kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
+
+    def __reduce_ex__(self, protocol: int) -> Any:  # pickle finds the base class under this name
+        return _restore_own_layout, (self._own_layout_base, self.__dict__)
+
+
+@functools.cache
+def _save_reverts_conversions() -> bool:
+    import inspect
+
+    import transformers
+
+    return "save_original_format" in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+
+
+@functools.cache
+def _own_layout_class(base: type) -> type:
+    # The same name: transformers looks classes up by name (architectures, conversion tables).
+    return type(base.__name__, (_OwnLayoutSave, base), {"__module__": base.__module__,
+                                                        "__qualname__": base.__qualname__, "_own_layout_base": base})
+
+
+def _restore_own_layout(base: type, state: dict) -> Any:
+    cls = _own_layout_class(base)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def _save_own_layout(model: nn.Module) -> None:
+    if hasattr(model, "save_pretrained") and not isinstance(model, _OwnLayoutSave):
+        model.__class__ = _own_layout_class(type(model))
+
+
 def read_moeified_config(path: str | Path) -> Any:
     """The base transformers config of a moeified ``save_pretrained`` directory (holding
     ``megamoe_moeify``); directories written before the model_type change load too."""
@@ -295,7 +346,7 @@ def is_moeified_dir(path: str | Path) -> bool:
         data = json.loads(cfg_file.read_text())
     except ValueError:
         return False
-    return data.get("model_type") == MOEIFIED_MODEL_TYPE or bool(data.get("megamoe_moeify"))
+    return data.get("model_type") == MOEIFIED_MODEL_TYPE or bool(data.get("megamoe_moeify") or data.get("megamoe_swap"))
 
 
 def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = None, layers: LayerSpec = "all",
@@ -365,6 +416,7 @@ def moeify(model: nn.Module, *, num_experts: int, router: RouterConfig | None = 
         model.config.megamoe_moeify = spec
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_string"):
         _mark_moeified(model.config)
+    _save_own_layout(model)
     return replaced
 
 
@@ -440,6 +492,13 @@ def swap_moe_blocks(model: nn.Module, *, router: RouterConfig | None = None,
     if getattr(config, "output_router_logits", False):
         # HF's own balance loss reads the removed router's logits; megamoe attaches its own.
         config.output_router_logits = False
+    # Recorded like moeify's arguments: save_pretrained then writes a config stock loaders refuse
+    # (they would build the HF blocks and leave them randomly initialised, the MoELayer weights
+    # unread), load_moeified re-swaps, and megamoe convert writes the model's own stock class.
+    config.megamoe_swap = {"router": to_dict(router) if router is not None else None}
+    if hasattr(config, "to_json_string"):
+        _mark_moeified(config)
+    _save_own_layout(model)
     return replaced
 
 
@@ -554,8 +613,9 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def load_moeified(path: str, *, dispatcher: DispatcherFactory | None = None, **from_config_kwargs: Any) -> nn.Module:
-    """Reload a moeified model written by ``save_pretrained`` (its config holds
-    ``megamoe_moeify``): builds the dense skeleton, re-applies moeify, loads the weights."""
+    """Reload a moeified (or block-swapped) model written by ``save_pretrained`` (its config
+    holds ``megamoe_moeify`` or ``megamoe_swap``): builds the base model, re-applies moeify (or
+    swap_moe_blocks), loads the weights."""
     p = Path(path)
     return build_moeified(read_moeified_config(p), _read_weights(p), dispatcher=dispatcher, where=str(p),
                           **from_config_kwargs)
@@ -563,24 +623,32 @@ def load_moeified(path: str, *, dispatcher: DispatcherFactory | None = None, **f
 
 def build_moeified(config: Any, state: dict[str, Tensor], *, dispatcher: DispatcherFactory | None = None,
                    where: str = "state", **from_config_kwargs: Any) -> nn.Module:
-    """A moeified model from its config (holding ``megamoe_moeify``) and a state dict:
-    the dense skeleton, moeify without upcycling, then the weights (eval mode)."""
+    """A moeified model from its config (holding ``megamoe_moeify`` or ``megamoe_swap``) and a
+    state dict: the base skeleton, moeify without upcycling (or swap_moe_blocks), then the
+    weights (eval mode)."""
     import copy
 
     import transformers
 
     spec = getattr(config, "megamoe_moeify", None)
-    if not spec:
-        raise ConfigError(f"{where}/config.json has no 'megamoe_moeify' entry: it was not saved from a model "
-                          "converted with megamoe.integrations.hf.moeify with a built-in adapter (with a custom "
-                          "adapter, build the model, call moeify(..., adapter=...) and load_state_dict)")
+    swap = getattr(config, "megamoe_swap", None)
+    if not spec and swap is None:
+        raise ConfigError(f"{where}/config.json has no 'megamoe_moeify' (or 'megamoe_swap') entry: it was not saved "
+                          "from a model converted with megamoe.integrations.hf.moeify with a built-in adapter or with "
+                          "swap_moe_blocks (with a custom adapter, build the model, call moeify(..., adapter=...) and "
+                          "load_state_dict)")
     if isinstance(config, _MoeifiedConfig):  # the Auto classes know the base config class only
         config = copy.deepcopy(config)
         config.__class__ = config._moeified_base
     model = transformers.AutoModelForCausalLM.from_config(config, **from_config_kwargs)
-    spec = dict(spec)
-    spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
-    moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
+    if spec:
+        spec = dict(spec)
+        spec["router"] = from_dict(RouterConfig, spec["router"], where="megamoe_moeify.router")
+        moeify(model, upcycle=False, dispatcher=dispatcher, **spec)
+    else:
+        router = swap.get("router") if isinstance(swap, dict) else None
+        swap_moe_blocks(model, dispatcher=dispatcher,
+                        router=from_dict(RouterConfig, router, where="megamoe_swap.router") if router else None)
     state = dict(state)
     for name, layer in named_moe_layers(model):
         if layer.dispatcher.num_local_experts != layer.config.num_experts:

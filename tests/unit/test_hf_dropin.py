@@ -2,12 +2,15 @@
 
 Tiny configs built locally; dense weights are rescaled so outputs are far from trivial.
 """
+import pickle
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from megamoe import ConfigError, MoELayer, RouterConfig  # noqa: E402
+from megamoe.checkpoint.hf_convert import ConversionError, convert_to_hf  # noqa: E402
 from megamoe.integrations.hf import (DenseMLPWeights, MLPAdapter, MoETrainerCallback, load_moeified,  # noqa: E402
                                      moeify, swap_moe_blocks)
 from megamoe.stats import moe_layers  # noqa: E402
@@ -171,6 +174,41 @@ def test_hf_moe_blocks_swap_keeps_outputs(make, n):
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     assert all(layer.router.weight.grad is not None for layer in moe_layers(model))
+
+
+@pytest.mark.parametrize("make", [_mixtral, _qwen2_moe, _glm4_moe, _deepseek_v3])
+def test_swapped_models_save_reload_and_export_to_their_own_class(make, tmp_path):
+    """A model whose HF MoE blocks were swapped and then trained must not load silently wrong:
+    stock loaders refuse its save_pretrained directory (they would leave the blocks random and
+    drop the MoELayer weights), load_moeified rebuilds it exactly, and convert writes the
+    model's own stock class, which computes the same logits."""
+    torch.manual_seed(0)
+    model = make()
+    name = type(model).__name__
+    swap_moe_blocks(model, router=None)
+    assert type(model).__name__ == name
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # routers and experts move away from the HF weights
+        ids = torch.randint(0, V, (4, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="load_moeified"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, V, (2, 9))
+    back = load_moeified(str(tmp_path / "m"))
+    torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=0)
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(_logits(clone, ids), _logits(model, ids), rtol=0, atol=0)
+    report = convert_to_hf(tmp_path / "m", tmp_path / "hf")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert report.format == model.config.model_type and type(stock).__name__ == name
+    torch.testing.assert_close(_logits(stock, ids), _logits(model, ids), rtol=0, atol=1e-5)
+    with pytest.raises(ConversionError, match="exports to its own class"):
+        convert_to_hf(model, tmp_path / "other", format="qwen2_moe" if report.format != "qwen2_moe" else "mixtral")
 
 
 def test_aux_loss_reaches_backward_without_touching_the_model_forward():
