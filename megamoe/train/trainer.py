@@ -337,8 +337,10 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
         atomic_write_text(os.path.join(out_dir, "config.yaml"), dump_config(cfg))
 
     run_agreed(start_outputs, collective=True)
-    # Before any slow set-up: a damaged or weights-only --resume target fails here.
+    # Before any slow set-up: a damaged or weights-only --resume target, a different model or
+    # backend, or a setting that may not change on resume fails here.
     resume_from = find_resume_checkpoint(out_dir, resume, collective=True) if resume else None
+    resume_meta, resume_changed = _check_resume_config(resume_from, cfg) if resume_from else ({}, {})
 
     # Data: rank 0 builds the cache, everyone reads it.
     from megamoe.train.data import ShuffledBatches, cache_key, eval_batches, load_prepared, prepare_data
@@ -383,7 +385,7 @@ def run_training(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool
     if resume and resume_from is None:
         _log(f"--resume: no checkpoint under {ckpt_root}; starting from step 0")
     if resume_from:
-        start_step = _load_checkpoint(resume_from, cfg, backend, step_state, world)
+        start_step = _load_checkpoint(resume_from, resume_meta, resume_changed, cfg, backend, step_state, world)
         _log(f"resumed from {resume_from} at step {start_step}")
     else:
         # Per-rank streams differ (router jitter) but are reproducible.
@@ -608,8 +610,10 @@ def save_checkpoint(cfg: TrainConfig, backend, step_state, step: int, world: int
     return final
 
 
-def _load_checkpoint(path: str, cfg: TrainConfig, backend, step_state, world: int) -> int:
-    """Load a verified checkpoint into ``backend`` (every rank); returns its step."""
+def _check_resume_config(path: str, cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """The checkpoint's ``megamoe_config.json`` and the settings ``cfg`` changes against it;
+    ConfigError for a different model or backend or a setting that may not change on resume
+    (every rank reads the same file, so all of them stop here, before data preparation)."""
     advice = _resume_advice(os.path.dirname(os.path.abspath(path)))
     meta_path = os.path.join(path, CONFIG_NAME)
     meta = read_json(meta_path, advice=advice)
@@ -622,10 +626,17 @@ def _load_checkpoint(path: str, cfg: TrainConfig, backend, step_state, world: in
     if diff:  # compared in effect: num_kv_heads=None and an explicit equal head count build the same model
         raise ConfigError(f"checkpoint {path!r} was trained with a different model config (fields differ: "
                           f"{', '.join(k for k, _, _ in diff)}); resume with the original model section")
-    if meta.get("backend") != backend.name:
+    if meta.get("backend") != cfg.parallel.backend:
         raise ConfigError(f"checkpoint {path!r} was written by the {meta.get('backend')!r} backend; resume it "
                           f"with parallel.backend={meta.get('backend')}")
-    changes = resume_changes(meta.get("train_config"), cfg, checkpoint=path)
+    return meta, resume_changes(meta.get("train_config"), cfg, checkpoint=path)
+
+
+def _load_checkpoint(path: str, meta: dict[str, Any], changes: dict[str, tuple[Any, Any]], cfg: TrainConfig,
+                     backend, step_state, world: int) -> int:
+    """Load a verified checkpoint (``meta`` and ``changes`` from :func:`_check_resume_config`)
+    into ``backend`` (every rank); returns its step."""
+    advice = _resume_advice(os.path.dirname(os.path.abspath(path)))
     backend.load(path)
     if any(k in changes for k in LR_SCHEDULE_FIELDS):
         backend.set_lr_schedule(cfg.train.lr)

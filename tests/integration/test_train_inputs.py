@@ -167,11 +167,14 @@ def test_resume_without_changes_repeats_the_run_exactly(six_steps, tmp_path, cac
 ])
 def test_resume_refuses_settings_that_cannot_change(six_steps, tmp_path, cache_dir, capsys, override, field):
     out = _from_step3(six_steps, tmp_path)
+    cached = sorted(os.listdir(cache_dir))
     rc, printed = _train(capsys, out, cache_dir, "train.steps=6", "train.save_interval=3", "train.lr=0.01",
                          "--resume", override)
     assert rc == 2, printed
     assert field in printed and ("cannot change on resume" in printed or "different model config" in printed)
     assert not (out / "metrics.jsonl").exists()  # refused before any step
+    # ... and before data preparation (data.seed=7 would tokenise a new cache entry) or the model
+    assert sorted(os.listdir(cache_dir)) == cached and "model:" not in printed
 
 
 # ------------------------------------------------------------------ DeepSpeed backend, EP=2, ZeRO-1
