@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 
+from bench_layer import SHAPES as LAYER_SHAPES  # this folder is on sys.path when run as a script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHAPES = {"coarse": (4096, 512, 1024, 8, 2), "fine": (4096, 512, 128, 64, 8)}
+SHAPES = {name: LAYER_SHAPES[name] for name in ("coarse", "fine")}  # the CPU shapes
 
 # Runs inside each version's tree (PYTHONPATH points at it): the layer's public API only.
 STEP = r"""
