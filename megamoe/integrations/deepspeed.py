@@ -54,15 +54,17 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import types
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megamoe.checkpoint.staged import run_agreed
 from megamoe.parallel import ExpertParallelGroups, is_expert_param
 from megamoe.train.step_state import MoEStepState
 
@@ -358,21 +360,106 @@ def attach_step_state(engine, state: MoEStepState) -> Any:
     return torch_optimizer(engine.optimizer).register_step_post_hook(end_step)
 
 
-def _join_deepspeed_comm() -> None:
-    """``deepspeed.init_distributed`` over the existing torch process group.
-
-    On the CPU DeepSpeed builds (or loads) a shared-memory op and prints "... built
-    successfully" on every start; that line is held back unless the call fails.
-    """
-    import deepspeed
-
+@contextlib.contextmanager
+def _stdout_shown_on_failure() -> Iterator[None]:
+    """Hold back what the block prints (DeepSpeed's "... built successfully" lines) unless it raises."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
+            yield
     except BaseException:
         sys.stdout.write(captured.getvalue())
         raise
+
+
+def _in_turns(fn: Callable[[], Any]) -> None:
+    """Call ``fn()`` on every rank of the torch process group, in three turns: rank 0 alone,
+    then the first rank of each other host, then all the others together (a collective).
+
+    For one-time work with a per-host on-disk cache, such as a JIT-compiled op: the first turn
+    fills the cache, the later ones only read it (or fill their own host's). A failure on any
+    rank makes every rank raise (the failed one its own error, the others one naming its rank),
+    so no rank waits forever for a turn that will not come.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    host_first = hosts.index(hosts[rank]) == rank
+    for mine in (rank == 0, host_first and rank != 0, not host_first):
+        run_agreed(fn if mine else (lambda: None), collective=True)
+
+
+def _build_comm_op_in_turns() -> bool:
+    """Build DeepSpeed's CPU shared-memory collective op one process per host at a time.
+
+    ``deepspeed.init_distributed`` JIT-builds it in every process at once on a CPU machine's
+    first start; torch's build lock does not stop a rank from importing a half-made or missing
+    library there ("deepspeed_shm_comm.so: cannot open shared object file"). Built in turns,
+    only the first process compiles and the others load its result. A no-op where DeepSpeed
+    needs no such op (GPU accelerators) or has already set up its communication backend.
+    Returns whether DeepSpeed's backend setup that follows will use the op.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    if ds_comm.is_initialized():
+        return False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return False
+
+    def build() -> None:
+        try:
+            with _stdout_shown_on_failure():
+                builder.load()
+        except Exception as exc:
+            where = os.environ.get("TORCH_EXTENSIONS_DIR", "torch's extension cache")
+            raise RuntimeError(f"DeepSpeed could not build its CPU shared-memory op {builder.absolute_name()} "
+                               f"(in {where}): {type(exc).__name__}: {exc}. A build killed half-way leaves a "
+                               "'lock' file in that folder: remove it and start again") from exc
+
+    _in_turns(build)
+    return True
+
+
+SHM_FOLDER = "/dev/shm"
+
+
+def _shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU op keeps rank ``rank``'s all-reduce buffer (DeepSpeed 0.16-0.19 name it
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``; checked by the tests)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_FOLDER, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped
+    every buffer (a collective).
+
+    DeepSpeed's CPU op creates one ~69 MB buffer per rank in /dev/shm when all ranks share a host
+    (``LOCAL_SIZE`` = world size, as the ``deepspeed`` launcher sets) and never removes it: each
+    run with a new master port left that much RAM taken until reboot. The mappings the ranks hold
+    stay valid after the name is gone, and the memory is returned when the last rank exits,
+    however it exits.
+    """
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_shm_buffer_path(dist.get_rank()))
+
+
+def _join_deepspeed_comm() -> None:
+    """``deepspeed.init_distributed`` over the existing torch process group: its CPU op built in
+    turns first (:func:`_build_comm_op_in_turns`), its shared-memory buffers' names removed after
+    (:func:`_unlink_shm_buffer`); the "built successfully" lines it prints on every start are held
+    back unless the call fails."""
+    import deepspeed
+
+    uses_shm_op = _build_comm_op_in_turns()
+    with _stdout_shown_on_failure():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if uses_shm_op:
+        _unlink_shm_buffer()
 
 
 def initialize(model: nn.Module, ds_config: Mapping[str, Any] | str | os.PathLike, groups: ExpertParallelGroups,

@@ -48,6 +48,12 @@ def _run(cmd: list[str], *, timeout: float = 300) -> subprocess.CompletedProcess
     return proc
 
 
+def _shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (a run must not leave one behind)."""
+    folder = "/dev/shm"
+    return {n for n in os.listdir(folder) if n.startswith("deepspeed_allreduce_buffer")} if os.path.isdir(folder) else set()
+
+
 def _losses(out_dir) -> list[float]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
@@ -84,7 +90,9 @@ def torch_reference(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_deepspeed_backend_on_one_process(entry, tmp_path, cache_dir, torch_reference):
     out = tmp_path / "run"
+    shm_before = _shm_buffers()
     proc = _run(ENTRY_POINTS[entry](_train_args(out, cache_dir, "parallel.backend=deepspeed")))
+    assert _shm_buffers() <= shm_before  # DeepSpeed's shared-memory buffers went with the process
     got = _losses(out)
     assert len(got) == 4 and got == pytest.approx(torch_reference, rel=1e-5), (got, torch_reference)
     meta = json.load(open(out / "checkpoints" / "step_00000004" / "megamoe_config.json"))
@@ -123,7 +131,9 @@ def test_gpu_configs_train_scaled_down_on_the_cpu(config, launch, tmp_path, cach
     args = ["--config", os.path.join(ROOT, "configs", config), *SHRINK, f"train.output_dir={out}",
             f"data.cache_dir={cache_dir}"]
     if launch:
+        shm_before = _shm_buffers()
         _run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), *launch, *args[1:], "parallel.ep_size=2"])
+        assert _shm_buffers() <= shm_before
     else:
         _run([sys.executable, "-m", "megamoe.cli", "train", *args])
     losses = _losses(out)
