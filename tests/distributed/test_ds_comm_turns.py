@@ -82,6 +82,7 @@ def _shm_worker(rank: int, world: int) -> dict:
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     named_before = os.path.exists(mds._shm_buffer_path(rank))
     mds._unlink_shm_buffer()
+    dist.barrier()  # every rank has removed its name
     named_after = [os.path.exists(mds._shm_buffer_path(r)) for r in range(world)]
     # The op's all-reduce goes through the buffers the ranks mapped before their names went.
     t = torch.arange(4, dtype=torch.float32) * (rank + 1)
