@@ -22,16 +22,13 @@ import sys
 
 import pytest
 
+from tiny_run import TINY_RUN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
 
-# A model and corpus small enough for a step in milliseconds.
-SMALL = ["model.vocab_size=256", "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32",
-         "model.moe.num_experts=4", "model.moe.experts.intermediate_size=32", "data.embedded_docs=420",
-          "data.seq_len=32",
-         "data.eval_fraction=0.1", "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=0.01",
-         "train.threads=1", "train.progress=false", "train.plots=false", "train.tensorboard=false",
-         "train.steps=4", "train.eval_interval=4", "train.save_interval=4", "parallel.ep_size=1"]
+SMALL = [*TINY_RUN, "train.lr=0.01", "train.plots=false", "train.tensorboard=false", "train.steps=4",
+         "train.eval_interval=4", "train.save_interval=4", "parallel.ep_size=1"]
 
 
 def _env() -> dict[str, str]:

@@ -11,17 +11,13 @@ import pytest
 import torch
 
 from megamoe.testing import run_distributed
+from tiny_run import TINY_RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE_CFG = os.path.join(ROOT, "configs", "tiny_single.yaml")
 TINY_CFG = os.path.join(ROOT, "configs", "tiny.yaml")
 
-# A very small model and corpus so a step takes milliseconds on one core.
-TINY = ["parallel.backend=torch", "parallel.ep_size=1", "model.vocab_size=256", "model.hidden_size=32",
-        "model.num_heads=2", "model.max_seq_len=32", "model.moe.num_experts=4",
-        "model.moe.experts.intermediate_size=32",
-        "data.embedded_docs=420", "data.seq_len=32", "data.eval_fraction=0.1", "train.micro_batch_size=4",
-        "train.warmup_steps=2", "train.lr=0.01", "train.threads=1", "train.progress=false"]
+TINY = ["parallel.backend=torch", "parallel.ep_size=1", *TINY_RUN, "train.lr=0.01"]
 
 
 @pytest.fixture(scope="module")
