@@ -581,7 +581,9 @@ def save_checkpoint(cfg: TrainConfig, backend, step_state, step: int, world: int
         raise NonFiniteWeightsError(nonfinite_message(bad, what=f"checkpoint {final} (step {step})"))
     with StagedDirectory(final, collective=True, log=_log) as staged:
         tmp = str(staged.payload)
-        backend.save(tmp)  # raises on every rank or on none
+        # A failure raises on its rank and leaves the block without a collective; inside DeepSpeed's own
+        # collective save the other ranks learn of it as a closed connection when that process exits.
+        backend.save(tmp)
         crash_point("save.partial")
 
         def write_rest() -> None:
