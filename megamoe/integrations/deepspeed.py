@@ -427,8 +427,9 @@ SHM_FOLDER = "/dev/shm"
 
 
 def _shm_buffer_path(rank: int) -> str:
-    """Where DeepSpeed's CPU op keeps rank ``rank``'s all-reduce buffer (DeepSpeed 0.16-0.19 name it
-    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``; checked by the tests)."""
+    """Where DeepSpeed's CPU op keeps rank ``rank``'s all-reduce buffer (DeepSpeed 0.19.8 names it
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``; the tests check that the
+    installed DeepSpeed still does: with another name the unlink finds nothing and changes nothing)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return os.path.join(SHM_FOLDER, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
 
