@@ -122,6 +122,12 @@ def _qkv_bias(d: Moeified) -> str | None:
     return None
 
 
+def _block_problems(d: Moeified, fmt: str) -> list[str]:
+    """Why ``fmt``'s MoE blocks cannot hold the model's MoE layers exactly."""
+    return moe_problems(d.moe, fmt, moe_indices=d.moe_indices, num_layers=d.num_layers,
+                        layers_field=d.layers_field, selection_bias=d.selection_bias)
+
+
 def moeified_problems(d: Moeified, fmt: str) -> list[str]:
     """Why the moeified model ``d`` cannot be written as ``fmt`` exactly (empty: it can)."""
     if fmt == "megamoe":
@@ -130,8 +136,7 @@ def moeified_problems(d: Moeified, fmt: str) -> list[str]:
         if fmt != d.base_type:
             return [f"the MoE blocks were swapped into a {d.base_type} model: it exports to its own class "
                     f"({d.base_type!r}) or to --format megamoe"]
-        return moe_problems(d.moe, fmt, moe_indices=d.moe_indices, num_layers=d.num_layers,
-                            layers_field=d.layers_field, selection_bias=d.selection_bias)
+        return _block_problems(d, fmt)
     if d.base_type == "gpt2":
         return ["model_type='gpt2': GPT-2 adds learned absolute position embeddings (transformer.wpe) and uses "
                 "LayerNorm with biases; no stock transformers MoE class has either, so no stock format holds "
@@ -156,8 +161,7 @@ def moeified_problems(d: Moeified, fmt: str) -> list[str]:
     if window and types and fmt == "mixtral" and any(t != "sliding_attention" for t in types):
         probs.append("layer_types mixes sliding and full attention: Mixtral applies sliding_window to every "
                      "block (qwen2_moe has layer_types)")
-    return probs + moe_problems(d.moe, fmt, moe_indices=d.moe_indices, num_layers=d.num_layers,
-                                layers_field=d.layers_field, selection_bias=d.selection_bias)
+    return probs + _block_problems(d, fmt)
 
 
 def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
@@ -175,8 +179,10 @@ def choose_moeified_format(d: Moeified, requested: str = "auto") -> str:
     for fmt in candidates:
         if not moeified_problems(d, fmt):
             return fmt
-    closest = "glm4_moe" if getattr(d.moe.router.options, "score_func", None) == "sigmoid" else "qwen2_moe"
-    closest = d.base_type if d.swapped else closest
+    if d.swapped:
+        closest = d.base_type
+    else:
+        closest = "glm4_moe" if getattr(d.moe.router.options, "score_func", None) == "sigmoid" else "qwen2_moe"
     raise ConversionError(f"no stock transformers MoE class computes the same function as this moeified "
                           f"{d.base_type} model (closest: {closest}):\n  - "
                           + "\n  - ".join(moeified_problems(d, closest))

@@ -31,7 +31,6 @@ def _turns_worker(rank: int, world: int, folder: str) -> dict:
             with open(marker, "w") as f:
                 f.write("done")
         seen["marker_before_my_turn"] = os.path.exists(marker)
-        seen["time"] = time.monotonic()
 
     _in_turns(work)
     dist.barrier()
