@@ -11,7 +11,8 @@ activations use ``up_proj`` [E, I, D] and ``down_proj`` [E, D, I]. Optional bias
 Paths, all computing the same function:
 - ``triton``: ``torch._grouped_mm`` for both projections, the activation and the per-row
   combine weight fused into one Triton kernel (``megamoe.kernels``; the dispatcher then also
-  permutes and combines with Triton kernels). No host synchronisation when dropless.
+  permutes and combines with Triton kernels). No host synchronisation for top-k routing,
+  dropless or under a capacity (single process; see ``megamoe.dispatch.base.map_slots``).
 - ``grouped``: one ``torch._grouped_mm`` per projection over the variable-size groups, the
   activation in plain torch ops.
 - ``loop``: one GEMM per expert on its contiguous slice of rows.

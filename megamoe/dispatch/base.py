@@ -41,7 +41,10 @@ class SlotMap:
     slot_idx_R: flat slot index t*K + k of each routed row.
     token_idx_R: the token of each routed row (slot_idx_R // K).
     row_of_slot_TK: the inverse map, the row of slot (t, k) or -1 where the slot is
-        dropped or empty; built only when asked for (the Triton kernels use it).
+        dropped or empty (padding rows included: no slot reads them); built only when asked
+        for (the Triton kernels use it).
+    valid_R: None when every row is a kept slot; else bool [R], False on the padding rows
+        that follow the kept ones (see :func:`map_slots`, ``static_rows``).
     """
 
     num_tokens: int
@@ -49,33 +52,60 @@ class SlotMap:
     slot_idx_R: Tensor
     token_idx_R: Tensor
     row_of_slot_TK: Tensor | None = None
+    valid_R: Tensor | None = None
+
+    def group_sizes(self, tokens_per_expert_E: Tensor) -> Tensor:
+        """Rows per expert for the experts: the kept counts, with the padding rows (if any)
+        counted in the last expert's group, so the groups cover all R rows."""
+        if self.valid_R is None:
+            return tokens_per_expert_E
+        num_rows = self.slot_idx_R.numel()
+        pad = num_rows - tokens_per_expert_E.sum()
+        return torch.cat([tokens_per_expert_E[:-1], tokens_per_expert_E[-1:] + pad])
 
 
-def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = False) -> SlotMap:
+def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = False,
+              static_rows: bool = False) -> SlotMap:
     """Sort the decision's kept slots by expert.
 
-    No host synchronisation when ``decision.dropless`` (R = T*K is known from the shapes);
-    otherwise the number of kept slots is read from the counts (one ``.item()``: capacity
-    modes size their buffers by it).
+    No host synchronisation when ``decision.dropless`` (R = T*K is known from the shapes).
+    Otherwise slots may be dropped, and the number of rows R is either
+    - with ``static_rows`` and a decision that bounds its kept slots on the host
+      (``decision.kept_bound``, e.g. E*C under a capacity): R = min(T*K, kept_bound), again
+      known without reading device data. The kept rows come first; the rest are padding
+      rows (dropped slots, in sort order) marked by ``valid_R``: they get zero combine
+      weights (:func:`row_weights`), no slot reads them (:func:`combine_rows`) and the
+      last expert's group holds them (:meth:`SlotMap.group_sizes`). The price is computing
+      those rows: at most the dropped slots, or E*C minus the kept ones under a capacity
+      factor below 1. Used where rows stay on this process (the local dispatcher);
+    - otherwise the kept count, read from the counts (one ``.item()``).
     """
     ids_TK = decision.expert_ids_TK
     num_tokens, top_k = ids_TK.shape
     flat = ids_TK.reshape(-1)
+    valid_R = None
     if decision.dropless:
         order = torch.argsort(flat, stable=True)
         slot_idx_R = order
     else:
         # Empty / dropped slots (-1) sort after every expert and are cut off.
         order = torch.argsort(torch.where(flat >= 0, flat, torch.full_like(flat, num_experts)), stable=True)
-        slot_idx_R = order[:int(decision.tokens_per_expert_E.sum().item())]
+        if static_rows and decision.kept_bound is not None:
+            slot_idx_R = order[:min(flat.numel(), decision.kept_bound)]
+            valid_R = torch.arange(slot_idx_R.numel(), device=flat.device) < decision.tokens_per_expert_E.sum()
+        else:
+            slot_idx_R = order[:int(decision.tokens_per_expert_E.sum().item())]
     row_of_slot_TK = None
     if inverse:
         rows = torch.arange(slot_idx_R.numel(), device=flat.device)
+        if valid_R is not None:
+            rows = torch.where(valid_R, rows, -1)
         # Dropless: every slot gets a row, so no -1 fill is needed.
         fill = torch.empty_like(flat) if decision.dropless else torch.full_like(flat, -1)
         row_of_slot_TK = fill.scatter_(0, slot_idx_R, rows).view(num_tokens, top_k)
     return SlotMap(num_tokens=num_tokens, top_k=top_k, slot_idx_R=slot_idx_R,
-                   token_idx_R=torch.div(slot_idx_R, top_k, rounding_mode="floor"), row_of_slot_TK=row_of_slot_TK)
+                   token_idx_R=torch.div(slot_idx_R, top_k, rounding_mode="floor"), row_of_slot_TK=row_of_slot_TK,
+                   valid_R=valid_R)
 
 
 @dataclass
@@ -198,14 +228,18 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
         from megamoe.kernels.combine import combine as combine_kernel
 
         return combine_kernel(y_RD, slots.row_of_slot_TK, slots.token_idx_R)
+    if slots.valid_R is not None:  # padding rows: exact zeros whatever the experts made of them
+        y_RD = torch.where(slots.valid_R.unsqueeze(1), y_RD, 0)
     if y_RD.device.type == "cpu":
         return y_RD.new_zeros(slots.num_tokens, y_RD.shape[-1]).index_add_(0, slots.token_idx_R, y_RD)
     return unpermute(y_RD, slots).sum(1)
 
 
 def row_weights(weights_TK: Tensor, slots: SlotMap) -> Tensor:
-    """Combine weight of each routed row (differentiable)."""
-    return weights_TK.reshape(-1).index_select(0, slots.slot_idx_R)
+    """Combine weight of each routed row (differentiable); 0 on padding rows, which pass no
+    gradient back to the router."""
+    w_R = weights_TK.reshape(-1).index_select(0, slots.slot_idx_R)
+    return w_R if slots.valid_R is None else torch.where(slots.valid_R, w_R, 0)
 
 
 __all__ = ["DispatchHandle", "Dispatcher", "SlotMap", "combine_rows", "map_slots", "permute", "row_weights",

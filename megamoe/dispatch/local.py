@@ -44,9 +44,11 @@ class LocalDispatcher(Dispatcher):
 
     def dispatch(self, x_TD: Tensor, decision: RoutingDecision, *,
                  use_kernels: bool = False) -> tuple[Tensor, DispatchHandle]:
-        slots = map_slots(decision, self.num_experts, inverse=use_kernels)
+        # Rows stay in this process, so a decision that bounds its kept slots is padded to the
+        # bound instead of read back from the device (see map_slots).
+        slots = map_slots(decision, self.num_experts, inverse=use_kernels, static_rows=True)
         x_RD = permute(x_TD, slots, use_kernels=use_kernels)
-        handle = DispatchHandle(slots=slots, tokens_per_local_expert_E=decision.tokens_per_expert_E,
+        handle = DispatchHandle(slots=slots, tokens_per_local_expert_E=slots.group_sizes(decision.tokens_per_expert_E),
                                 row_weights_R=row_weights(decision.weights_TK, slots), use_kernels=use_kernels)
         return x_RD, handle
 

@@ -41,6 +41,9 @@ class RoutingDecision:
         number of routed rows is T*K, known from the shapes: dispatch then needs no host
         synchronisation (CUDA graphs, torch.compile). False (the safe default) makes the
         dispatcher read the kept count from ``tokens_per_expert_E``.
+    kept_bound: when slots may be dropped, a bound on the number of kept slots known on the
+        host (top-k under a capacity C: E*C), or None. A dispatcher whose rows stay local
+        sizes its buffers by it instead of reading the kept count back from the device.
     """
 
     expert_ids_TK: Tensor
@@ -50,6 +53,7 @@ class RoutingDecision:
     selected_per_expert_E: Tensor | None = None
     stats: Mapping[str, Tensor] = field(default_factory=dict)
     dropless: bool = False
+    kept_bound: int | None = None
 
     @property
     def num_tokens(self) -> int:

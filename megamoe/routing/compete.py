@@ -34,6 +34,7 @@ are (E + K) / K times an ordinary step's.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,12 +160,8 @@ class CompeteRouter(TopKRouter):
         ctx = ctx or RoutingContext()
         if not self.is_competition(ctx):
             decision = super().forward(x_TD, ctx)
-            return RoutingDecision(
-                expert_ids_TK=decision.expert_ids_TK, weights_TK=decision.weights_TK,
-                tokens_per_expert_E=decision.tokens_per_expert_E, aux_loss=decision.aux_loss,
-                selected_per_expert_E=decision.selected_per_expert_E,
-                stats={**decision.stats, "competition": torch.zeros((), device=x_TD.device)},
-                dropless=decision.dropless)
+            return dataclasses.replace(
+                decision, stats={**decision.stats, "competition": torch.zeros((), device=x_TD.device)})
         if ctx.compute_all_experts is None:
             raise RuntimeError("compete router: a competition step needs RoutingContext.compute_all_experts "
                                "(MoELayer provides it); call the router through MoELayer")

@@ -163,6 +163,7 @@ class TopKRouter(LinearRouterMixin, Router):
 
         stats: dict[str, Tensor] = {}
         capacity_factor = o.capacity_factor_for(self.training)
+        kept_bound = None
         if capacity_factor is not None:
             cap = expert_capacity(x_TD.shape[0], num_experts=self.num_experts, top_k=cfg.top_k,
                                   capacity_factor=capacity_factor)
@@ -171,11 +172,12 @@ class TopKRouter(LinearRouterMixin, Router):
             ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, -1))
             weights_TK = weights_TK * keep_TK
             kept_E = counts_per_expert(ids_TK, self.num_experts)
+            kept_bound = self.num_experts * cap
         else:
             kept_E = selected_E
         return RoutingDecision(expert_ids_TK=ids_TK, weights_TK=weights_TK, tokens_per_expert_E=kept_E,
                                aux_loss=aux, selected_per_expert_E=selected_E, stats=stats,
-                               dropless=capacity_factor is None)
+                               dropless=capacity_factor is None, kept_bound=kept_bound)
 
     def _aux_loss(self, logits_TE: Tensor, scores_TE: Tensor, selected_E: Tensor) -> Tensor | None:
         cfg = self.config

@@ -67,6 +67,32 @@ def test_map_slots_inverse_and_order():
     assert torch.equal(slots.token_idx_R, slots.slot_idx_R // 3)
 
 
+@pytest.mark.parametrize("bound", [100, 30, 23])
+def test_map_slots_static_rows_pad_to_the_bound(bound):
+    """With a host-side bound on the kept slots, R = min(T*K, bound) rows: the kept rows in the
+    exact order first, then padding rows (dropped slots) that no slot maps to, counted in the
+    last expert's group."""
+    gen = torch.Generator().manual_seed(5)
+    ids_TK = torch.randint(5, (13, 3), generator=gen)
+    ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.5, -1, ids_TK).to(DEVICE)
+    counts_E = counts_per_expert(ids_TK, 5)
+    kept = int(counts_E.sum())
+    assert kept == 23  # the last bound: every row kept, no padding
+    decision = RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=DEVICE),
+                               tokens_per_expert_E=counts_E, kept_bound=bound)
+    exact = map_slots(decision, 5, inverse=True)
+    padded = map_slots(decision, 5, inverse=True, static_rows=True)
+    num_rows = min(39, bound)
+    assert padded.slot_idx_R.numel() == num_rows and exact.slot_idx_R.numel() == kept
+    assert torch.equal(padded.slot_idx_R[:kept], exact.slot_idx_R)
+    assert padded.valid_R.tolist() == [True] * kept + [False] * (num_rows - kept)
+    assert torch.equal(padded.row_of_slot_TK, exact.row_of_slot_TK)  # padding rows are nobody's
+    assert (ids_TK.reshape(-1)[padded.slot_idx_R[kept:]] == -1).all()
+    sizes = padded.group_sizes(counts_E)
+    assert torch.equal(sizes[:-1], counts_E[:-1]) and int(sizes.sum()) == num_rows
+    assert exact.group_sizes(counts_E) is counts_E
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("drop", [False, True])

@@ -1,4 +1,4 @@
-"""CUDA-only checks of the layer's Triton path (bf16, dropless top-k): no host synchronisation
+"""CUDA-only checks of the layer's Triton path (bf16, top-k dropless and under a capacity): no host synchronisation
 under torch.cuda.set_sync_debug_mode("error"), forward+backward captured in a CUDA graph and
 replayed on new data equal to eager, and torch.compile (inductor, fullgraph) equal to eager.
 
@@ -19,11 +19,16 @@ TOKENS, HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 384, 8, 2
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 
 
-def _layer(shared: int = 1) -> MoELayer:
+CAPACITY = pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+
+
+def _layer(shared: int = 1, capacity_factor: float | None = None) -> MoELayer:
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=HIDDEN, num_experts=EXPERTS,
                     experts=ExpertConfig(intermediate_size=INTER, impl="triton"),
-                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.01), num_shared_experts=shared)
+                    router=RouterConfig(top_k=TOP_K, aux_loss_coef=0.01,
+                                        options={"capacity_factor": capacity_factor}),
+                    num_shared_experts=shared)
     return MoELayer(cfg).to(device="cuda", dtype=torch.bfloat16)
 
 
@@ -48,8 +53,9 @@ def test_auto_picks_triton_on_cuda_bf16():
     assert MoELayer(cfg).experts.impl_for(x) == "triton"
 
 
-def test_forward_backward_never_synchronises():
-    layer = _layer()
+@CAPACITY
+def test_forward_backward_never_synchronises(capacity_factor):
+    layer = _layer(capacity_factor=capacity_factor)
     x, up = _inputs(1)
     _step(layer, x.clone().requires_grad_(True), up)  # compiles the kernels, warms the allocator
     torch.cuda.synchronize()
@@ -61,8 +67,9 @@ def test_forward_backward_never_synchronises():
     torch.cuda.synchronize()
 
 
-def test_cuda_graph_capture_and_replay_equal_eager():
-    layer = _layer()
+@CAPACITY
+def test_cuda_graph_capture_and_replay_equal_eager(capacity_factor):
+    layer = _layer(capacity_factor=capacity_factor)
     reference = copy.deepcopy(layer)
     x0, up = _inputs(2)
     static_x = x0.clone().requires_grad_(True)
@@ -94,8 +101,9 @@ def test_cuda_graph_capture_and_replay_equal_eager():
         torch.testing.assert_close(p.grad, q.grad, **BF16_TOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_inductor_compile_fullgraph_equals_eager():
-    layer = _layer()
+@CAPACITY
+def test_inductor_compile_fullgraph_equals_eager(capacity_factor):
+    layer = _layer(capacity_factor=capacity_factor)
     x, up = _inputs(4)
 
     def loss_fn(x_):

@@ -7,6 +7,7 @@ Runs under Triton's interpreter without a GPU (see tests/conftest.py), compiled 
 torch._grouped_mm runs on CPU too, for 16-byte aligned rows (hidden and intermediate sizes
 here are multiples of 8).
 """
+import math
 import os
 
 import pytest
@@ -148,11 +149,13 @@ def _syncing(name: str, kwargs: dict) -> bool:
     return name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size"))
 
 
-def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync():
-    """The dropless layer traces as one graph, forward and backward (the kernels are custom ops
-    with fake implementations), computes what eager does, and neither graph holds an op that
-    reads device values on the host (an .item() or .tolist() anywhere would show up as
-    aten._local_scalar_dense). bf16: torch._grouped_mm's fake implementation accepts only it."""
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync(capacity_factor):
+    """The top-k layer (dropless, and under a capacity) traces as one graph, forward and
+    backward (the kernels are custom ops with fake implementations), computes what eager does,
+    and neither graph holds an op that reads device values on the host (an .item() or
+    .tolist() anywhere would show up as aten._local_scalar_dense). bf16: torch._grouped_mm's
+    fake implementation accepts only it."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
@@ -162,7 +165,7 @@ def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync():
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    layer = _layer("triton", shared=1, dtype=torch.bfloat16)
+    layer = _layer("triton", shared=1, dtype=torch.bfloat16, capacity_factor=capacity_factor)
     x = torch.randn(24, 16, device=DEVICE, dtype=torch.bfloat16)
     up = torch.randn(24, 16, device=DEVICE, dtype=torch.bfloat16)
 
@@ -203,17 +206,96 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_dropless_path_has_no_host_sync(capacity_factor):
-    """Forward and backward of the dropless top-k layer never read device values on the host
-    (routing, sort, kernels, grouped GEMMs, aux loss, statistics); the capacity mode does (it
-    sizes its rows by the kept count), which shows the detector works."""
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
+def test_top_k_layer_has_no_host_sync(capacity_factor):
+    """Forward and backward of the top-k layer never read device values on the host (routing,
+    capacity drops, sort, kernels, grouped GEMMs, aux loss, statistics): dropless, and under a
+    capacity, whose rows are padded to the router's bound E*C instead of counted."""
     layer = _layer("triton", capacity_factor=capacity_factor, shared=1)
     x = torch.randn(20, 16, device=DEVICE, requires_grad=True)
     with _HostSyncs() as mode:
         y = layer(x)
         (y * torch.randn_like(y)).sum().backward()
-    if capacity_factor is None:
-        assert mode.seen == []
-    else:
-        assert any("_local_scalar_dense" in op for op in mode.seen)
+    assert mode.seen == []
+
+
+def test_host_sync_detector_sees_the_counted_rows():
+    """The expert-parallel dispatcher sizes its rows by the kept count (one .item(), the
+    all-to-all needs the counts on the host anyway): the detector above must see it."""
+    layer = _layer("triton", capacity_factor=1.0, dispatcher=AllToAllDispatcher(6, None))
+    x = torch.randn(20, 16, device=DEVICE, requires_grad=True)
+    with _HostSyncs() as mode:
+        layer(x).sum().backward()
+    assert any("_local_scalar_dense" in op for op in mode.seen)
+
+
+@pytest.mark.parametrize("impl", ["triton", "grouped"])
+@pytest.mark.parametrize("capacity_factor", [0.75, 1.25, 2.0])
+def test_capacity_padding_rows_change_nothing(impl, capacity_factor):
+    """Under a capacity the local dispatcher pads the rows to E*C (or T*K): the padding rows
+    (dropped slots, computed by the last expert) must add nothing to any output and pass no
+    gradient to any parameter, the router included. Compared with the expert-parallel
+    dispatcher on one rank, which counts its rows exactly, and with the plain reference.
+    Non-zero weights are planted in the dropped slots: padding must not read them."""
+    fast = _layer(impl, capacity_factor=capacity_factor, top_k=2, experts=4, seed=3)
+    with torch.no_grad():  # skewed routing: expert 0 overflows while others have room to spare
+        fast.router.weight[0] += 1.0
+    exact = _layer(impl, capacity_factor=capacity_factor, top_k=2, experts=4, dispatcher=AllToAllDispatcher(4, None))
+    exact.load_state_dict(fast.state_dict())
+    x = torch.randn(40, 16, device=DEVICE) + 0.5
+    up = torch.randn(40, 16, device=DEVICE)
+    d = fast.compute(x).decision
+    assert d.kept_bound == 4 * math.ceil(40 * 2 / 4 * capacity_factor)
+    padding = min(40 * 2, d.kept_bound) - int(d.tokens_per_expert_E.sum())
+    assert (padding > 0) == (capacity_factor < 2.0)  # 2.0 keeps every slot here: nothing to pad
+    out, g = _grads(fast, x, up, _routed_plus_shared)
+    out_exact, g_exact = _grads(exact, x, up, _routed_plus_shared)
+    ref, g_ref = _grads(fast, x, up, _reference)
+    torch.testing.assert_close(out, out_exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    names = ["x"] + [n for n, _ in fast.named_parameters()]
+    for name, a, b, c in zip(names, g, g_exact, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs exact rows: {m}")
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs reference: {m}")
+
+    # Padding rows never read the weights of dropped slots (a router could leave junk there).
+    from megamoe.dispatch.local import LocalDispatcher
+    from megamoe.routing.base import RoutingDecision
+
+    junk = RoutingDecision(expert_ids_TK=d.expert_ids_TK, weights_TK=torch.where(d.expert_ids_TK < 0, 7.0,
+                                                                                 d.weights_TK),
+                           tokens_per_expert_E=d.tokens_per_expert_E, kept_bound=d.kept_bound)
+    clean = RoutingDecision(expert_ids_TK=d.expert_ids_TK, weights_TK=d.weights_TK,
+                            tokens_per_expert_E=d.tokens_per_expert_E, kept_bound=d.kept_bound)
+    params = [x.requires_grad_(True)] + list(fast.experts.parameters())
+    results = []
+    for decision in (junk, clean):
+        y = LocalDispatcher(4).run(x, decision, fast.experts)
+        results.append((y, torch.autograd.grad((y * up).sum(), params)))
+    (y_junk, g_junk), (y_clean, g_clean) = results
+    torch.testing.assert_close(y_junk, y_clean, rtol=0, atol=0)
+    for a, b in zip(g_junk, g_clean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "grouped"])
+def test_capacity_padding_rows_never_reach_a_token(impl):
+    """The padding rows are computed by the last expert; when that expert overflows (inf), a
+    token whose slot was dropped must still get exactly the output of its kept slots (not
+    inf * 0 = NaN from its padding row), as with exactly counted rows."""
+    fast = _layer(impl, capacity_factor=0.75, top_k=2, experts=4, seed=3)
+    with torch.no_grad():
+        fast.router.weight[0] += 1.0
+        fast.experts.first_weight[-1].fill_(1e30)
+        fast.experts.down_proj[-1].fill_(1e30)
+    exact = _layer(impl, capacity_factor=0.75, top_k=2, experts=4, dispatcher=AllToAllDispatcher(4, None))
+    exact.load_state_dict(fast.state_dict())
+    x = torch.randn(40, 16, device=DEVICE) + 0.5
+    with torch.no_grad():
+        res = fast.compute(x)
+        out_exact = exact.compute(x).out
+    ids = res.decision.expert_ids_TK
+    clean = ~(ids == 3).any(1)  # tokens the overflowing expert does not serve
+    assert bool(((ids < 0).any(1) & clean).any())  # some of them lost a slot: they own padding rows
+    assert torch.isfinite(res.out[clean]).all()
+    torch.testing.assert_close(res.out[clean], out_exact[clean], rtol=1e-5, atol=1e-5)
