@@ -102,49 +102,8 @@ else
   skip train "pyyaml or sentencepiece is not importable by $PY"
 fi
 
-# One table: the steps, then the benchmark (from its JSON) and the training losses.
-"$PY" - "$OUT" "$DEVICE" "${STEPS[@]}" <<'EOF' | tee "$OUT/summary.md"
-import json, math, os, sys
-out, device, steps = sys.argv[1], sys.argv[2], sys.argv[3:]
-print(f"\n## megamoe gpu_check ({device})\n")
-print("| step | status | seconds |\n|---|---|---:|")
-for s in steps:
-    name, status, secs = s.split("|")
-    print(f"| {name} | {status} | {secs} |")
-bench = os.path.join(out, f"bench_layer_{device}.json")
-if os.path.exists(bench):
-    rep = json.load(open(bench))
-    gemm = rep.get("gemm")
-    print(f"\nLayer fwd+bwd, {rep['dtype']}, median of {rep['repeats']}: ms (TFLOP/s"
-          + (f", % of the {gemm['n']}^3 GEMM's {gemm['tflops']:.0f} TFLOP/s" if gemm else "") + "), peak MB\n")
-    impls = []
-    for sh in rep["shapes"].values():
-        impls += [r["impl"] for r in sh["results"] if r["impl"] not in impls]
-    print("| shape | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
-    for name, sh in rep["shapes"].items():
-        cells = []
-        by = {r["impl"]: r for r in sh["results"]}
-        for i in impls:
-            r = by.get(i)
-            if r is None:
-                cells.append("")
-            elif not r["ok"]:
-                cells.append("skipped" if r["error"].startswith("skipped") else "error")
-            else:
-                share = f", {100 * r['share_of_gemm']:.0f}%" if not math.isnan(r["share_of_gemm"]) else ""
-                cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f}{share}), {r['peak_mb']:.0f}")
-        d = sh["dims"]
-        print(f"| {name} T={d['T']} H={d['H']} I={d['I']} E={d['E']} K={d['K']} | " + " | ".join(cells) + " |")
-metrics = os.path.join(out, "train", "metrics.jsonl")
-if os.path.exists(metrics):
-    records = [json.loads(line) for line in open(metrics)]
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    if train:
-        tps = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
-        print(f"\ntrain: {len(train)} steps, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
-              f"median {tps:.0f} tokens/s" + (f"; held-out loss {evals[-1]['loss']:.3f}" if evals else ""))
-EOF
+# One table: the steps, the benchmark (from its JSON), the targets and the training losses.
+"$PY" tools/bench/gpu_check_summary.py "$OUT" "$DEVICE" "${STEPS[@]}" | tee "$OUT/summary.md"
 for s in "${STEPS[@]}"; do
   case "$s" in *"|FAIL"*) exit 1 ;; esac
 done

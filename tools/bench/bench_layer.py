@@ -23,7 +23,8 @@ each implementation on identical shapes, in one run, and reports ratios to megam
 TFLOP/s counts the experts' FLOPs only, 18*T*K*H*I per forward+backward (6 in forward: three
 GEMMs of 2*T*K*H*I; twice that in backward), the same for every implementation (DeepSpeed
 drops tokens and computes less). On CUDA the run also times a dense 8192^3 bf16 GEMM
-(--gemm-ref) and reports each layer's TFLOP/s as a share of it.
+(--gemm-ref) and reports each layer's TFLOP/s as a share of it, and checks megamoe against
+its GPU targets (``SHARE_TARGETS``, ``FASTER_THAN``, peak memory; printed, and in the JSON).
 
 Peak memory is measured on a worker's first forward+backward of an implementation (before
 any warm-up, so memory the allocator retains cannot hide a peak): on CUDA
@@ -59,6 +60,11 @@ SHAPES = {
     "deepseek": (8192, 7168, 2048, 64, 8),    # DeepSeek-V3-like, 64 experts
     "mixtral": (8192, 4096, 14336, 8, 2),     # Mixtral-8x7B-like
 }
+# The layer's GPU targets (one H100, bf16, beside the peers in one run): megamoe's TFLOP/s as a
+# share of the dense GEMM's, at least this much; faster than each of FASTER_THAN at every
+# shape; peak memory no higher than its own path before the Triton kernels (megamoe_grouped).
+SHARE_TARGETS = {"qwen3": 0.50, "deepseek": 0.62, "mixtral": 0.72}
+FASTER_THAN = ("hf_grouped", "sort_gmm")
 IMPLS = ("megamoe", "megamoe_grouped", "deepspeed", "hf", "hf_grouped", "sort_gmm", "dense")
 # Defaults per device: the CPU table keeps its historical columns and shapes.
 DEFAULTS = {"cpu": dict(shapes="coarse,fine", impls="megamoe,deepspeed,hf,dense", dtype="fp32", warmup=2, repeats=5,
@@ -82,6 +88,29 @@ class Result:
 def expert_flops(T: int, H: int, I: int, K: int) -> float:
     """Forward+backward FLOPs of the routed experts: 3 GEMMs of 2*T*K*H*I, times 3."""
     return 18.0 * T * K * H * I
+
+
+def target_checks(shape: str, results: list[Result]) -> list[dict]:
+    """megamoe's results at ``shape`` against the targets above, one row per check that this
+    run measured (a peer that was not run or failed gives no row)."""
+    by = {r.impl: r for r in results if r.ok}
+    mm = by.get("megamoe")
+    if mm is None:
+        return []
+    checks = []
+    share = SHARE_TARGETS.get(shape)
+    if share is not None and mm.share_of_gemm == mm.share_of_gemm:  # not NaN: a GEMM was timed
+        checks.append(dict(check="share of the dense GEMM", value=mm.share_of_gemm, target=f">= {share:.0%}",
+                           met=mm.share_of_gemm >= share))
+    for peer in FASTER_THAN:
+        if peer in by:
+            checks.append(dict(check=f"ms vs {peer}", value=mm.ms, target=f"< {by[peer].ms:.2f}",
+                               met=mm.ms < by[peer].ms))
+    if "megamoe_grouped" in by:
+        before = by["megamoe_grouped"].peak_mb
+        checks.append(dict(check="peak MB vs megamoe_grouped", value=mm.peak_mb, target=f"<= {before:.0f}",
+                           met=mm.peak_mb <= before))
+    return checks
 
 
 def _rss_mb() -> float:
@@ -385,7 +414,11 @@ def main(argv=None) -> int:
             share = f"{100 * r.share_of_gemm:7.1f}%" if r.ok and gemm_tflops else ""
             note = r.error[:80] if not r.ok else ""
             print(f"{r.impl:<16} {r.ms:9.2f} {r.tflops:8.1f} {share:>8} {r.peak_mb:9.1f} {rel:>13}  {note}", flush=True)
-        report["shapes"][s] = {"dims": dict(zip("THIEK", dims)), "results": [asdict(r) for r in results]}
+        report["shapes"][s] = {"dims": dict(zip("THIEK", dims)), "results": [asdict(r) for r in results],
+                               "targets": target_checks(s, results) if kind == "cuda" else []}
+        for c in report["shapes"][s]["targets"]:
+            value = f"{c['value']:.1%}" if c["check"].startswith("share") else f"{c['value']:.2f}"
+            print(f"target {c['check']}: {value} ({c['target']}) {'met' if c['met'] else 'NOT MET'}")
         if mm and mm.ok:
             ratios = {f"megamoe_speedup_vs_{r.impl}": r.ms / mm.ms for r in results if r.ok and r.impl != "megamoe"}
             report["shapes"][s]["ratios"] = ratios
