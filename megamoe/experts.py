@@ -9,9 +9,10 @@ activations use ``up_proj`` [E, I, D] and ``down_proj`` [E, D, I]. Optional bias
 ``*_bias`` [E, out].
 
 Paths, all computing the same function:
-- ``triton``: ``torch._grouped_mm`` for both projections, the activation and the per-row
-  combine weight fused into one Triton kernel (``megamoe.kernels``; the dispatcher then also
-  permutes and combines with Triton kernels). No host synchronisation for top-k routing,
+- ``triton``: ``torch._grouped_mm`` for both projections, the activation, the per-row
+  combine weight and the first bias fused into one Triton kernel, the second bias added in
+  one pass (``megamoe.kernels``; the dispatcher then also permutes and combines with Triton
+  kernels). No host synchronisation for top-k routing,
   dropless or under a capacity (single process; see ``megamoe.dispatch.base.map_slots``).
 - ``grouped``: one ``torch._grouped_mm`` per projection over the variable-size groups, the
   activation in plain torch ops.
@@ -217,20 +218,25 @@ class ExpertBank(nn.Module):
     def _forward_triton(self, x_RD: Tensor, tokens_per_expert_E: Tensor, row_weights_R: Tensor | None) -> Tensor:
         """grouped_mm -> fused weighted activation kernel -> grouped_mm. Saved for backward:
         the GEMM inputs x_RD and a_RI, and the pre-activation h (the activation kernel
-        recomputes act(h) in its backward). No host synchronisation."""
+        recomputes act(h) in its backward). Biases are added inside the kernels (the first on
+        the activation's load, the second, weighted, in one pass over the output rows): no
+        [R, width] bias rows are built. No host synchronisation."""
         from megamoe.kernels.activation import expert_act
+        from megamoe.kernels.bias import row_bias
 
         num_rows = x_RD.shape[0]
         offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        expert_of_row = None
+        if self.first_bias is not None or self.down_proj_bias is not None:
+            expert_of_row = torch.arange(self.num_experts, device=x_RD.device).repeat_interleave(
+                tokens_per_expert_E, output_size=num_rows)
         h = torch._grouped_mm(x_RD, self.first_weight.to(x_RD.dtype).transpose(-2, -1), offs=offs)
-        if self.first_bias is not None:
-            h = h + self._row_bias(self.first_bias, tokens_per_expert_E, num_rows).to(h.dtype)
-        a = expert_act(h, row_weights_R, self.config.activation)
+        a = expert_act(h, row_weights_R, self.config.activation, self.first_bias, expert_of_row,
+                       None if self.first_bias is None else offs)
         y = torch._grouped_mm(a, self.down_proj.to(a.dtype).transpose(-2, -1), offs=offs)
         if self.down_proj_bias is not None:
-            b = self._row_bias(self.down_proj_bias, tokens_per_expert_E, num_rows)
             # The bias is part of each expert's output, so the row weight scales it too.
-            y = y + (b if row_weights_R is None else b * row_weights_R.unsqueeze(1)).to(y.dtype)
+            y = row_bias(y, self.down_proj_bias, expert_of_row, offs, row_weights_R)
         return y
 
     @staticmethod

@@ -5,7 +5,7 @@ traces a layer that uses them without graph breaks.
 Shape legend: T tokens, K slots per token, R routed rows (kept slots grouped by expert),
 D hidden size, I expert intermediate size.
 
-One op per file:
+One concern per file:
 - :mod:`~megamoe.kernels.permute`: ``x_RD = x_TD[token_idx_R]``; backward sums each token's K
   row gradients in slot order through the inverse slot map (no atomics: deterministic).
 - :mod:`~megamoe.kernels.combine`: ``out_t = sum_k y[row_of_slot[t, k]]`` in slot order
@@ -13,7 +13,10 @@ One op per file:
 - :mod:`~megamoe.kernels.activation`: the expert activation (SwiGLU / GeGLU reading the
   [R, 2I] pre-activation contiguously, or plain GELU / GELU-tanh / ReLU) with the per-row
   combine weight fused; backward recomputes the activation from the saved pre-activation and
-  also returns the weight's gradient.
+  also returns the weight's gradient; an optional per-expert bias is added on load.
+- :mod:`~megamoe.kernels.bias`: the down projection's per-expert bias added to (and scaled
+  with) the routed rows in one pass, and the per-expert column sums that are the biases'
+  gradients (deterministic: one program per expert and column block, no atomics).
 
 The GEMMs stay ``torch._grouped_mm``. Triton is an optional extra (``pip install
 megamoe[triton]``): nothing outside :mod:`megamoe.kernels` imports it, and the CPU path never
@@ -52,7 +55,7 @@ def load() -> None:
     if not available():
         raise ImportError("megamoe's Triton kernels need the triton package: pip install 'megamoe[triton]' "
                           "(or pip install triton); ExpertConfig.impl='grouped' or 'loop' run without it")
-    from megamoe.kernels import activation, combine, permute  # noqa: F401  (registers the ops)
+    from megamoe.kernels import activation, bias, combine, permute  # noqa: F401  (registers the ops)
 
 
 __all__ = ["available", "load"]

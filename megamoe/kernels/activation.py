@@ -10,9 +10,14 @@ row's combine weight (None: unweighted, as when every expert runs on every token
 it here, on the narrow [R, I] side, is free, and the down projection is linear, so the
 expert's output rows come out already weighted.
 
+Optional first-projection bias ``b_EX`` [E, (2)I]: row r (of expert ``expert_of_row_R[r]``)
+adds its expert's bias to ``h`` on load, in fp32, instead of a [R, (2)I] bias tensor being
+built and added before the kernel.
+
 Backward: only ``h`` (and ``w_R``) is saved; the activation is recomputed from ``h`` in the
 same pass that produces ``g_h`` [R, (2)I] and ``g_w_R = sum_i g_a * act(gate) * up``, one
 program per block of rows walking the columns (a fixed-order row reduction: no atomics).
+The bias gradient is each expert's column sum of ``g_h`` (``megamoe.kernels.bias``).
 All math in fp32, rounded once on store.
 """
 from __future__ import annotations
@@ -57,17 +62,36 @@ def _act_and_grad(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd_kernel(h_ptr, w_ptr, out_ptr, num_rows, inter, h_stride, out_stride,
-                    KIND: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr,
+def _load_pre(h_row, b_row, mask, HAS_B: tl.constexpr):
+    """Pre-activation in fp32: h, plus the row's expert bias when there is one."""
+    v = tl.load(h_row, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        v += tl.load(b_row, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _bias_rows(b_ptr, e_ptr, rows, row_ok, cols, b_stride, HAS_B: tl.constexpr):
+    """Pointers to the bias entries of each row's expert (``b_ptr`` itself without a bias)."""
+    if HAS_B:
+        experts = tl.load(e_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        return b_ptr + experts[:, None] * b_stride + cols[None, :]
+    return b_ptr
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, w_ptr, b_ptr, e_ptr, out_ptr, num_rows, inter, h_stride, b_stride, out_stride,
+                    KIND: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < inter)[None, :]
     h_row = h_ptr + rows.to(tl.int64)[:, None] * h_stride + cols[None, :]
-    f, _ = _act_and_grad(tl.load(h_row, mask=mask, other=0.0).to(tl.float32), KIND)
+    b_row = _bias_rows(b_ptr, e_ptr, rows, row_ok, cols, b_stride, HAS_B)
+    f, _ = _act_and_grad(_load_pre(h_row, b_row, mask, HAS_B), KIND)
     if GATED:
-        f = f * tl.load(h_row + inter, mask=mask, other=0.0).to(tl.float32)
+        f = f * _load_pre(h_row + inter, b_row + inter, mask, HAS_B)
     if HAS_W:
         f = f * tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], f.to(out_ptr.dtype.element_ty),
@@ -75,8 +99,8 @@ def _act_fwd_kernel(h_ptr, w_ptr, out_ptr, num_rows, inter, h_stride, out_stride
 
 
 @triton.jit
-def _act_bwd_kernel(g_ptr, h_ptr, w_ptr, gh_ptr, gw_ptr, num_rows, inter, g_stride, h_stride,
-                    KIND: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr,
+def _act_bwd_kernel(g_ptr, h_ptr, w_ptr, b_ptr, e_ptr, gh_ptr, gw_ptr, num_rows, inter, g_stride, h_stride, b_stride,
+                    KIND: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
@@ -90,12 +114,13 @@ def _act_bwd_kernel(g_ptr, h_ptr, w_ptr, gh_ptr, gw_ptr, num_rows, inter, g_stri
         g = tl.load(g_ptr + rows64 * g_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h_row = h_ptr + rows64 * h_stride + cols[None, :]
         gh_row = gh_ptr + rows64 * h_stride + cols[None, :]
-        f, df = _act_and_grad(tl.load(h_row, mask=mask, other=0.0).to(tl.float32), KIND)
+        b_row = _bias_rows(b_ptr, e_ptr, rows, row_ok, cols, b_stride, HAS_B)
+        f, df = _act_and_grad(_load_pre(h_row, b_row, mask, HAS_B), KIND)
         g_eff = g  # d loss / d (unweighted activation)
         if HAS_W:
             g_eff = g * w
         if GATED:
-            up = tl.load(h_row + inter, mask=mask, other=0.0).to(tl.float32)
+            up = _load_pre(h_row + inter, b_row + inter, mask, HAS_B)
             tl.store(gh_row, (g_eff * up * df).to(gh_ptr.dtype.element_ty), mask=mask)
             tl.store(gh_row + inter, (g_eff * f).to(gh_ptr.dtype.element_ty), mask=mask)
             unweighted = f * up
@@ -120,30 +145,49 @@ def _inter(h: Tensor, gated: bool) -> int:
     return h.shape[1] // 2 if gated else h.shape[1]
 
 
-def act_forward(h_RX: Tensor, w_R: Tensor | None, activation: str, *, tile: Tile | None = None) -> Tensor:
-    """``act(h) [* up] * w`` (the raw kernel launch, no autograd); X is 2I (gated) or I."""
+def _bias_args(h_RX: Tensor, bias: Tensor | None, expert_of_row: Tensor | None) -> tuple[Tensor, Tensor, int]:
+    """(bias, expert_of_row, bias row stride) kernel arguments; placeholders without a bias."""
+    if bias is None:
+        return h_RX, h_RX, 0
+    if expert_of_row is None or bias.dim() != 2 or bias.shape[1] != h_RX.shape[1] or \
+            expert_of_row.shape != h_RX.shape[:1]:
+        raise ValueError(f"activation bias: pre-activation {tuple(h_RX.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} and expert_of_row "
+                         f"{None if expert_of_row is None else tuple(expert_of_row.shape)} do not fit "
+                         "(want [R, X], [E, X], [R])")
+    bias = bias.contiguous()
+    return bias, expert_of_row.contiguous(), bias.stride(0)
+
+
+def act_forward(h_RX: Tensor, w_R: Tensor | None, activation: str, *, bias: Tensor | None = None,
+                expert_of_row: Tensor | None = None, tile: Tile | None = None) -> Tensor:
+    """``act(h + b) [* up] * w`` (the raw kernel launch, no autograd); X is 2I (gated) or I."""
     kind, gated = _kind(activation)
-    check_device(_act_fwd_kernel, h_RX, *(() if w_R is None else (w_R,)))
+    check_device(_act_fwd_kernel, h_RX, *(t for t in (w_R, bias, expert_of_row) if t is not None))
     h_RX = h_RX.contiguous()
     num_rows, inter = h_RX.shape[0], _inter(h_RX, gated)
+    b, e, b_stride = _bias_args(h_RX, bias, expert_of_row)
     out = h_RX.new_empty(num_rows, inter)
     if num_rows == 0 or inter == 0:
         return out
     tile = tile or row_tile(inter, interpreted=is_interpreted(_act_fwd_kernel))
     grid = (triton.cdiv(num_rows, tile.block_rows), triton.cdiv(inter, tile.block_cols))
-    _act_fwd_kernel[grid](h_RX, h_RX if w_R is None else w_R.contiguous(), out, num_rows, inter, h_RX.stride(0),
-                          out.stride(0), KIND=kind, GATED=gated, HAS_W=w_R is not None,
-                          BLOCK_R=tile.block_rows, BLOCK_C=tile.block_cols, num_warps=tile.num_warps)
+    _act_fwd_kernel[grid](h_RX, h_RX if w_R is None else w_R.contiguous(), b, e, out, num_rows, inter, h_RX.stride(0),
+                          b_stride, out.stride(0), KIND=kind, GATED=gated, HAS_W=w_R is not None,
+                          HAS_B=bias is not None, BLOCK_R=tile.block_rows, BLOCK_C=tile.block_cols,
+                          num_warps=tile.num_warps)
     return out
 
 
-def act_backward(g_RI: Tensor, h_RX: Tensor, w_R: Tensor | None, activation: str, *,
-                 tile: Tile | None = None) -> tuple[Tensor, Tensor]:
-    """(g_h, g_w) for :func:`act_forward`; g_w is empty when ``w_R`` is None."""
+def act_backward(g_RI: Tensor, h_RX: Tensor, w_R: Tensor | None, activation: str, *, bias: Tensor | None = None,
+                 expert_of_row: Tensor | None = None, tile: Tile | None = None) -> tuple[Tensor, Tensor]:
+    """(g_h, g_w) for :func:`act_forward`; g_w is empty when ``w_R`` is None. ``g_h`` is also
+    the gradient of the bias rows (the bias gradient is its per-expert column sum)."""
     kind, gated = _kind(activation)
-    check_device(_act_bwd_kernel, g_RI, h_RX, *(() if w_R is None else (w_R,)))
+    check_device(_act_bwd_kernel, g_RI, h_RX, *(t for t in (w_R, bias, expert_of_row) if t is not None))
     g_RI, h_RX = g_RI.contiguous(), h_RX.contiguous()
     num_rows, inter = h_RX.shape[0], _inter(h_RX, gated)
+    b, e, b_stride = _bias_args(h_RX, bias, expert_of_row)
     g_h = torch.empty_like(h_RX)
     g_w = torch.empty(0 if w_R is None else num_rows, dtype=torch.float32 if w_R is None else w_R.dtype,
                       device=h_RX.device)
@@ -153,58 +197,72 @@ def act_backward(g_RI: Tensor, h_RX: Tensor, w_R: Tensor | None, activation: str
         return g_h, g_w.zero_()
     tile = tile or row_tile(inter, interpreted=is_interpreted(_act_bwd_kernel))
     grid = (triton.cdiv(num_rows, tile.block_rows),)
-    _act_bwd_kernel[grid](g_RI, h_RX, h_RX if w_R is None else w_R.contiguous(), g_h, g_w if w_R is not None else g_h,
-                          num_rows, inter, g_RI.stride(0), h_RX.stride(0), KIND=kind, GATED=gated,
-                          HAS_W=w_R is not None, BLOCK_R=tile.block_rows, BLOCK_C=tile.block_cols,
-                          num_warps=tile.num_warps)
+    _act_bwd_kernel[grid](g_RI, h_RX, h_RX if w_R is None else w_R.contiguous(), b, e, g_h,
+                          g_w if w_R is not None else g_h, num_rows, inter, g_RI.stride(0), h_RX.stride(0), b_stride,
+                          KIND=kind, GATED=gated, HAS_W=w_R is not None, HAS_B=bias is not None,
+                          BLOCK_R=tile.block_rows, BLOCK_C=tile.block_cols, num_warps=tile.num_warps)
     return g_h, g_w
 
 
 @torch.library.custom_op("megamoe::expert_act", mutates_args=())
-def expert_act(h_RX: Tensor, w_R: Optional[Tensor], activation: str) -> Tensor:
-    """The weighted expert activation (see module docstring)."""
-    return act_forward(h_RX, w_R, activation)
+def expert_act(h_RX: Tensor, w_R: Optional[Tensor], activation: str, b_EX: Optional[Tensor] = None,
+               expert_of_row_R: Optional[Tensor] = None, offs_E: Optional[Tensor] = None) -> Tensor:
+    """The weighted expert activation (see module docstring); with a bias, ``expert_of_row_R``
+    and ``offs_E`` (the group ends) say whose rows are whose."""
+    return act_forward(h_RX, w_R, activation, bias=b_EX, expert_of_row=expert_of_row_R)
 
 
 @expert_act.register_fake
-def _(h_RX: Tensor, w_R: Optional[Tensor], activation: str) -> Tensor:
+def _(h_RX: Tensor, w_R: Optional[Tensor], activation: str, b_EX: Optional[Tensor] = None,
+      expert_of_row_R: Optional[Tensor] = None, offs_E: Optional[Tensor] = None) -> Tensor:
     return h_RX.new_empty(h_RX.shape[0], _inter(h_RX, _kind(activation)[1]))
 
 
 @torch.library.custom_op("megamoe::expert_act_backward", mutates_args=())
-def expert_act_backward(g_RI: Tensor, h_RX: Tensor, w_R: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
+def expert_act_backward(g_RI: Tensor, h_RX: Tensor, w_R: Optional[Tensor], activation: str,
+                        b_EX: Optional[Tensor] = None, expert_of_row_R: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor]:
     """(d loss / d h, d loss / d w) of :func:`expert_act`."""
-    return act_backward(g_RI, h_RX, w_R, activation)
+    return act_backward(g_RI, h_RX, w_R, activation, bias=b_EX, expert_of_row=expert_of_row_R)
 
 
 @expert_act_backward.register_fake
-def _(g_RI: Tensor, h_RX: Tensor, w_R: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
+def _(g_RI: Tensor, h_RX: Tensor, w_R: Optional[Tensor], activation: str, b_EX: Optional[Tensor] = None,
+      expert_of_row_R: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     g_w = h_RX.new_empty(0, dtype=torch.float32) if w_R is None else torch.empty_like(w_R)
     return torch.empty_like(h_RX), g_w
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    h_RX, w_R, activation = inputs
-    ctx.save_for_backward(h_RX, w_R)
+    h_RX, w_R, activation, b_EX, expert_of_row_R, offs_E = inputs
+    if b_EX is not None and (expert_of_row_R is None or offs_E is None):
+        raise ValueError("expert_act with a bias needs expert_of_row_R and offs_E")
+    ctx.save_for_backward(h_RX, w_R, b_EX, expert_of_row_R, offs_E)
     ctx.activation = activation
 
 
 def _backward(ctx, g_RI: Tensor):
-    h_RX, w_R = ctx.saved_tensors
-    g_h, g_w = expert_act_backward(g_RI, h_RX, w_R, ctx.activation)
-    return g_h, (None if w_R is None else g_w), None
+    from megamoe.kernels.bias import segment_colsum_op
+
+    h_RX, w_R, b_EX, expert_of_row_R, offs_E = ctx.saved_tensors
+    g_h, g_w = expert_act_backward(g_RI, h_RX, w_R, ctx.activation, b_EX, expert_of_row_R)
+    g_b = None if b_EX is None else segment_colsum_op(g_h, offs_E).to(b_EX.dtype)
+    return g_h, (None if w_R is None else g_w), None, g_b, None, None
 
 
 expert_act.register_autograd(_backward, setup_context=_setup_context)
 
 
-def expert_act_reference(h_RX: Tensor, w_R: Tensor | None, activation: str) -> Tensor:
+def expert_act_reference(h_RX: Tensor, w_R: Tensor | None, activation: str, b_EX: Tensor | None = None,
+                         expert_of_row_R: Tensor | None = None, offs_E: Tensor | None = None) -> Tensor:
     """Plain PyTorch (fp32 math, one rounding), the ExpertBank's own activation functions."""
     from megamoe.experts import activation_fn
 
     _, gated = _kind(activation)
     fn = activation_fn(activation)
     h = h_RX.float()
+    if b_EX is not None:
+        h = h + b_EX.float().index_select(0, expert_of_row_R)
     if gated:
         gate, up = h.chunk(2, dim=-1)
         a = fn(gate) * up

@@ -81,9 +81,10 @@ def test_triton_pipeline_equals_reference_and_loop(activation, bias, capacity_fa
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs loop: {m}")
 
 
-def test_triton_pipeline_bf16_close_to_fp32():
-    fast = _layer("triton", dtype=torch.bfloat16, shared=1)
-    ref = _layer("loop", shared=1)
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_pipeline_bf16_close_to_fp32(bias):
+    fast = _layer("triton", dtype=torch.bfloat16, shared=1, bias=bias)
+    ref = _layer("loop", shared=1, bias=bias)
     ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})
     x = torch.randn(40, 16, device=DEVICE)
     upstream = torch.randn(40, 16, device=DEVICE)
@@ -149,8 +150,8 @@ def _syncing(name: str, kwargs: dict) -> bool:
     return name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size"))
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.25])
-def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync(capacity_factor):
+@pytest.mark.parametrize("capacity_factor,bias", [(None, False), (1.25, False), (None, True)])
+def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync(capacity_factor, bias):
     """The top-k layer (dropless, and under a capacity) traces as one graph, forward and
     backward (the kernels are custom ops with fake implementations), computes what eager does,
     and neither graph holds an op that reads device values on the host (an .item() or
@@ -165,7 +166,7 @@ def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync(capacity_fact
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    layer = _layer("triton", shared=1, dtype=torch.bfloat16, capacity_factor=capacity_factor)
+    layer = _layer("triton", shared=1, dtype=torch.bfloat16, capacity_factor=capacity_factor, bias=bias)
     x = torch.randn(24, 16, device=DEVICE, dtype=torch.bfloat16)
     up = torch.randn(24, 16, device=DEVICE, dtype=torch.bfloat16)
 
@@ -187,6 +188,7 @@ def test_torch_compile_fullgraph_equals_eager_and_has_no_host_sync(capacity_fact
     assert len(graphs) == 2  # one forward, one backward graph: no graph break anywhere
     ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("megamoe.expert_act" in op for op in ops) and any("megamoe.combine" in op for op in ops)
+    assert any("megamoe.row_bias" in op for op in ops) == bias
     syncing = [op for g in graphs for n in g.graph.nodes if n.op == "call_function"
                and hasattr(n.target, "__name__") and _syncing(n.target.__name__.split(".")[0], dict(n.kwargs))
                for op in [str(n.target)]]
@@ -206,12 +208,12 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
-def test_top_k_layer_has_no_host_sync(capacity_factor):
+@pytest.mark.parametrize("capacity_factor,bias", [(None, False), (1.0, False), (0.5, False), (0.5, True)])
+def test_top_k_layer_has_no_host_sync(capacity_factor, bias):
     """Forward and backward of the top-k layer never read device values on the host (routing,
-    capacity drops, sort, kernels, grouped GEMMs, aux loss, statistics): dropless, and under a
-    capacity, whose rows are padded to the router's bound E*C instead of counted."""
-    layer = _layer("triton", capacity_factor=capacity_factor, shared=1)
+    capacity drops, sort, kernels, grouped GEMMs, biases, aux loss, statistics): dropless, and
+    under a capacity, whose rows are padded to the router's bound E*C instead of counted."""
+    layer = _layer("triton", capacity_factor=capacity_factor, shared=1, bias=bias)
     x = torch.randn(20, 16, device=DEVICE, requires_grad=True)
     with _HostSyncs() as mode:
         y = layer(x)
@@ -278,6 +280,7 @@ def test_capacity_padding_rows_change_nothing(impl, capacity_factor):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflows, on purpose
 @pytest.mark.parametrize("impl", ["triton", "grouped"])
 def test_capacity_padding_rows_never_reach_a_token(impl):
     """The padding rows are computed by the last expert; when that expert overflows (inf), a
