@@ -60,6 +60,18 @@ def _reference(layer, x, res):
     return out
 
 
+def _assert_matches(layer, x, upstream, **against):
+    """``layer``'s output and every gradient (input and parameters) equal each of ``against``:
+    label -> (layer, out_fn), fp32 tolerances."""
+    out, grads = _grads(layer, x, upstream, _routed_plus_shared)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for label, (other, out_fn) in against.items():
+        other_out, other_grads = _grads(other, x, upstream, out_fn)
+        torch.testing.assert_close(out, other_out, rtol=1e-5, atol=1e-5, msg=lambda m: f"out vs {label}: {m}")
+        for name, a, b in zip(names, grads, other_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs {label}: {m}")
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
@@ -68,17 +80,8 @@ def test_triton_pipeline_equals_reference_and_loop(activation, bias, capacity_fa
     fast = _layer("triton", activation=activation, bias=bias, capacity_factor=capacity_factor, shared=shared)
     loop = _layer("loop", activation=activation, bias=bias, capacity_factor=capacity_factor, shared=shared)
     loop.load_state_dict(fast.state_dict())
-    x = torch.randn(30, 16, device=DEVICE)
-    upstream = torch.randn(30, 16, device=DEVICE)
-    out, g_fast = _grads(fast, x, upstream, _routed_plus_shared)
-    ref, g_ref = _grads(fast, x, upstream, _reference)
-    out_loop, g_loop = _grads(loop, x, upstream, _routed_plus_shared)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, out_loop, rtol=1e-5, atol=1e-5)
-    names = ["x"] + [n for n, _ in fast.named_parameters()]
-    for name, a, b, c in zip(names, g_fast, g_ref, g_loop):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs reference: {m}")
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs loop: {m}")
+    _assert_matches(fast, torch.randn(30, 16, device=DEVICE), torch.randn(30, 16, device=DEVICE),
+                    reference=(fast, _reference), loop=(loop, _routed_plus_shared))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -250,15 +253,7 @@ def test_capacity_padding_rows_change_nothing(impl, capacity_factor):
     assert d.kept_bound == 4 * math.ceil(40 * 2 / 4 * capacity_factor)
     padding = min(40 * 2, d.kept_bound) - int(d.tokens_per_expert_E.sum())
     assert (padding > 0) == (capacity_factor < 2.0)  # 2.0 keeps every slot here: nothing to pad
-    out, g = _grads(fast, x, up, _routed_plus_shared)
-    out_exact, g_exact = _grads(exact, x, up, _routed_plus_shared)
-    ref, g_ref = _grads(fast, x, up, _reference)
-    torch.testing.assert_close(out, out_exact, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    names = ["x"] + [n for n, _ in fast.named_parameters()]
-    for name, a, b, c in zip(names, g, g_exact, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs exact rows: {m}")
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} vs reference: {m}")
+    _assert_matches(fast, x, up, exact_rows=(exact, _routed_plus_shared), reference=(fast, _reference))
 
     # Padding rows never read the weights of dropped slots (a router could leave junk there).
     from megamoe.dispatch.local import LocalDispatcher
