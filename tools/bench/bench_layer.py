@@ -9,6 +9,8 @@ each implementation on identical shapes, in one run, and reports ratios to megam
   per-expert loop on CPU).
 - ``megamoe_grouped``: the same layer with ``ExpertConfig(impl="grouped")`` (grouped_mm with
   plain torch glue: megamoe's CUDA path before the Triton kernels).
+- ``megamoe_cap``: the layer under a capacity, ``capacity_factor=1.0`` (DeepSpeed's default):
+  over-full experts drop slots; on one process the rows are padded to E*C (no host sync).
 - ``deepspeed``: ``deepspeed.moe.layer.MoE`` (its defaults: capacity_factor 1.0,
   drop_tokens, random token selection) with a SwiGLU expert of the same size; skipped with
   a note when deepspeed is not importable.
@@ -22,7 +24,7 @@ each implementation on identical shapes, in one run, and reports ratios to megam
 
 TFLOP/s counts the experts' FLOPs only, 18*T*K*H*I per forward+backward (6 in forward: three
 GEMMs of 2*T*K*H*I; twice that in backward), the same for every implementation (DeepSpeed
-drops tokens and computes less). On CUDA the run also times a dense 8192^3 bf16 GEMM
+and megamoe_cap drop slots and compute less). On CUDA the run also times a dense 8192^3 bf16 GEMM
 (--gemm-ref) and reports each layer's TFLOP/s as a share of it, and checks megamoe against
 its GPU targets (``SHARE_TARGETS``, ``FASTER_THAN``, peak memory; printed, and in the JSON).
 
@@ -65,7 +67,7 @@ SHAPES = {
 # shape; peak memory no higher than its own path before the Triton kernels (megamoe_grouped).
 SHARE_TARGETS = {"qwen3": 0.50, "deepseek": 0.62, "mixtral": 0.72}
 FASTER_THAN = ("hf_grouped", "sort_gmm")
-IMPLS = ("megamoe", "megamoe_grouped", "deepspeed", "hf", "hf_grouped", "sort_gmm", "dense")
+IMPLS = ("megamoe", "megamoe_grouped", "megamoe_cap", "deepspeed", "hf", "hf_grouped", "sort_gmm", "dense")
 # Defaults per device: the CPU table keeps its historical columns and shapes.
 DEFAULTS = {"cpu": dict(shapes="coarse,fine", impls="megamoe,deepspeed,hf,dense", dtype="fp32", warmup=2, repeats=5,
                         gemm_ref=0),
@@ -122,11 +124,12 @@ def _rss_mb() -> float:
 def _build(impl: str, T: int, H: int, I: int, E: int, K: int, dtype, device):
     from torch import nn
 
-    if impl in ("megamoe", "megamoe_grouped"):
+    if impl in ("megamoe", "megamoe_grouped", "megamoe_cap"):
         from megamoe import ExpertConfig, MoEConfig, MoELayer, RouterConfig
         cfg = MoEConfig(hidden_size=H, num_experts=E,
-                        experts=ExpertConfig(intermediate_size=I, impl="auto" if impl == "megamoe" else "grouped"),
-                        router=RouterConfig(top_k=K, aux_loss_coef=0.01))
+                        experts=ExpertConfig(intermediate_size=I, impl="grouped" if impl == "megamoe_grouped" else "auto"),
+                        router=RouterConfig(top_k=K, aux_loss_coef=0.01,
+                                            options={"capacity_factor": 1.0 if impl == "megamoe_cap" else None}))
         return MoELayer(cfg).to(device=device, dtype=dtype)
     if impl == "sort_gmm":
         return _sort_gmm_module(H, I, E, K).to(device=device, dtype=dtype)
