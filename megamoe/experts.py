@@ -30,18 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megamoe.activations import activation_fn
 from megamoe.config import ExpertConfig, check_arg, require_config
 from megamoe.kernels import available as _triton_available
-
-
-def activation_fn(name: str):
-    if name in ("swiglu", "relu"):
-        return F.silu if name == "swiglu" else F.relu
-    if name in ("geglu", "gelu"):
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda t: F.gelu(t, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}")
 
 
 class ExpertBank(nn.Module):

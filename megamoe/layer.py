@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from megamoe import stats
+from megamoe.activations import activation_fn
 from megamoe.config import ConfigError, MoEConfig, require_config
 from megamoe.dispatch.base import Dispatcher
 from megamoe.dispatch.local import LocalDispatcher
-from megamoe.experts import ExpertBank, activation_fn
+from megamoe.experts import ExpertBank
 from megamoe.finite import require_finite
 from megamoe.routing.base import RoutingContext, RoutingDecision, build_router
 from megamoe.routing.losses import attach_aux_loss

@@ -29,11 +29,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megamoe.activations import activation_fn
+from megamoe.config import GATED_ACTIVATIONS
 from megamoe.kernels.launch import Tile, check_device, is_interpreted, row_tile
 
-# activation name -> (kernel kind, gated)
-ACTIVATIONS = {"swiglu": (0, True), "geglu": (1, True), "gelu": (1, False), "gelu_tanh": (2, False),
-               "relu": (3, False)}
+# activation name -> (kernel kind: the function _act_and_grad computes, gated)
+ACTIVATIONS = {name: (kind, name in GATED_ACTIVATIONS)
+               for name, kind in {"swiglu": 0, "geglu": 1, "gelu": 1, "gelu_tanh": 2, "relu": 3}.items()}
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -255,9 +257,7 @@ expert_act.register_autograd(_backward, setup_context=_setup_context)
 
 def expert_act_reference(h_RX: Tensor, w_R: Tensor | None, activation: str, b_EX: Tensor | None = None,
                          expert_of_row_R: Tensor | None = None, offs_E: Tensor | None = None) -> Tensor:
-    """Plain PyTorch (fp32 math, one rounding), the ExpertBank's own activation functions."""
-    from megamoe.experts import activation_fn
-
+    """Plain PyTorch (fp32 math, one rounding), with the experts' own functions (megamoe.activations)."""
     _, gated = _kind(activation)
     fn = activation_fn(activation)
     h = h_RX.float()

@@ -251,6 +251,18 @@ def test_combine_is_deterministic_and_exact_for_one_slot_per_token():
     assert torch.equal(out, combine(y, slots.row_of_slot_TK, slots.token_idx_R))
 
 
+def test_every_configurable_activation_has_a_function_and_a_kernel():
+    from megamoe.activations import activation_fn
+    from megamoe.config import ACTIVATIONS as CONFIGURABLE, GATED_ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(CONFIGURABLE)
+    for name in CONFIGURABLE:
+        assert ACTIVATIONS[name][1] == (name in GATED_ACTIVATIONS)
+        assert torch.isfinite(activation_fn(name)(torch.linspace(-3, 3, 7))).all()
+    with pytest.raises(ValueError, match="unknown activation 'tanh'; known: swiglu"):
+        activation_fn("tanh")
+
+
 def test_kernels_refuse_mixed_devices_and_bad_widths():
     h = torch.randn(3, 5, device=DEVICE)
     with pytest.raises(ValueError, match="even pre-activation width"):
