@@ -201,7 +201,7 @@ class _Permute(torch.autograd.Function):
 def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tensor:
     """Gather token rows into routed order (deterministic backward)."""
     if use_kernels:
-        from megamoe.kernels.permute import permute as permute_kernel
+        from megamoe.kernels.rows import permute as permute_kernel
 
         return permute_kernel(x_TD, slots.token_idx_R, slots.row_of_slot_TK)
     return _Permute.apply(x_TD, slots.slot_idx_R, slots.top_k)
@@ -225,7 +225,7 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
     elsewhere through the per-slot buffer and a fixed-order reduction over K (no atomics).
     """
     if use_kernels:
-        from megamoe.kernels.combine import combine as combine_kernel
+        from megamoe.kernels.rows import combine as combine_kernel
 
         return combine_kernel(y_RD, slots.row_of_slot_TK, slots.token_idx_R)
     if slots.valid_R is not None:  # padding rows: exact zeros whatever the experts made of them

@@ -6,10 +6,9 @@ Shape legend: T tokens, K slots per token, R routed rows (kept slots grouped by 
 D hidden size, I expert intermediate size.
 
 One concern per file:
-- :mod:`~megamoe.kernels.permute`: ``x_RD = x_TD[token_idx_R]``; backward sums each token's K
-  row gradients in slot order through the inverse slot map (no atomics: deterministic).
-- :mod:`~megamoe.kernels.combine`: ``out_t = sum_k y[row_of_slot[t, k]]`` in slot order
-  (rows arrive already weighted); backward is the row gather.
+- :mod:`~megamoe.kernels.rows`: permute ``x_RD = x_TD[token_idx_R]`` and combine
+  ``out_t = sum_k y[row_of_slot[t, k]]`` in slot order (rows arrive already weighted), each
+  the other's backward (the gather-sum walks the inverse slot map: no atomics, deterministic).
 - :mod:`~megamoe.kernels.activation`: the expert activation (SwiGLU / GeGLU reading the
   [R, 2I] pre-activation contiguously, or plain GELU / GELU-tanh / ReLU) with the per-row
   combine weight fused; backward recomputes the activation from the saved pre-activation and
@@ -55,7 +54,7 @@ def load() -> None:
     if not available():
         raise ImportError("megamoe's Triton kernels need the triton package: pip install 'megamoe[triton]' "
                           "(or pip install triton); ExpertConfig.impl='grouped' or 'loop' run without it")
-    from megamoe.kernels import activation, bias, combine, permute  # noqa: F401  (registers the ops)
+    from megamoe.kernels import activation, bias, rows  # noqa: F401  (registers the ops)
 
 
 __all__ = ["available", "load"]

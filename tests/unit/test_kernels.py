@@ -20,9 +20,9 @@ from megamoe import kernels  # noqa: E402
 from megamoe.dispatch.base import map_slots  # noqa: E402
 from megamoe.kernels.activation import ACTIVATIONS, act_backward, act_forward, expert_act, expert_act_reference  # noqa: E402
 from megamoe.kernels.bias import row_bias, row_bias_reference, segment_colsum, segment_colsum_reference  # noqa: E402
-from megamoe.kernels.combine import combine, combine_reference, gather_sum  # noqa: E402
 from megamoe.kernels.launch import Tile  # noqa: E402
-from megamoe.kernels.permute import gather_rows, permute, permute_reference  # noqa: E402
+from megamoe.kernels.rows import (combine, combine_reference, gather_rows, gather_sum, permute,  # noqa: E402
+                                  permute_reference)
 from megamoe.routing.base import RoutingDecision, counts_per_expert  # noqa: E402
 
 kernels.load()
