@@ -58,8 +58,9 @@ def segment_colsum(src_RC: Tensor, offs_E: Tensor, scale_R: Tensor | None = None
     if num_experts == 0 or num_cols == 0:
         return out
     interpreted = is_interpreted(_segment_colsum_kernel)
-    # Narrow column blocks: E * C / block programs keep the GPU busy even with few experts.
-    block_c = min(triton.next_power_of_2(num_cols), 1024 if interpreted else 128)
+    # Narrow column blocks on the GPU, one width for all (one compiled variant): E * C / 128
+    # programs keep it busy even with few experts.
+    block_c = min(triton.next_power_of_2(num_cols), 1024) if interpreted else 128
     grid = (num_experts, triton.cdiv(num_cols, block_c))
     _segment_colsum_kernel[grid](src_RC, src_RC if scale_R is None else scale_R.contiguous(), offs_E.contiguous(), out,
                                  num_cols, src_RC.stride(0), HAS_SCALE=scale_R is not None,

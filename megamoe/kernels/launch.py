@@ -32,6 +32,9 @@ def row_tile(num_cols: int, *, interpreted: bool, block_cols: int | None = None)
     cols = block_cols or min(triton.next_power_of_2(max(num_cols, 1)), 1024)
     if interpreted:
         return Tile(block_rows=16, block_cols=cols, num_warps=1)
+    # At least 64 columns on the GPU: narrower rows (toy models, tests) share one compiled
+    # variant instead of one per power of two (each variant costs a JIT compile).
+    cols = block_cols or max(cols, 64)
     return Tile(block_rows=4, block_cols=cols, num_warps=4 if cols <= 512 else 8)
 
 
