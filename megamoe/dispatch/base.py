@@ -73,8 +73,9 @@ def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = Fa
     - with ``static_rows`` and a decision that bounds its kept slots on the host
       (``decision.kept_bound``, e.g. E*C under a capacity): R = min(T*K, kept_bound), again
       known without reading device data. The kept rows come first; the rest are padding
-      rows (dropped slots, in sort order) marked by ``valid_R``: they get zero combine
-      weights (:func:`row_weights`), no slot reads them (:func:`combine_rows`) and the
+      rows (dropped slots, in sort order) marked by ``valid_R``: they enter the experts as
+      zeros (:func:`permute`), get zero combine weights (:func:`row_weights`), no slot reads
+      them (:func:`combine_rows`, :func:`unpermute`) and the
       last expert's group holds them (:meth:`SlotMap.group_sizes`). The price is computing
       those rows: at most the dropped slots, or E*C minus the kept ones under a capacity
       factor below 1. Used where rows stay on this process (the local dispatcher);
@@ -199,16 +200,28 @@ class _Permute(torch.autograd.Function):
 
 
 def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tensor:
-    """Gather token rows into routed order (deterministic backward)."""
+    """Gather token rows into routed order (deterministic backward); padding rows are zeros."""
     if use_kernels:
         from megamoe.kernels.rows import permute as permute_kernel
 
-        return permute_kernel(x_TD, slots.token_idx_R, slots.row_of_slot_TK)
-    return _Permute.apply(x_TD, slots.slot_idx_R, slots.top_k)
+        x_RD = permute_kernel(x_TD, slots.token_idx_R, slots.row_of_slot_TK)
+    else:
+        x_RD = _Permute.apply(x_TD, slots.slot_idx_R, slots.top_k)
+    # A padding row would otherwise carry a dropped token into the last expert, which never
+    # chose it: should that overflow, its zero combine weight times inf is NaN in the
+    # backward (the expert's weight gradients). Zero input keeps every padding value finite.
+    return _zero_padding(x_RD, slots)
+
+
+def _zero_padding(t_RD: Tensor, slots: SlotMap) -> Tensor:
+    """``t_RD`` with the padding rows (``SlotMap.valid_R`` False) set to exact zeros."""
+    return t_RD if slots.valid_R is None else torch.where(slots.valid_R.unsqueeze(1), t_RD, 0)
 
 
 def unpermute(y_RD: Tensor, slots: SlotMap) -> Tensor:
-    """y_TKD with row r of y_RD at slot slot_idx_R[r]; zeros in empty slots."""
+    """y_TKD with row r of y_RD at slot slot_idx_R[r]; zeros in empty slots (a padding row
+    sits at a dropped slot: it is zeroed, whatever the experts made of it)."""
+    y_RD = _zero_padding(y_RD, slots)
     num_slots = slots.num_tokens * slots.top_k
     # Dropless: every slot is written, so no zero fill is needed.
     alloc = y_RD.new_empty if slots.slot_idx_R.numel() == num_slots else y_RD.new_zeros
@@ -228,9 +241,9 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
         from megamoe.kernels.rows import combine as combine_kernel
 
         return combine_kernel(y_RD, slots.row_of_slot_TK, slots.token_idx_R)
-    if slots.valid_R is not None:  # padding rows: exact zeros whatever the experts made of them
-        y_RD = torch.where(slots.valid_R.unsqueeze(1), y_RD, 0)
     if y_RD.device.type == "cpu":
+        # Padding rows: exact zeros whatever the experts made of them (unpermute does the same).
+        y_RD = _zero_padding(y_RD, slots)
         return y_RD.new_zeros(slots.num_tokens, y_RD.shape[-1]).index_add_(0, slots.token_idx_R, y_RD)
     return unpermute(y_RD, slots).sum(1)
 

@@ -297,3 +297,98 @@ def test_capacity_padding_rows_never_reach_a_token(impl):
     assert bool(((ids < 0).any(1) & clean).any())  # some of them lost a slot: they own padding rows
     assert torch.isfinite(res.out[clean]).all()
     torch.testing.assert_close(res.out[clean], out_exact[clean], rtol=1e-5, atol=1e-5)
+
+
+def _padding_case(ids_TK, *, kept_bound, bias=True, dtype=torch.float32, seed=0):
+    """A bank of E experts, x, and a top-k decision with dropped slots (-1) and a kept bound."""
+    from megamoe.experts import ExpertBank
+    from megamoe.routing.base import RoutingDecision
+    from megamoe.routing.capacity import counts_per_expert
+
+    torch.manual_seed(seed)
+    num_experts = int(ids_TK.max()) + 1 if ids_TK.numel() and int(ids_TK.max()) >= 0 else 3
+    bank = ExpertBank(ExpertConfig(intermediate_size=24, activation="swiglu", bias=bias, impl="loop"),
+                      hidden_size=16, num_experts=num_experts)
+    if bias:
+        with torch.no_grad():
+            bank.first_bias.normal_()
+            bank.down_proj_bias.normal_()
+    bank = bank.to(device=DEVICE, dtype=dtype)
+    ids_TK = ids_TK.to(DEVICE)
+    w_TK = (torch.rand(ids_TK.shape, device=DEVICE) * (ids_TK >= 0)).requires_grad_(True)
+    decision = RoutingDecision(expert_ids_TK=ids_TK, weights_TK=w_TK,
+                               tokens_per_expert_E=counts_per_expert(ids_TK, num_experts), kept_bound=kept_bound)
+    x = torch.randn(ids_TK.shape[0], 16, device=DEVICE, dtype=dtype)
+    return bank, decision, x
+
+
+def _rows_and_grads(dispatcher, bank, decision, x, impl):
+    x = x.detach().clone().requires_grad_(True)
+    y = dispatcher.run_rows(x, decision, bank, impl=impl)
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(device=y.device, dtype=y.dtype)
+    params = [x, decision.weights_TK] + list(bank.parameters())
+    return y, torch.autograd.grad((y.float() * up.float()).sum(), params, allow_unused=True)
+
+
+PADDING_CASES = {  # ids_TK (-1: dropped), kept_bound
+    "some_dropped": (torch.tensor([[0, 1], [2, -1], [-1, -1], [1, 0], [2, 1], [-1, 0]]), 9),
+    "all_dropped": (torch.full((5, 2), -1), 6),
+    "one_expert_top1": (torch.tensor([[0], [-1], [0], [-1]]), 3),
+    "kept_equals_bound": (torch.tensor([[0, 1], [2, -1], [1, 2]]), 5),
+    "bound_above_TK": (torch.tensor([[0, -1], [2, 1]]), 12),
+    "empty_batch": (torch.zeros(0, 2, dtype=torch.long), 0),
+}
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "triton"])
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_padded_rows_equal_counted_rows_at_the_edges(impl, case):
+    """Padding to the kept bound changes no output or gradient (router weights included) at
+    the edges: nothing kept, one expert with top-1, no padding, the bound above T*K, no
+    tokens; biased experts, and the loop path through run_rows (what CUDA runs)."""
+    from megamoe.dispatch.local import LocalDispatcher
+
+    ids_TK, bound = PADDING_CASES[case]
+    bank, decision, x = _padding_case(ids_TK, kept_bound=bound)
+    num_experts = bank.num_experts
+    y, g = _rows_and_grads(LocalDispatcher(num_experts), bank, decision, x, impl)
+    y_exact, g_exact = _rows_and_grads(AllToAllDispatcher(num_experts, None), bank, decision, x, impl)
+    torch.testing.assert_close(y, y_exact, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_exact):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "triton"])
+def test_padding_rows_keep_gradients_finite_when_a_dropped_token_overflows(impl):
+    """A token whose slots were all dropped is computed by no expert with counted rows, but a
+    padding row would carry it into the last expert, which never chose it. If that overflows,
+    its zero weight times inf must not turn the expert's gradients NaN: padding rows enter
+    the experts as zeros."""
+    from megamoe.dispatch.local import LocalDispatcher
+
+    bank, decision, x = _padding_case(torch.tensor([[0, 1], [1, 2], [-1, -1], [2, 0]]), kept_bound=8, bias=False)
+    x[2] = 1e25
+    y, g = _rows_and_grads(LocalDispatcher(3), bank, decision, x, impl)
+    y_exact, g_exact = _rows_and_grads(AllToAllDispatcher(3, None), bank, decision, x, impl)
+    torch.testing.assert_close(y, y_exact, rtol=1e-5, atol=1e-5)
+    names = ["x", "weights_TK"] + [n for n, _ in bank.named_parameters()]
+    for name, a, b in zip(names, g, g_exact):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_local_unpermute_has_zeros_in_dropped_slots():
+    """Dispatcher.unpermute promises zeros in empty slots; a padding row sits at a dropped
+    slot and holds whatever the experts made of it (here the biases), so it must be zeroed."""
+    from megamoe.dispatch.local import LocalDispatcher
+
+    bank, decision, x = _padding_case(PADDING_CASES["some_dropped"][0], kept_bound=9)
+    dispatcher = LocalDispatcher(bank.num_experts)
+    x_RD, handle = dispatcher.dispatch(x, decision)
+    assert handle.slots.valid_R is not None and not bool(handle.slots.valid_R.all())
+    y_TKD = dispatcher.unpermute(bank(x_RD, handle.tokens_per_local_expert_E, impl="grouped"), handle)
+    dropped_TK = decision.expert_ids_TK < 0
+    assert torch.equal(y_TKD[dropped_TK], torch.zeros_like(y_TKD[dropped_TK]))
