@@ -201,16 +201,16 @@ class _Permute(torch.autograd.Function):
 
 def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tensor:
     """Gather token rows into routed order (deterministic backward); padding rows are zeros."""
-    if use_kernels:
-        from megamoe.kernels.rows import permute as permute_kernel
-
-        x_RD = permute_kernel(x_TD, slots.token_idx_R, slots.row_of_slot_TK)
-    else:
-        x_RD = _Permute.apply(x_TD, slots.slot_idx_R, slots.top_k)
     # A padding row would otherwise carry a dropped token into the last expert, which never
     # chose it: should that overflow, its zero combine weight times inf is NaN in the
     # backward (the expert's weight gradients). Zero input keeps every padding value finite.
-    return _zero_padding(x_RD, slots)
+    if use_kernels:
+        from megamoe.kernels.rows import permute as permute_kernel
+
+        # The gather kernel writes a zero row for index -1: no extra pass.
+        idx_R = slots.token_idx_R if slots.valid_R is None else torch.where(slots.valid_R, slots.token_idx_R, -1)
+        return permute_kernel(x_TD, idx_R, slots.row_of_slot_TK)
+    return _zero_padding(_Permute.apply(x_TD, slots.slot_idx_R, slots.top_k), slots)
 
 
 def _zero_padding(t_RD: Tensor, slots: SlotMap) -> Tensor:

@@ -30,14 +30,16 @@ def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, num_rows, num_cols, src_strid
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < num_rows
-    src_rows = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    src_rows = tl.load(idx_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     mask = row_ok[:, None] & (cols < num_cols)[None, :]
-    vals = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask)
+    vals = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask & (src_rows >= 0)[:, None],
+                   other=0.0)  # index -1: a zero row
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], vals, mask=mask)
 
 
 def gather_rows(src: Tensor, idx_R: Tensor, *, tile: Tile | None = None) -> Tensor:
-    """``src[idx_R]`` for a 2-D ``src`` (the raw kernel launch, no autograd)."""
+    """``src[idx_R]`` for a 2-D ``src``, a zero row where the index is -1 (the raw kernel
+    launch, no autograd)."""
     check_device(_gather_rows_kernel, src, idx_R)
     if src.stride(-1) != 1:
         src = src.contiguous()
@@ -54,7 +56,8 @@ def gather_rows(src: Tensor, idx_R: Tensor, *, tile: Tile | None = None) -> Tens
 
 @torch.library.custom_op("megamoe::permute", mutates_args=())
 def permute(x_TD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
-    """Routed rows ``x_TD[token_idx_R]`` (``row_of_slot_TK`` is used by the backward)."""
+    """Routed rows ``x_TD[token_idx_R]``, zeros where the index is -1 (``row_of_slot_TK`` is
+    used by the backward)."""
     return gather_rows(x_TD, token_idx_R)
 
 
@@ -78,7 +81,8 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 def permute_reference(x_TD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
     """Plain PyTorch: the same gather (autograd gives the summed backward)."""
-    return x_TD.index_select(0, token_idx_R)
+    padded = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    return padded.index_select(0, torch.where(token_idx_R >= 0, token_idx_R, x_TD.shape[0]))
 
 
 @triton.jit

@@ -113,6 +113,29 @@ def test_permute_matches_reference(dtype, shape, drop):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_permute_writes_zero_rows_for_index_minus_one(dtype):
+    """Padding rows (index -1, see map_slots' static_rows) come out as exact zeros and send no
+    gradient to any token."""
+    gen = torch.Generator().manual_seed(9)
+    ids_TK = torch.randint(4, (11, 2), generator=gen)
+    ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.4, -1, ids_TK).to(DEVICE)
+    decision = RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=DEVICE),
+                               tokens_per_expert_E=counts_per_expert(ids_TK, 4), kept_bound=22)
+    slots = map_slots(decision, 4, inverse=True, static_rows=True)
+    assert not slots.valid_R.all()
+    idx = torch.where(slots.valid_R, slots.token_idx_R, -1)
+    x = _leaf(torch.randn(11, 37), dtype)
+    y = permute(x, idx, slots.row_of_slot_TK)
+    g = torch.randn(y.shape, device=DEVICE, dtype=dtype)
+    (g_x,) = torch.autograd.grad(y, x, g)
+    xr = _ref_leaf(x)
+    yr = permute_reference(xr, idx, slots.row_of_slot_TK)
+    (g_xr,) = torch.autograd.grad(yr, xr, g.float())
+    assert torch.equal(y.float(), yr) and not y[~slots.valid_R].any()
+    torch.testing.assert_close(g_x.float(), g_xr, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("drop", [False, True])
 def test_combine_matches_reference(dtype, shape, drop):
