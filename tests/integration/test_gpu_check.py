@@ -79,6 +79,10 @@ def test_summary_prints_the_steps_the_benchmark_and_the_targets(tmp_path):
                                    "results": [dataclasses.asdict(r) for r in results],
                                    "targets": bl.target_checks("qwen3", results)}}}
     (tmp_path / "bench_layer_cuda.json").write_text(json.dumps(report))
+    (tmp_path / "train").mkdir()
+    good = {"kind": "train", "loss": 5.0, "tokens_per_s": 1000.0}
+    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "loss": 4.0})
+                                                      + "\n" + '{"kind": "tra')  # cut off mid-write
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "gpu_check_summary.py"), str(tmp_path),
                            "cuda", "env|ok|3", "bench|FAIL (timeout 300s)|300"], capture_output=True, text=True,
                           check=True)
@@ -87,3 +91,4 @@ def test_summary_prints_the_steps_the_benchmark_and_the_targets(tmp_path):
     assert "| qwen3 T=16384 H=2048 I=768 E=128 K=8 | 9.00 (410, 51%), 3000 | 12.00 (300, 40%), 3900 | skipped |" in out
     assert "Targets (tools/bench/bench_layer.py): 2 of 2 met" in out
     assert "| qwen3 | share of the dense GEMM | 51.0% | >= 50% | yes |" in out
+    assert "1 unreadable line(s) skipped" in out and "train: 2 steps, loss 5.000 -> 4.000" in out

@@ -63,7 +63,14 @@ def summarize(out: str, device: str, steps: list[str]) -> None:
                 print(f"| {name} | {c['check']} | {value} | {c['target']} | {'yes' if c['met'] else 'NO'} |")
     metrics = os.path.join(out, "train", "metrics.jsonl")
     if os.path.exists(metrics):
-        records = [json.loads(line) for line in open(metrics)]
+        records, unreadable = [], 0
+        for line in open(metrics):
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # e.g. the last line of a run stopped by its timeout mid-write
+                unreadable += 1
+        if unreadable:
+            print(f"\n{metrics}: {unreadable} unreadable line(s) skipped")
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval"]
         if train:
