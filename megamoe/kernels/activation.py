@@ -75,10 +75,15 @@ def _load_pre(h_row, b_row, mask, HAS_B: tl.constexpr):
 @triton.jit
 def _bias_rows(b_ptr, e_ptr, rows, row_ok, cols, b_stride, HAS_B: tl.constexpr):
     """Pointers to the bias entries of each row's expert (``b_ptr`` itself without a bias)."""
+    # One return per compiled variant: compiled Triton rejects a function whose returns
+    # differ in type (a [rows, cols] pointer block here, one pointer there) even when a
+    # constexpr branch makes one of them unreachable; the interpreter does not check.
     if HAS_B:
         experts = tl.load(e_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        return b_ptr + experts[:, None] * b_stride + cols[None, :]
-    return b_ptr
+        ptrs = b_ptr + experts[:, None] * b_stride + cols[None, :]
+    else:
+        ptrs = b_ptr
+    return ptrs
 
 
 @triton.jit
