@@ -15,7 +15,7 @@ One concern per file:
   also returns the weight's gradient; an optional per-expert bias is added on load.
 - :mod:`~megamoe.kernels.bias`: the down projection's per-expert bias added to (and scaled
   with) the routed rows in one pass, and the per-expert column sums that are the biases'
-  gradients (deterministic: one program per expert and column block, no atomics).
+  gradients (deterministic: programs per expert, column block and run of rows, no atomics).
 
 The GEMMs stay ``torch._grouped_mm``. Triton is an optional extra (``pip install
 megamoe[triton]``): nothing outside :mod:`megamoe.kernels` imports it, and the CPU path never

@@ -5,8 +5,9 @@ Shape legend: R routed rows (grouped by expert, expert 0 first), E experts, C co
 
 - :func:`segment_colsum`: ``out[e] = sum over the rows r of expert e of s_r * src[r]``, the
   gradient of a bias added to (and optionally scaled per row on) each expert's rows. One
-  program per (expert, column block) walks that expert's rows in order, in fp32: no
-  atomics, so it is deterministic, and no [R, C] temporary.
+  program per (expert, column block, split) walks its run of that expert's rows in order,
+  in fp32, and the splits' sums are added in order: no atomics, so it is deterministic, and
+  no [R, C] temporary. Splits keep the GPU busy when few experts own many rows.
 - ``megamoe::row_bias``: ``out[r] = y[r] + w_r * b[e_r]``, the down projection's bias on the
   rows of a grouped GEMM, scaled by each row's combine weight (the bias is part of the
   expert's output, which the weight scales). One pass instead of building the [R, D] bias
@@ -31,41 +32,68 @@ from megamoe.kernels.launch import check_device, is_interpreted, row_tile
 @triton.jit
 def _segment_colsum_kernel(src_ptr, scale_ptr, offs_ptr, out_ptr, num_cols, src_stride,
                            HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Grid (expert, column block, split): split s of S sums the s-th of S equal runs of whole
+    # row blocks of the expert's rows into out[s, expert] (the caller sums over s).
     e = tl.program_id(0)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < num_cols
     start = tl.load(offs_ptr + tl.maximum(e - 1, 0)).to(tl.int64)
     start = tl.where(e > 0, start, 0)
     end = tl.load(offs_ptr + e).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_R) * BLOCK_R
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):  # this expert's rows, in order
+    for r0 in range(lo, hi, BLOCK_R):  # this program's rows, in order
         rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < end
+        row_ok = rows < hi
         v = tl.load(src_ptr + rows[:, None] * src_stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         if HAS_SCALE:
             v = v * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         acc += tl.sum(v, axis=0)
-    tl.store(out_ptr + e.to(tl.int64) * num_cols + cols, acc, mask=col_ok)
+    tl.store(out_ptr + (split * tl.num_programs(0) + e).to(tl.int64) * num_cols + cols, acc, mask=col_ok)
 
 
-def segment_colsum(src_RC: Tensor, offs_E: Tensor, scale_R: Tensor | None = None) -> Tensor:
-    """fp32 [E, C]: each expert's (row-scaled) column sums of ``src_RC`` (raw launch, no autograd)."""
+# Programs segment_colsum aims for (a few per SM of an H100's 132) and the fewest rows each
+# program should walk on average (below that, splitting costs more than it gains).
+_COLSUM_PROGRAMS = 512
+_COLSUM_MIN_ROWS = 256
+
+
+def _colsum_splits(num_rows: int, num_experts: int, col_blocks: int) -> int:
+    """Row splits per expert: one program per (expert, column block) leaves a GPU mostly idle
+    with few experts and narrow rows (8 experts x 8 blocks of 128 columns: 64 programs, each
+    walking an eighth of all rows), so long groups are cut into runs summed in a second pass."""
+    by_programs = triton.cdiv(_COLSUM_PROGRAMS, num_experts * col_blocks)
+    by_rows = triton.cdiv(num_rows, num_experts * _COLSUM_MIN_ROWS)
+    return max(1, min(by_programs, by_rows))
+
+
+def segment_colsum(src_RC: Tensor, offs_E: Tensor, scale_R: Tensor | None = None, *,
+                   splits: int | None = None) -> Tensor:
+    """fp32 [E, C]: each expert's (row-scaled) column sums of ``src_RC`` (raw launch, no autograd).
+
+    ``splits`` (default: from the shape) cuts each expert's rows into that many runs, summed
+    separately and then added in split order: deterministic for a given shape."""
     check_device(_segment_colsum_kernel, src_RC, offs_E, *(() if scale_R is None else (scale_R,)))
     src_RC = src_RC.contiguous()
     num_experts, num_cols = offs_E.shape[0], src_RC.shape[1]
-    out = torch.empty(num_experts, num_cols, dtype=torch.float32, device=src_RC.device)
     if num_experts == 0 or num_cols == 0:
-        return out
+        return torch.empty(num_experts, num_cols, dtype=torch.float32, device=src_RC.device)
     interpreted = is_interpreted(_segment_colsum_kernel)
-    # Narrow column blocks on the GPU, one width for all (one compiled variant): E * C / 128
-    # programs keep it busy even with few experts.
+    # Narrow column blocks on the GPU, one width for all (one compiled variant).
     block_c = min(triton.next_power_of_2(num_cols), 1024) if interpreted else 128
-    grid = (num_experts, triton.cdiv(num_cols, block_c))
-    _segment_colsum_kernel[grid](src_RC, src_RC if scale_R is None else scale_R.contiguous(), offs_E.contiguous(), out,
-                                 num_cols, src_RC.stride(0), HAS_SCALE=scale_R is not None,
-                                 BLOCK_R=16 if interpreted else 32, BLOCK_C=block_c, num_warps=4)
-    return out
+    col_blocks = triton.cdiv(num_cols, block_c)
+    splits = splits or _colsum_splits(src_RC.shape[0], num_experts, col_blocks)
+    out = torch.empty(splits, num_experts, num_cols, dtype=torch.float32, device=src_RC.device)
+    _segment_colsum_kernel[(num_experts, col_blocks, splits)](
+        src_RC, src_RC if scale_R is None else scale_R.contiguous(), offs_E.contiguous(), out, num_cols,
+        src_RC.stride(0), HAS_SCALE=scale_R is not None, BLOCK_R=16 if interpreted else 32, BLOCK_C=block_c,
+        num_warps=4)
+    return out[0] if splits == 1 else out.sum(0)
 
 
 @triton.jit

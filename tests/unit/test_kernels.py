@@ -246,6 +246,29 @@ def test_segment_colsum_is_exact_per_expert_and_deterministic():
     assert torch.equal(segment_colsum(src, offs)[3], src[3])  # a one-row group is that row
 
 
+@pytest.mark.parametrize("splits", [2, 3, 50])
+def test_segment_colsum_split_rows_match_one_pass(splits):
+    # Runs of whole row blocks per expert (more splits than an expert has rows included),
+    # summed in split order: same sums, exact zeros for empty experts, deterministic.
+    offs, _ = _groups(GROUPS[0])
+    src = torch.randn(sum(GROUPS[0]), 20, device=DEVICE)
+    scale = torch.rand(src.shape[0], device=DEVICE)
+    got = segment_colsum(src, offs, scale, splits=splits)
+    torch.testing.assert_close(got, segment_colsum_reference(src, offs, scale), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, segment_colsum(src, offs, scale, splits=splits))
+    assert torch.equal(got[[0, 2, 5]], torch.zeros(3, 20, device=DEVICE))
+
+
+def test_segment_colsum_splits_long_groups_of_few_experts():
+    # Two experts owning 2000 rows: the default cuts each group into runs (4 here).
+    from megamoe.kernels.bias import _colsum_splits
+
+    assert _colsum_splits(2000, 2, 1) == 4 and _colsum_splits(2000, 64, 8) == 1
+    offs = torch.tensor([1500, 2000], device=DEVICE, dtype=torch.int32)
+    src = torch.randn(2000, 3, device=DEVICE)
+    torch.testing.assert_close(segment_colsum(src, offs), segment_colsum_reference(src, offs), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
 def test_column_chunks_and_row_blocks_match_one_tile(activation):
     """Widths spanning several column chunks (the backward's loop, the forward's 2-D grid) and
