@@ -54,6 +54,12 @@ class SlotMap:
     row_of_slot_TK: Tensor | None = None
     valid_R: Tensor | None = None
 
+    def gather_idx_R(self) -> Tensor:
+        """``token_idx_R`` with -1 on the padding rows: the index the row kernels take (their
+        gather writes a zero row for -1, and their gather-sum, the permute's backward and the
+        combine's, sends such a row no gradient)."""
+        return self.token_idx_R if self.valid_R is None else torch.where(self.valid_R, self.token_idx_R, -1)
+
     def group_sizes(self, tokens_per_expert_E: Tensor) -> Tensor:
         """Rows per expert for the experts: the kept counts, with the padding rows (if any)
         counted in the last expert's group, so the groups cover all R rows."""
@@ -208,8 +214,7 @@ def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tenso
         from megamoe.kernels.rows import permute as permute_kernel
 
         # The gather kernel writes a zero row for index -1: no extra pass.
-        idx_R = slots.token_idx_R if slots.valid_R is None else torch.where(slots.valid_R, slots.token_idx_R, -1)
-        return permute_kernel(x_TD, idx_R, slots.row_of_slot_TK)
+        return permute_kernel(x_TD, slots.gather_idx_R(), slots.row_of_slot_TK)
     return _zero_padding(_Permute.apply(x_TD, slots.slot_idx_R, slots.top_k), slots)
 
 
@@ -240,7 +245,8 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
     if use_kernels:
         from megamoe.kernels.rows import combine as combine_kernel
 
-        return combine_kernel(y_RD, slots.row_of_slot_TK, slots.token_idx_R)
+        # Its backward gathers by token: padding rows (read by no slot) get zero gradients.
+        return combine_kernel(y_RD, slots.row_of_slot_TK, slots.gather_idx_R())
     if y_RD.device.type == "cpu":
         # Padding rows: exact zeros whatever the experts made of them (unpermute does the same).
         y_RD = _zero_padding(y_RD, slots)

@@ -135,6 +135,26 @@ def test_permute_writes_zero_rows_for_index_minus_one(dtype):
     torch.testing.assert_close(g_x.float(), g_xr, **_tol(dtype))
 
 
+def test_combine_sends_no_gradient_to_padding_rows():
+    """No slot reads a padding row, so the combine (kernel or not) gives it an exact zero
+    gradient, like every other row that no token sums."""
+    from megamoe.dispatch.base import combine_rows
+
+    gen = torch.Generator().manual_seed(9)
+    ids_TK = torch.randint(4, (11, 2), generator=gen)
+    ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.4, -1, ids_TK).to(DEVICE)
+    decision = RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=DEVICE),
+                               tokens_per_expert_E=counts_per_expert(ids_TK, 4), kept_bound=22)
+    slots = map_slots(decision, 4, inverse=True, static_rows=True)
+    assert not slots.valid_R.all()
+    y = _leaf(torch.randn(slots.slot_idx_R.numel(), 5), torch.float32)
+    g = torch.randn(11, 5, device=DEVICE)
+    (g_kernel,) = torch.autograd.grad(combine_rows(y, slots, use_kernels=True), y, g)
+    (g_plain,) = torch.autograd.grad(combine_rows(y, slots), y, g)
+    assert not g_kernel[~slots.valid_R].any()
+    assert torch.equal(g_kernel, g_plain)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("drop", [False, True])
