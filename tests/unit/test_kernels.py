@@ -112,10 +112,8 @@ def test_permute_matches_reference(dtype, shape, drop):
     torch.testing.assert_close(g_x.float(), g_xr, **_tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_permute_writes_zero_rows_for_index_minus_one(dtype):
-    """Padding rows (index -1, see map_slots' static_rows) come out as exact zeros and send no
-    gradient to any token."""
+def _padded_slots():
+    """Slots of 11 tokens, top-2 over 4 experts, some dropped, padded to 22 static rows."""
     gen = torch.Generator().manual_seed(9)
     ids_TK = torch.randint(4, (11, 2), generator=gen)
     ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.4, -1, ids_TK).to(DEVICE)
@@ -123,7 +121,15 @@ def test_permute_writes_zero_rows_for_index_minus_one(dtype):
                                tokens_per_expert_E=counts_per_expert(ids_TK, 4), kept_bound=22)
     slots = map_slots(decision, 4, inverse=True, static_rows=True)
     assert not slots.valid_R.all()
-    idx = torch.where(slots.valid_R, slots.token_idx_R, -1)
+    return slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_permute_writes_zero_rows_for_index_minus_one(dtype):
+    """Padding rows (index -1, see map_slots' static_rows) come out as exact zeros and send no
+    gradient to any token."""
+    slots = _padded_slots()
+    idx = slots.gather_idx_R()
     x = _leaf(torch.randn(11, 37), dtype)
     y = permute(x, idx, slots.row_of_slot_TK)
     g = torch.randn(y.shape, device=DEVICE, dtype=dtype)
@@ -140,13 +146,7 @@ def test_combine_sends_no_gradient_to_padding_rows():
     gradient, like every other row that no token sums."""
     from megamoe.dispatch.base import combine_rows
 
-    gen = torch.Generator().manual_seed(9)
-    ids_TK = torch.randint(4, (11, 2), generator=gen)
-    ids_TK = torch.where(torch.rand(ids_TK.shape, generator=gen) < 0.4, -1, ids_TK).to(DEVICE)
-    decision = RoutingDecision(expert_ids_TK=ids_TK, weights_TK=torch.ones(ids_TK.shape, device=DEVICE),
-                               tokens_per_expert_E=counts_per_expert(ids_TK, 4), kept_bound=22)
-    slots = map_slots(decision, 4, inverse=True, static_rows=True)
-    assert not slots.valid_R.all()
+    slots = _padded_slots()
     y = _leaf(torch.randn(slots.slot_idx_R.numel(), 5), torch.float32)
     g = torch.randn(11, 5, device=DEVICE)
     (g_kernel,) = torch.autograd.grad(combine_rows(y, slots, use_kernels=True), y, g)
