@@ -81,10 +81,10 @@ def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = Fa
       known without reading device data. The kept rows come first; the rest are padding
       rows (dropped slots, in sort order) marked by ``valid_R``: they enter the experts as
       zeros (:func:`permute`), get zero combine weights (:func:`row_weights`), no slot reads
-      them (:func:`combine_rows`, :func:`unpermute`) and the
-      last expert's group holds them (:meth:`SlotMap.group_sizes`). The price is computing
-      those rows: at most the dropped slots, or E*C minus the kept ones under a capacity
-      factor below 1. Used where rows stay on this process (the local dispatcher);
+      them (:func:`combine_rows`, :func:`unpermute`) and the last expert's group holds them
+      (:meth:`SlotMap.group_sizes`). The price is computing those rows: at most the dropped
+      slots, or E*C minus the kept ones under a capacity factor below 1. Used where rows
+      stay on this process (the local dispatcher);
     - otherwise the kept count, read from the counts (one ``.item()``).
     """
     ids_TK = decision.expert_ids_TK
