@@ -253,7 +253,7 @@ def _backward(ctx, g_RI: Tensor):
 
     h_RX, w_R, b_EX, expert_of_row_R, offs_E = ctx.saved_tensors
     g_h, g_w = expert_act_backward(g_RI, h_RX, w_R, ctx.activation, b_EX, expert_of_row_R)
-    g_b = None if b_EX is None else segment_colsum_op(g_h, offs_E).to(b_EX.dtype)
+    g_b = segment_colsum_op(g_h, offs_E).to(b_EX.dtype) if b_EX is not None and ctx.needs_input_grad[3] else None
     return g_h, (None if w_R is None else g_w), None, g_b, None, None
 
 

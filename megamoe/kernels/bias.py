@@ -181,17 +181,19 @@ def _(y_RD: Tensor, b_ED: Tensor, expert_of_row_R: Tensor, offs_E: Tensor, w_R: 
 
 @torch.library.custom_op("megamoe::row_bias_backward", mutates_args=())
 def row_bias_backward(g_RD: Tensor, b_ED: Tensor, expert_of_row_R: Tensor, offs_E: Tensor,
-                      w_R: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(d loss / d b in fp32, d loss / d w in fp32; empty without ``w_R``) of :func:`row_bias`."""
-    g_w = g_RD.new_empty(0, dtype=torch.float32) if w_R is None else row_dot(g_RD, b_ED, expert_of_row_R)
-    return segment_colsum(g_RD, offs_E, w_R), g_w
+                      w_R: Optional[Tensor], need_b: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+    """(d loss / d b, d loss / d w) of :func:`row_bias`, both fp32; each empty unless needed
+    (``need_w`` needs ``w_R``)."""
+    g_b = segment_colsum(g_RD, offs_E, w_R) if need_b else g_RD.new_empty(0, dtype=torch.float32)
+    g_w = row_dot(g_RD, b_ED, expert_of_row_R) if need_w else g_RD.new_empty(0, dtype=torch.float32)
+    return g_b, g_w
 
 
 @row_bias_backward.register_fake
-def _(g_RD: Tensor, b_ED: Tensor, expert_of_row_R: Tensor, offs_E: Tensor,
-      w_R: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    g_w = g_RD.new_empty(0 if w_R is None else g_RD.shape[0], dtype=torch.float32)
-    return g_RD.new_empty(offs_E.shape[0], g_RD.shape[1], dtype=torch.float32), g_w
+def _(g_RD: Tensor, b_ED: Tensor, expert_of_row_R: Tensor, offs_E: Tensor, w_R: Optional[Tensor], need_b: bool,
+      need_w: bool) -> tuple[Tensor, Tensor]:
+    g_b = g_RD.new_empty(*((offs_E.shape[0], g_RD.shape[1]) if need_b else (0,)), dtype=torch.float32)
+    return g_b, g_RD.new_empty(g_RD.shape[0] if need_w else 0, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -201,8 +203,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, g_RD: Tensor):
     b_ED, expert_of_row_R, offs_E, w_R = ctx.saved_tensors
-    g_b, g_w = row_bias_backward(g_RD.contiguous(), b_ED, expert_of_row_R, offs_E, w_R)
-    return g_RD, g_b.to(b_ED.dtype), None, None, (None if w_R is None else g_w.to(w_R.dtype))
+    need_b, need_w = ctx.needs_input_grad[1], w_R is not None and ctx.needs_input_grad[4]
+    g_b = g_w = None
+    if need_b or need_w:  # frozen biases and weights (e.g. adapters-only fine-tuning) cost nothing
+        g_b, g_w = row_bias_backward(g_RD.contiguous(), b_ED, expert_of_row_R, offs_E, w_R, need_b, need_w)
+    return (g_RD, g_b.to(b_ED.dtype) if need_b else None, None, None, g_w.to(w_R.dtype) if need_w else None)
 
 
 row_bias.register_autograd(_backward, setup_context=_setup_context)

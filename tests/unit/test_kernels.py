@@ -255,6 +255,30 @@ def test_row_bias_matches_reference(dtype, weighted):
             torch.testing.assert_close(got.float(), want, **_tol(dtype), msg=lambda m: f"{sizes} {name}: {m}")
 
 
+def test_frozen_biases_and_weights_get_no_gradient_and_the_rest_is_unchanged():
+    """Only what requires a gradient gets one (the skipped sums cost nothing): frozen biases
+    (adapter-only fine-tuning) leave the input gradients as they were."""
+    offs, expert_of_row = _groups(GROUPS[0])
+    rows = sum(GROUPS[0])
+    y, h = torch.randn(rows, 8, device=DEVICE), torch.randn(rows, 10, device=DEVICE)
+    b_y, b_h = torch.randn(6, 8, device=DEVICE), torch.randn(6, 10, device=DEVICE)
+    w = torch.rand(rows, device=DEVICE)
+    g_y, g_h = torch.randn(rows, 8, device=DEVICE), torch.randn(rows, 5, device=DEVICE)
+
+    def grads(frozen: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (y, b_y, w, h, b_h)]
+        for i in ((1, 2, 4) if frozen else ()):
+            leaves[i].requires_grad_(False)
+        out = (row_bias(leaves[0], leaves[1], expert_of_row, offs, leaves[2]) * g_y).sum()
+        out = out + (expert_act(leaves[3], None, "swiglu", leaves[4], expert_of_row, offs) * g_h).sum()
+        out.backward()
+        return [t.grad for t in leaves]
+
+    trained, frozen = grads(False), grads(True)
+    assert [g is None for g in frozen] == [False, True, True, False, True]
+    assert torch.equal(frozen[0], trained[0]) and torch.equal(frozen[3], trained[3])
+
+
 def test_segment_colsum_is_exact_per_expert_and_deterministic():
     offs, _ = _groups(GROUPS[0])
     src = torch.randn(sum(GROUPS[0]), 300, device=DEVICE)
