@@ -246,7 +246,7 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
         from megamoe.kernels.rows import combine as combine_kernel
 
         # Its backward gathers by token: padding rows (read by no slot) get zero gradients.
-        return combine_kernel(y_RD, slots.row_of_slot_TK, slots.gather_idx_R())
+        return combine_kernel(y_RD, slots.gather_idx_R(), slots.row_of_slot_TK)
     if y_RD.device.type == "cpu":
         # Padding rows: exact zeros whatever the experts made of them (unpermute does the same).
         y_RD = _zero_padding(y_RD, slots)

@@ -66,17 +66,15 @@ def _(x_TD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
     return x_TD.new_empty(token_idx_R.shape[0], x_TD.shape[1])
 
 
-def _permute_setup(ctx, inputs, output) -> None:
+def _save_maps(ctx, inputs, output) -> None:
+    """Both ops' setup: they take (rows, token_idx_R, row_of_slot_TK) and each one's backward
+    is the other op on the same two maps."""
     _, token_idx_R, row_of_slot_TK = inputs
     ctx.save_for_backward(token_idx_R, row_of_slot_TK)
 
 
-def _permute_backward(ctx, g_RD: Tensor):
-    token_idx_R, row_of_slot_TK = ctx.saved_tensors
-    return combine(g_RD.contiguous(), row_of_slot_TK, token_idx_R), None, None  # defined below
-
-
-permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+permute.register_autograd(lambda ctx, g: (combine(g.contiguous(), *ctx.saved_tensors), None, None),
+                          setup_context=_save_maps)  # combine: defined below, looked up when called
 
 
 def permute_reference(x_TD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
@@ -121,30 +119,21 @@ def gather_sum(src_RD: Tensor, row_of_slot_TK: Tensor, *, tile: Tile | None = No
 
 
 @torch.library.custom_op("megamoe::combine", mutates_args=())
-def combine(y_RD: Tensor, row_of_slot_TK: Tensor, token_idx_R: Tensor) -> Tensor:
+def combine(y_RD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
     """Per-token sum of the routed rows (``token_idx_R`` is used by the backward)."""
     return gather_sum(y_RD, row_of_slot_TK)
 
 
 @combine.register_fake
-def _(y_RD: Tensor, row_of_slot_TK: Tensor, token_idx_R: Tensor) -> Tensor:
+def _(y_RD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
     return y_RD.new_empty(row_of_slot_TK.shape[0], y_RD.shape[1])
 
 
-def _combine_setup(ctx, inputs, output) -> None:
-    _, row_of_slot_TK, token_idx_R = inputs
-    ctx.save_for_backward(row_of_slot_TK, token_idx_R)
+combine.register_autograd(lambda ctx, g: (permute(g.contiguous(), *ctx.saved_tensors), None, None),
+                          setup_context=_save_maps)
 
 
-def _combine_backward(ctx, g_TD: Tensor):
-    row_of_slot_TK, token_idx_R = ctx.saved_tensors
-    return permute(g_TD.contiguous(), token_idx_R, row_of_slot_TK), None, None
-
-
-combine.register_autograd(_combine_backward, setup_context=_combine_setup)
-
-
-def combine_reference(y_RD: Tensor, row_of_slot_TK: Tensor, token_idx_R: Tensor) -> Tensor:
+def combine_reference(y_RD: Tensor, token_idx_R: Tensor, row_of_slot_TK: Tensor) -> Tensor:
     """Plain PyTorch: pad one zero row for dropped slots, gather [T, K, D], sum in fp32."""
     num_rows = y_RD.shape[0]
     padded = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[1])])

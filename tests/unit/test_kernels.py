@@ -162,11 +162,11 @@ def test_combine_matches_reference(dtype, shape, drop):
     num_tokens, top_k, num_experts, dim = shape
     slots = _slots(num_tokens, top_k, num_experts, drop=drop, seed=sum(shape) + 7)
     y = _leaf(torch.randn(slots.slot_idx_R.numel(), dim), dtype)
-    out = combine(y, slots.row_of_slot_TK, slots.token_idx_R)
+    out = combine(y, slots.token_idx_R, slots.row_of_slot_TK)
     g = torch.randn(out.shape, device=DEVICE, dtype=dtype)
     (g_y,) = torch.autograd.grad(out, y, g)
     yr = _ref_leaf(y)
-    outr = combine_reference(yr, slots.row_of_slot_TK, slots.token_idx_R)
+    outr = combine_reference(yr, slots.token_idx_R, slots.row_of_slot_TK)
     (g_yr,) = torch.autograd.grad(outr, yr, g.float())
     assert out.dtype == dtype and out.shape == (num_tokens, dim)
     torch.testing.assert_close(out.float(), outr, **_tol(dtype))
@@ -330,15 +330,15 @@ def test_column_chunks_and_row_blocks_match_one_tile(activation):
     assert torch.equal(gather_rows(x, slots.token_idx_R, tile=small), x[slots.token_idx_R])
     y = torch.randn(slots.slot_idx_R.numel(), 21, device=DEVICE)
     torch.testing.assert_close(gather_sum(y, slots.row_of_slot_TK, tile=small),
-                               combine_reference(y, slots.row_of_slot_TK, slots.token_idx_R))
+                               combine_reference(y, slots.token_idx_R, slots.row_of_slot_TK))
 
 
 def test_combine_is_deterministic_and_exact_for_one_slot_per_token():
     slots = _slots(10, 1, 4, drop=False, seed=5)
     y = torch.randn(10, 9, device=DEVICE)
-    out = combine(y, slots.row_of_slot_TK, slots.token_idx_R)
+    out = combine(y, slots.token_idx_R, slots.row_of_slot_TK)
     assert torch.equal(out[slots.token_idx_R], y)
-    assert torch.equal(out, combine(y, slots.row_of_slot_TK, slots.token_idx_R))
+    assert torch.equal(out, combine(y, slots.token_idx_R, slots.row_of_slot_TK))
 
 
 def test_every_configurable_activation_has_a_function_and_a_kernel():
