@@ -153,7 +153,8 @@ class TopKRouter(LinearRouterMixin, Router):
         _, ids_TK = torch.topk(select_TE.detach(), cfg.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
         if o.normalize_weights:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            # + 1e-20 rather than clamp_min: the same guard against a zero sum, no backward ops.
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         scaling = getattr(o, "routed_scaling_factor", 1.0)
         if scaling != 1.0:
             weights_TK = weights_TK * scaling
