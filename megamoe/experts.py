@@ -12,8 +12,8 @@ Paths, all computing the same function:
 - ``triton``: ``torch._grouped_mm`` for both projections, the activation, the per-row
   combine weight and the first bias fused into one Triton kernel, the second bias added in
   one pass (``megamoe.kernels``; the dispatcher then also permutes and combines with Triton
-  kernels). No host synchronisation for top-k routing,
-  dropless or under a capacity (single process; see ``megamoe.dispatch.base.map_slots``).
+  kernels). No host synchronisation for top-k routing, dropless or under a capacity
+  (single process; see ``megamoe.dispatch.base.map_slots``).
 - ``grouped``: one ``torch._grouped_mm`` per projection over the variable-size groups, the
   activation in plain torch ops.
 - ``loop``: one GEMM per expert on its contiguous slice of rows.

@@ -45,6 +45,9 @@ class SlotMap:
         for (the Triton kernels use it).
     valid_R: None when every row is a kept slot; else bool [R], False on the padding rows
         that follow the kept ones (see :func:`map_slots`, ``static_rows``).
+    gather_idx_R: ``token_idx_R`` with -1 on the padding rows, built with the inverse map: the
+        index the row kernels take (their gather writes a zero row for -1, and their
+        gather-sum, the permute's backward and the combine's, sends such a row no gradient).
     """
 
     num_tokens: int
@@ -53,12 +56,7 @@ class SlotMap:
     token_idx_R: Tensor
     row_of_slot_TK: Tensor | None = None
     valid_R: Tensor | None = None
-
-    def gather_idx_R(self) -> Tensor:
-        """``token_idx_R`` with -1 on the padding rows: the index the row kernels take (their
-        gather writes a zero row for -1, and their gather-sum, the permute's backward and the
-        combine's, sends such a row no gradient)."""
-        return self.token_idx_R if self.valid_R is None else torch.where(self.valid_R, self.token_idx_R, -1)
+    gather_idx_R: Tensor | None = None
 
     def group_sizes(self, tokens_per_expert_E: Tensor) -> Tensor:
         """Rows per expert for the experts: the kept counts, with the padding rows (if any)
@@ -102,7 +100,8 @@ def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = Fa
             valid_R = torch.arange(slot_idx_R.numel(), device=flat.device) < decision.tokens_per_expert_E.sum()
         else:
             slot_idx_R = order[:int(decision.tokens_per_expert_E.sum().item())]
-    row_of_slot_TK = None
+    token_idx_R = torch.div(slot_idx_R, top_k, rounding_mode="floor")
+    row_of_slot_TK = gather_idx_R = None
     if inverse:
         rows = torch.arange(slot_idx_R.numel(), device=flat.device)
         if valid_R is not None:
@@ -110,9 +109,9 @@ def map_slots(decision: RoutingDecision, num_experts: int, *, inverse: bool = Fa
         # Dropless: every slot gets a row, so no -1 fill is needed.
         fill = torch.empty_like(flat) if decision.dropless else torch.full_like(flat, -1)
         row_of_slot_TK = fill.scatter_(0, slot_idx_R, rows).view(num_tokens, top_k)
-    return SlotMap(num_tokens=num_tokens, top_k=top_k, slot_idx_R=slot_idx_R,
-                   token_idx_R=torch.div(slot_idx_R, top_k, rounding_mode="floor"), row_of_slot_TK=row_of_slot_TK,
-                   valid_R=valid_R)
+        gather_idx_R = token_idx_R if valid_R is None else torch.where(valid_R, token_idx_R, -1)
+    return SlotMap(num_tokens=num_tokens, top_k=top_k, slot_idx_R=slot_idx_R, token_idx_R=token_idx_R,
+                   row_of_slot_TK=row_of_slot_TK, valid_R=valid_R, gather_idx_R=gather_idx_R)
 
 
 @dataclass
@@ -214,7 +213,7 @@ def permute(x_TD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> Tenso
         from megamoe.kernels.rows import permute as permute_kernel
 
         # The gather kernel writes a zero row for index -1: no extra pass.
-        return permute_kernel(x_TD, slots.gather_idx_R(), slots.row_of_slot_TK)
+        return permute_kernel(x_TD, slots.gather_idx_R, slots.row_of_slot_TK)
     return _zero_padding(_Permute.apply(x_TD, slots.slot_idx_R, slots.top_k), slots)
 
 
@@ -246,7 +245,7 @@ def combine_rows(y_RD: Tensor, slots: SlotMap, *, use_kernels: bool = False) -> 
         from megamoe.kernels.rows import combine as combine_kernel
 
         # Its backward gathers by token: padding rows (read by no slot) get zero gradients.
-        return combine_kernel(y_RD, slots.gather_idx_R(), slots.row_of_slot_TK)
+        return combine_kernel(y_RD, slots.gather_idx_R, slots.row_of_slot_TK)
     if y_RD.device.type == "cpu":
         # Padding rows: exact zeros whatever the experts made of them (unpermute does the same).
         y_RD = _zero_padding(y_RD, slots)

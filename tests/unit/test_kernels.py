@@ -129,7 +129,7 @@ def test_permute_writes_zero_rows_for_index_minus_one(dtype):
     """Padding rows (index -1, see map_slots' static_rows) come out as exact zeros and send no
     gradient to any token."""
     slots = _padded_slots()
-    idx = slots.gather_idx_R()
+    idx = slots.gather_idx_R
     x = _leaf(torch.randn(11, 37), dtype)
     y = permute(x, idx, slots.row_of_slot_TK)
     g = torch.randn(y.shape, device=DEVICE, dtype=dtype)
